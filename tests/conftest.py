@@ -1,0 +1,7 @@
+"""Session-wide pytest setup: 8 fake CPU devices, set before anything imports jax."""
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
+).strip()
