@@ -1,0 +1,71 @@
+"""subspax: Adam in a reduced subspace, as Optax gradient transformations.
+
+Methods (each as ``scale_by_<name>`` and ``<name>(learning_rate, ...)``):
+
+* tracked: :func:`subtrack` (SubTrack++), :func:`galore` (SVD baseline);
+* randomized: :func:`grasswalk`, :func:`grassjump`, :func:`rso`;
+* sparse: :func:`grass` (structured row selection).
+
+All share one reduced-space Adam core, :func:`scale_by_subspace_adam`, and
+differ only in their :class:`SubspacePolicy`.
+"""
+
+from subspax._bases import DenseBasis
+from subspax._bases import RowBasis
+from subspax._core import ProjectedState
+from subspax._core import scale_by_subspace_adam
+from subspax._core import SubspaceAdamState
+from subspax._layout import default_is_projected
+from subspax._layout import MatrixLayout
+from subspax._layout import MatrixSpec
+from subspax._methods import galore
+from subspax._methods import grass
+from subspax._methods import grassjump
+from subspax._methods import grasswalk
+from subspax._methods import rso
+from subspax._methods import scale_by_galore
+from subspax._methods import scale_by_grass
+from subspax._methods import scale_by_grassjump
+from subspax._methods import scale_by_grasswalk
+from subspax._methods import scale_by_rso
+from subspax._methods import scale_by_subtrack
+from subspax._methods import subtrack
+from subspax._policies import GeodesicSubspace
+from subspax._policies import RandomSubspace
+from subspax._policies import RowSubspace
+from subspax._policies import SubspacePolicy
+from subspax._policies import SvdSubspace
+from subspax._state import state_bytes
+from subspax._state import state_shardings
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "DenseBasis",
+    "GeodesicSubspace",
+    "MatrixLayout",
+    "MatrixSpec",
+    "ProjectedState",
+    "RandomSubspace",
+    "RowBasis",
+    "RowSubspace",
+    "SubspaceAdamState",
+    "SubspacePolicy",
+    "SvdSubspace",
+    "default_is_projected",
+    "galore",
+    "grass",
+    "grassjump",
+    "grasswalk",
+    "rso",
+    "scale_by_galore",
+    "scale_by_grass",
+    "scale_by_grassjump",
+    "scale_by_grasswalk",
+    "scale_by_rso",
+    "scale_by_subspace_adam",
+    "scale_by_subtrack",
+    "state_bytes",
+    "state_shardings",
+    "subtrack",
+)

@@ -1,0 +1,409 @@
+"""The shared core: Adam whose moments live in a reduced subspace.
+
+Every method in subspax is this one transformation with a different
+:class:`~subspax.SubspacePolicy` (how the subspace is chosen and moved) and a
+moment policy (what happens to the Adam moments when the subspace changes).
+The step is ALGORITHMS.md section 1:
+
+1. every ``update_interval`` steps, refresh the basis and transform the moments
+   (``keep``, ``reset``, ``rotate``; ``overlap`` for row selectors);
+2. ``R = project(G)``; Adam moments on ``R``; ``N = mu_hat / (sqrt(nu_hat) + eps)``;
+3. ``U = scale * back(N)``, plus Fira-style recovery scaling of the residual
+   ``G - back(R)`` with a norm-growth limiter when ``recovery`` is on.
+
+Parameters the policy does not project (1-D, embeddings, LM heads, masked out)
+get plain :func:`optax.scale_by_adam` inside the same transformation, via
+:func:`optax.partition`.
+
+References:
+  Zhao et al., GaLore, https://arxiv.org/abs/2403.03507;
+  Robert et al., LDAdam (moment rotation), https://arxiv.org/abs/2410.16103;
+  Chen et al., Fira (recovery scaling), https://arxiv.org/abs/2410.01623;
+  Rajabi et al., SubTrack++, https://arxiv.org/abs/2502.01586
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from subspax import _layout
+from subspax import _policies
+from subspax import _validation
+
+MOMENTS = ("keep", "reset", "rotate", "overlap")
+MaskedNode = optax.MaskedNode
+
+KeyLike = Union[int, jax.Array]
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["basis", "mu", "nu", "age", "last_norm"],
+    meta_fields=["layout"])
+@dataclasses.dataclass(frozen=True)
+class ProjectedState:
+  """Optimizer state of one projected parameter (all its stacked matrices).
+
+  Shapes use the canonical layout of :class:`~subspax.MatrixLayout`: ``*B`` is
+  the parameter's batch shape, ``d`` the projected and ``D`` the kept side.
+
+  Attributes:
+    basis: The subspace, a ``DenseBasis`` (``s``: ``(*B, d, r)``, float32) or
+      a ``RowBasis`` (``index``, ``scale``: ``(*B, r)``); ``MaskedNode`` when
+      the basis is regenerated from the key (``store_basis=False``).
+    mu: First moment, ``(*B, r, D)``, ``mu_dtype`` (float32 by default).
+    nu: Second moment, ``(*B, r, D)``, ``nu_dtype`` (float32 by default).
+    age: Steps accumulated in the moments since their last reset, int32:
+      ``(*B,)`` for ``moments="reset"``, ``(*B, r)`` per row for
+      ``"overlap"``; ``MaskedNode`` otherwise (the global count is used).
+    last_norm: ``||Lambda||_F`` of the last recovery term, ``(*B,)`` float32;
+      ``MaskedNode`` when recovery is off.
+    layout: Static: how the parameter maps to canonical matrices.
+  """
+
+  basis: Any
+  mu: jax.Array
+  nu: jax.Array
+  age: Any
+  last_norm: Any
+  layout: _layout.MatrixLayout
+
+
+class SubspaceAdamState(NamedTuple):
+  """State of the projected part of :func:`scale_by_subspace_adam`."""
+
+  count: jax.Array  # shape=(), int32: steps taken
+  key: jax.Array  # shape=(2,), uint32: raw PRNG key data (checkpointable)
+  matrices: optax.Params  # ProjectedState per projected leaf, else MaskedNode
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+  """The static and numeric settings of one core transformation."""
+
+  policy: _policies.SubspacePolicy
+  rank: int
+  update_interval: int
+  b1: Any
+  b2: Any
+  eps: Any
+  scale: Any
+  moments: str
+  recovery: bool
+  recovery_limit: Any
+  store_basis: bool
+  mu_dtype: Any
+  nu_dtype: Any
+
+  @property
+  def stores_basis(self) -> bool:
+    return self.store_basis or not self.policy.key_only
+
+
+def _key_data(key: KeyLike) -> jax.Array:
+  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(
+      key.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(key)
+  return jax.random.key_data(jax.random.key(key))
+
+
+def scale_by_subspace_adam(
+    policy: _policies.SubspacePolicy,
+    rank: int,
+    update_interval: int = 200,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    scale: float = 1.0,
+    *,
+    moments: str = "keep",
+    recovery: bool = False,
+    recovery_limit: float = 1.01,
+    side: str = "auto",
+    projected: _layout.Projected = None,
+    store_basis: bool = True,
+    key: KeyLike = 0,
+    mu_dtype: Optional[jax.typing.DTypeLike] = None,
+    nu_dtype: Optional[jax.typing.DTypeLike] = None,
+) -> optax.GradientTransformation:
+  """Adam with moments in a reduced subspace chosen by ``policy``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, subspax
+    >>> tx = subspax.scale_by_subspace_adam(
+    ...     subspax.SvdSubspace(), rank=2, update_interval=10, scale=0.25)
+    >>> params = {'w': jnp.ones((8, 16)), 'b': jnp.ones((16,))}
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(params, state)
+    >>> updates['w'].shape
+    (8, 16)
+
+  Args:
+    policy: How the subspace is chosen and moved (a ``SubspacePolicy``).
+    rank: Subspace rank ``r`` (static).
+    update_interval: Refresh the subspace every this many steps (``T``).
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, added to ``sqrt(nu_hat)``.
+    scale: Back-projection scale ``alpha`` (GaLore's ``scale``).
+    moments: At a refresh, ``"keep"`` the moments, ``"reset"`` them to zero
+      (with bias correction restarted), ``"rotate"`` them into the new basis
+      (LDAdam), or keep the rows two row selections share (``"overlap"``).
+    recovery: Add Fira's scaled residual ``G - back(R)`` to the update.
+    recovery_limit: Norm-growth limiter ``zeta`` of the recovery term.
+    side: ``"auto"`` projects the smaller matrix dimension; ``"left"`` or
+      ``"right"`` force one (ALGORITHMS.md section 0).
+    projected: Which parameters to project. ``None``: every parameter with at
+      least 2 dimensions whose smaller side exceeds ``rank`` and whose aspect
+      ratio is at most 8. Otherwise a bool / :class:`MatrixSpec`, a pytree of
+      them, or a callable ``(path, param) -> bool | MatrixSpec | None``; then
+      the rank is ``min(rank, d)``.
+    store_basis: Store the basis (default) or, for key-only policies,
+      regenerate it from the key every step (0 bytes of basis state).
+    key: PRNG key or int seed; per-matrix, per-refresh keys are derived with
+      ``fold_in`` so they agree on every host and under any sharding.
+    mu_dtype: dtype of the reduced first moments (and of Adam's ``mu`` for the
+      other parameters); float32 by default.
+    nu_dtype: dtype of the reduced second moments; float32 by default.
+
+  Returns:
+    An ``optax.GradientTransformation``. Chain a learning rate after it.
+
+  References:
+    Zhao et al., GaLore, https://arxiv.org/abs/2403.03507;
+    Rajabi et al., SubTrack++, https://arxiv.org/abs/2502.01586
+  """
+  if not isinstance(policy, _policies.SubspacePolicy):
+    raise TypeError(f"policy must be a subspax SubspacePolicy, got {policy!r}.")
+  _validation.positive_int("rank", rank)
+  _validation.positive_int("update_interval", update_interval)
+  _validation.in_range("b1", b1, 0.0, 1.0)
+  _validation.in_range("b2", b2, 0.0, 1.0)
+  _validation.non_negative("eps", eps)
+  _validation.choice("moments", moments, MOMENTS)
+  _validation.choice("side", side, _layout.SIDES)
+  _validation.in_range("recovery_limit", recovery_limit, 1.0, float("inf"))
+  if moments == "overlap" and not isinstance(policy, _policies.RowSubspace):
+    raise ValueError('moments="overlap" needs a row-selection policy '
+                     '(subspax.grass); use "rotate" for dense bases.')
+  if recovery and not policy.orthonormal:
+    raise ValueError("recovery=True needs an orthonormal basis; the Gaussian "
+                     "basis (orthonormal=False) has none. Turn one of them off.")
+  if not store_basis and not policy.key_only:
+    raise ValueError(
+        f"store_basis=False needs a basis that depends on the key alone "
+        f"(grassjump, rso); {type(policy).__name__} depends on the gradient.")
+
+  config = _Config(
+      policy=policy, rank=rank, update_interval=update_interval, b1=b1, b2=b2,
+      eps=eps, scale=scale, moments=moments, recovery=recovery,
+      recovery_limit=recovery_limit, store_basis=store_basis,
+      mu_dtype=jnp.float32 if mu_dtype is None else mu_dtype,
+      nu_dtype=jnp.float32 if nu_dtype is None else nu_dtype)
+  route = _layout.make_router(projected, rank)
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: "subspace" if route(path, p) is not None else "adam",
+        params)
+
+  return optax.partition(
+      {
+          "subspace": _scale_by_projected_adam(config, route, side, key),
+          "adam": optax.scale_by_adam(b1=b1, b2=b2, eps=eps,
+                                      mu_dtype=mu_dtype),
+      },
+      labels)
+
+
+def _scale_by_projected_adam(config: _Config, route, side: str,
+                             key: KeyLike) -> optax.GradientTransformation:
+  """The projected half of :func:`scale_by_subspace_adam` (all leaves routed)."""
+
+  def init_fn(params):
+    matrices = jax.tree_util.tree_map_with_path(
+        lambda path, p: _init_matrices(config, _layout.make_layout(
+            p.shape, route(path, p), config.rank, side)), params)
+    return SubspaceAdamState(
+        count=jnp.zeros([], jnp.int32), key=_key_data(key), matrices=matrices)
+
+  def update_fn(updates, state, params=None):
+    del params
+    base_key = jax.random.wrap_key_data(state.key)
+    flat, treedef = jax.tree.flatten(updates)
+    leaf_states = treedef.flatten_up_to(state.matrices)
+    results = [
+        _update_parameter(config, g, leaf_state, state.count,
+                          jax.random.fold_in(base_key, index))
+        for index, (g, leaf_state) in enumerate(zip(flat, leaf_states))
+    ]
+    new_updates = treedef.unflatten([u for u, _ in results])
+    new_matrices = treedef.unflatten([s for _, s in results])
+    return new_updates, SubspaceAdamState(
+        count=optax.safe_int32_increment(state.count), key=state.key,
+        matrices=new_matrices)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _init_matrices(config: _Config, layout: _layout.MatrixLayout
+                   ) -> ProjectedState:
+  """Zero state of one projected parameter."""
+  r, d, big_d = layout.rank, layout.d, layout.D
+
+  def batched_zeros(trailing, dtype):
+    return jnp.zeros(layout.batched(*trailing), dtype)
+
+  basis = MaskedNode()
+  if config.stores_basis:
+    basis = jax.tree.map(lambda a: batched_zeros(a.shape, a.dtype),
+                         config.policy.zeros(d, r))
+  age = MaskedNode()
+  if config.moments == "reset":
+    age = batched_zeros((), jnp.int32)
+  elif config.moments == "overlap":
+    age = batched_zeros((r,), jnp.int32)
+  return ProjectedState(
+      basis=basis,
+      mu=batched_zeros((r, big_d), config.mu_dtype),
+      nu=batched_zeros((r, big_d), config.nu_dtype),
+      age=age,
+      last_norm=(batched_zeros((), jnp.float32) if config.recovery
+                 else MaskedNode()),
+      layout=layout)
+
+
+class _MatrixState(NamedTuple):
+  """The per-matrix slice of a ProjectedState (what the core vmaps over)."""
+
+  basis: Any
+  mu: jax.Array
+  nu: jax.Array
+  age: Any
+  last_norm: Any
+
+
+def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
+                      count: jax.Array, key: jax.Array):
+  """Updates every matrix of one projected parameter (vmapped)."""
+  layout = state.layout
+  nb = len(layout.batch_shape)
+  num = layout.num_matrices
+  fields = _MatrixState(state.basis, state.mu, state.nu, state.age,
+                        state.last_norm)
+  flat_fields = jax.tree.map(lambda a: a.reshape((num,) + a.shape[nb:]),
+                             fields)
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num))
+  step = functools.partial(_matrix_step, config, count=count)
+  updates, new_fields = jax.vmap(step)(layout.to_canonical(g), flat_fields,
+                                       keys)
+  new_fields = jax.tree.map(
+      lambda a, old: a.reshape(old.shape).astype(old.dtype), new_fields, fields)
+  return layout.from_canonical(updates, g.dtype), ProjectedState(
+      *new_fields, layout=layout)
+
+
+def _matrix_step(config: _Config, g: jax.Array, state: _MatrixState,
+                 key: jax.Array, *, count: jax.Array):
+  """One step on one canonical ``(d, D)`` float32 matrix ``g``."""
+  policy = config.policy
+  r = state.mu.shape[0]
+  d = g.shape[0]
+  epoch = count // config.update_interval
+  epoch_key = jax.random.fold_in(key, epoch)
+  is_refresh = count % config.update_interval == 0
+  mu, nu, age = state.mu, state.nu, state.age
+
+  if config.stores_basis:
+
+    def refreshed(old, mu, nu, age):
+      new = _new_basis(policy, old, g, epoch_key, r, count)
+      return (new,) + _transition(config.moments, old, new, mu, nu, age)
+
+    basis, mu, nu, age = jax.lax.cond(
+        is_refresh, refreshed, lambda *a: a, state.basis, mu, nu, age)
+    stored_basis = basis
+  else:
+    basis = policy.sample(epoch_key, d, r)
+
+    def rotated(mu, nu, age):
+      old = policy.sample(jax.random.fold_in(key, epoch - 1), d, r)
+      return _transition(config.moments, old, basis, mu, nu, age)
+
+    mu, nu, age = jax.lax.cond(is_refresh, rotated, lambda *a: a, mu, nu, age)
+    stored_basis = MaskedNode()
+
+  reduced = basis.project(g)
+  mu = config.b1 * mu.astype(jnp.float32) + (1 - config.b1) * reduced
+  nu = config.b2 * nu.astype(jnp.float32) + (1 - config.b2) * jnp.square(
+      reduced)
+  if isinstance(age, MaskedNode):
+    steps = optax.safe_int32_increment(count)
+  else:
+    age = optax.safe_int32_increment(age)
+    steps = age[:, None] if age.ndim else age
+  mu_hat = mu / (1 - config.b1**steps)
+  nu_hat = nu / (1 - config.b2**steps)
+  normalized = mu_hat / (jnp.sqrt(nu_hat) + config.eps)
+
+  last_norm = state.last_norm
+  if config.recovery:
+    update, last_norm = _with_recovery(config, basis, g, reduced, normalized,
+                                       last_norm)
+  else:
+    update = basis.back(config.scale * normalized, d)
+  return update, _MatrixState(stored_basis, mu, nu, age, last_norm)
+
+
+def _new_basis(policy, old, g, key, r, count):
+  """Initial or refreshed basis; keeps ``old`` when ``g`` is not finite."""
+  if type(policy).initial is _policies.SubspacePolicy.initial:
+    new = policy.refresh(old, g, key, r)
+  else:
+    new = jax.lax.cond(count == 0, lambda: policy.initial(g, key, r),
+                       lambda: policy.refresh(old, g, key, r))
+  finite = jnp.all(jnp.isfinite(g))
+  return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+
+def _transition(moments: str, old, new, mu, nu, age):
+  """Applies the moment policy at a basis change ``old -> new``."""
+  if moments == "keep":
+    return mu, nu, age
+  if moments == "reset":
+    return jnp.zeros_like(mu), jnp.zeros_like(nu), jnp.zeros_like(age)
+  c = new.gram(old)  # (r, r): reduced coordinates old -> new
+  mu32, nu32 = mu.astype(jnp.float32), nu.astype(jnp.float32)
+  new_mu = c @ mu32
+  new_nu = jnp.abs(jnp.square(c) @ (nu32 - jnp.square(mu32))
+                   + jnp.square(new_mu))
+  if moments == "overlap":
+    age = jnp.max(jnp.where(c != 0, age[None, :], 0), axis=1)
+  return new_mu.astype(mu.dtype), new_nu.astype(nu.dtype), age
+
+
+def _with_recovery(config: _Config, basis, g, reduced, normalized, last_norm):
+  """Fira recovery scaling with the norm-growth limiter.
+
+  ``Lambda = (G - back(R)) diag(phi)``, ``phi_j = ||N_j|| / (||R_j|| + 1e-8)``,
+  limited so that ``||Lambda||`` grows by at most ``recovery_limit`` per step.
+  Uses ``U = back(scale N - f phi R) + f phi G`` (``back`` is linear), so no
+  ``d x D`` residual is formed besides the output.
+  """
+  phi = jnp.linalg.norm(normalized, axis=0) / (
+      jnp.linalg.norm(reduced, axis=0) + 1e-8)
+  norm = jnp.sqrt(basis.residual_sq_norm(g, reduced, phi))
+  limit = config.recovery_limit * last_norm
+  too_big = (last_norm > 0) & (norm > limit)
+  factor = jnp.where(too_big, limit / jnp.where(norm > 0, norm, 1.0), 1.0)
+  scaled_phi = factor * phi
+  update = basis.back(config.scale * normalized - scaled_phi * reduced,
+                      g.shape[0]) + scaled_phi * g
+  return update, norm * factor
+

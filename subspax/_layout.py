@@ -1,0 +1,284 @@
+"""Which parameters are projected, and how each one is viewed as a matrix.
+
+Every projected parameter is handled in one *canonical* form: a stack of
+matrices of shape ``(B, d, D)`` where ``d`` is the projected ("small") side and
+``D`` the kept side. For a weight ``W`` of shape ``(m, n)`` (Flax kernel
+convention, ``y = x @ W``):
+
+* side ``"left"`` (``m <= n`` under ``"auto"``): canonical ``G`` is ``W``'s
+  gradient itself, the basis ``S`` is ``(m, r)`` and the reduced gradient is
+  ``S^T G`` of shape ``(r, n)``;
+* side ``"right"`` (``m > n``): canonical ``G`` is the transpose, so the basis
+  is ``(n, r)`` and the reduced gradient ``(r, m)`` is the transpose of the
+  paper's ``G S``.
+
+All other axes of the parameter (for example the layer axis of a scanned
+``(L, m, n)`` stack) are batch axes: each matrix gets its own subspace.
+
+The side is decided once from the parameter's shape (ALGORITHMS.md section 0)
+and recorded in a static :class:`MatrixLayout`; it is never inferred from the
+shape of a reduced tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+Axes = Union[int, Sequence[int]]
+
+SIDES = ("auto", "left", "right")
+
+# Default routing: project a matrix only when it is at most this elongated.
+MAX_ASPECT_RATIO = 8
+
+
+class MatrixSpec(NamedTuple):
+  """Which axes of a parameter form the rows and the columns of its matrix.
+
+  Axes that are in neither are batch axes: the matrix is repeated over them
+  (for example the layer axis of scanned weights) and each repetition gets its
+  own subspace and optimizer state.
+
+  Attributes:
+    rows: Axis or axes forming the input (row) dimension ``m``.
+    cols: Axis or axes forming the output (column) dimension ``n``.
+  """
+
+  rows: Axes = -2
+  cols: Axes = -1
+
+
+class MatrixLayout(NamedTuple):
+  """Static description of one projected parameter (hashable, no arrays).
+
+  Attributes:
+    shape: The parameter's shape.
+    batch_axes: Axes repeated over (each index is its own matrix).
+    row_axes: Axes forming the rows ``m`` (input dimension).
+    col_axes: Axes forming the columns ``n`` (output dimension).
+    side: ``"left"`` (project the rows, basis ``m x r``) or ``"right"``.
+    rank: The subspace rank ``r``.
+  """
+
+  shape: tuple[int, ...]
+  batch_axes: tuple[int, ...]
+  row_axes: tuple[int, ...]
+  col_axes: tuple[int, ...]
+  side: str
+  rank: int
+
+  @property
+  def perm(self) -> tuple[int, ...]:
+    return self.batch_axes + self.row_axes + self.col_axes
+
+  @property
+  def batch_shape(self) -> tuple[int, ...]:
+    return tuple(self.shape[a] for a in self.batch_axes)
+
+  @property
+  def num_matrices(self) -> int:
+    return math.prod(self.batch_shape)
+
+  @property
+  def m(self) -> int:
+    return math.prod(self.shape[a] for a in self.row_axes)
+
+  @property
+  def n(self) -> int:
+    return math.prod(self.shape[a] for a in self.col_axes)
+
+  @property
+  def d(self) -> int:
+    """The projected (reduced) dimension."""
+    return self.m if self.side == "left" else self.n
+
+  @property
+  def D(self) -> int:  # pylint: disable=invalid-name
+    """The kept dimension."""
+    return self.n if self.side == "left" else self.m
+
+  def to_canonical(self, x: jax.Array) -> jax.Array:
+    """Views a parameter-shaped array as a float32 ``(B, d, D)`` stack."""
+    x = jnp.transpose(x, self.perm).reshape(self.num_matrices, self.m, self.n)
+    if self.side == "right":
+      x = jnp.swapaxes(x, -1, -2)
+    return x.astype(jnp.float32)
+
+  def from_canonical(self, x: jax.Array, dtype) -> jax.Array:
+    """Inverse of :meth:`to_canonical`, cast to ``dtype``."""
+    if self.side == "right":
+      x = jnp.swapaxes(x, -1, -2)
+    x = x.reshape(tuple(self.shape[a] for a in self.perm))
+    return jnp.transpose(x, _inverse(self.perm)).astype(dtype)
+
+  def batched(self, *trailing: int) -> tuple[int, ...]:
+    """Shape ``batch_shape + trailing``."""
+    return self.batch_shape + tuple(trailing)
+
+  def reduced_specs(self, spec: PartitionSpec) -> tuple[Any, Any, Any]:
+    """Mesh axes of the batch axes, the ``d`` axis and the ``D`` axis.
+
+    Args:
+      spec: The parameter's PartitionSpec.
+
+    Returns:
+      ``(batch_entries, d_entry, D_entry)``: a tuple of spec entries for the
+      batch axes, and the entries for the projected and the kept dimension.
+      A dimension merged from several axes keeps a sharding only when it sits
+      on the outermost of them (a reshape preserves exactly that).
+    """
+    entries = tuple(spec) + (None,) * (len(self.shape) - len(spec))
+    batch = tuple(entries[a] for a in self.batch_axes)
+    rows = _merged(entries, self.row_axes)
+    cols = _merged(entries, self.col_axes)
+    return (batch, rows, cols) if self.side == "left" else (batch, cols, rows)
+
+
+def _merged(entries, axes):
+  """The spec entry of a dimension merged from ``axes`` (outermost only)."""
+  if not axes or any(entries[a] is not None for a in axes[1:]):
+    return None
+  return entries[axes[0]]
+
+
+def _inverse(perm):
+  inv = [0] * len(perm)
+  for i, p in enumerate(perm):
+    inv[p] = i
+  return tuple(inv)
+
+
+def _normalize_axes(axes: Axes, ndim: int, what: str) -> tuple[int, ...]:
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  if not axes:
+    raise ValueError(f"MatrixSpec.{what} must name at least one axis.")
+  out = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f"MatrixSpec.{what} axis {a} is out of range for a parameter with "
+          f"{ndim} dimensions.")
+    out.append(a % ndim)
+  return tuple(out)
+
+
+def make_layout(shape: Sequence[int], spec: MatrixSpec, rank: int,
+                side: str) -> MatrixLayout:
+  """Builds the static layout of one projected parameter.
+
+  Args:
+    shape: The parameter's shape (at least 2-D).
+    spec: Which axes are rows and columns.
+    rank: Requested rank; the layout's rank is ``min(rank, d)``.
+    side: ``"auto"``, ``"left"`` or ``"right"``.
+
+  Returns:
+    The :class:`MatrixLayout`.
+  """
+  shape = tuple(int(s) for s in shape)
+  ndim = len(shape)
+  if ndim < 2:
+    raise ValueError(
+        f"only parameters with at least 2 dimensions can be projected, got "
+        f"shape {shape}; leave it out of `projected`.")
+  rows = _normalize_axes(spec.rows, ndim, "rows")
+  cols = _normalize_axes(spec.cols, ndim, "cols")
+  if set(rows) & set(cols):
+    raise ValueError(f"MatrixSpec rows {rows} and cols {cols} overlap.")
+  batch = tuple(a for a in range(ndim) if a not in rows + cols)
+  m = math.prod(shape[a] for a in rows)
+  n = math.prod(shape[a] for a in cols)
+  if side == "auto":
+    side = "left" if m <= n else "right"
+  d = m if side == "left" else n
+  return MatrixLayout(shape=shape, batch_axes=batch, row_axes=rows,
+                      col_axes=cols, side=side, rank=min(rank, d))
+
+
+Projected = Union[None, bool, MatrixSpec, Any, Callable[..., Any]]
+
+
+def default_is_projected(shape: Sequence[int], rank: int) -> bool:
+  """The default routing rule of ALGORITHMS.md section 1.
+
+  A parameter is projected when it has at least two dimensions, ``rank`` is
+  smaller than both matrix dimensions (else projection saves nothing) and the
+  matrix is at most 8 times longer than wide (which leaves embeddings and
+  language-model heads to plain Adam).
+
+  Args:
+    shape: The parameter's shape; the last two axes form the matrix.
+    rank: The requested rank.
+
+  Returns:
+    Whether the default rule projects it.
+  """
+  if len(shape) < 2:
+    return False
+  m, n = shape[-2], shape[-1]
+  return rank < min(m, n) and max(m, n) <= MAX_ASPECT_RATIO * min(m, n)
+
+
+def make_router(projected: Projected, rank: int
+                ) -> Callable[[Any, Any], Optional[MatrixSpec]]:
+  """Turns the user's ``projected`` argument into ``(path, param) -> spec``.
+
+  Args:
+    projected: ``None`` for the default rule; a bool or :class:`MatrixSpec`
+      applied to every parameter with at least 2 dimensions; a pytree (prefix)
+      of such leaves (``None``/``False`` = plain Adam); or a callable
+      ``(path, param) -> bool | MatrixSpec | None``.
+    rank: The requested rank (used by the default rule).
+
+  Returns:
+    A function giving the :class:`MatrixSpec` of a projected parameter, or
+    ``None`` for one that gets plain Adam.
+  """
+
+  def from_value(value, param):
+    if value is None or value is False:
+      return None
+    if value is True:
+      return MatrixSpec()
+    if isinstance(value, MatrixSpec):
+      return value
+    raise TypeError(
+        "`projected` leaves must be bool, MatrixSpec or None, got "
+        f"{type(value).__name__}.")
+
+  if projected is None:
+    return lambda path, p: (MatrixSpec() if default_is_projected(
+        jnp.shape(p), rank) else None)
+  if isinstance(projected, (bool, MatrixSpec)):
+    return lambda path, p: (from_value(projected, p)
+                            if jnp.ndim(p) >= 2 else None)
+  if callable(projected):
+    return lambda path, p: from_value(projected(path, p), p)
+
+  def route_from_tree(path, p):
+    node = projected
+    for key in path:
+      if isinstance(node, (bool, MatrixSpec)) or node is None:
+        break
+      node = _child(node, key)
+    return from_value(node, p)
+
+  return route_from_tree
+
+
+def _child(node, key):
+  """Follows one path entry into a pytree node (dict, list, attr)."""
+  if isinstance(key, jax.tree_util.DictKey):
+    return node[key.key]
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return node[key.idx]
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return getattr(node, key.name)
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return jax.tree.leaves(node)[key.key]
+  raise TypeError(f"unsupported pytree path entry {key!r} in `projected`.")

@@ -1,0 +1,210 @@
+"""Subspace policies: how each method chooses and moves its subspace.
+
+A policy is a small frozen dataclass. The reduced-space Adam core
+(:mod:`subspax._core`) calls it on one canonical float32 matrix ``G`` of shape
+``(d, D)`` (the core vmaps over stacked matrices):
+
+* ``initial(g, key, r)``: the basis at step 0;
+* ``refresh(basis, g, key, r)``: the basis at a later refresh step;
+* ``zeros(d, r)``: a placeholder basis of the right shapes for ``init``.
+
+Policies never touch the Adam moments; the core applies the moment policy
+(keep / reset / rotate) around every basis change. Math: ALGORITHMS.md section 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+
+from subspax import _bases
+from subspax import _linalg
+
+GEODESIC_STEPS = ("normalized", "raw", "angle")
+GEODESIC_TANGENTS = ("gradient", "random")
+INITS = ("randomized", "svd")
+SELECTIONS = ("topk", "multinomial", "uniform")
+
+# Largest rotation of one basis direction per refresh under step="normalized".
+MAX_NORMALIZED_ANGLE = math.pi / 4
+
+
+class SubspacePolicy:
+  """Base class of the subspace policies (see the module docstring)."""
+
+  basis_type: ClassVar[type] = _bases.DenseBasis
+  # True when the basis is a function of the key alone, so it can be
+  # regenerated instead of stored.
+  key_only: ClassVar[bool] = False
+  # True when the basis has orthonormal columns (recovery scaling needs it).
+  orthonormal: bool = True
+
+  def zeros(self, d: int, r: int):
+    return self.basis_type.zeros(d, r)
+
+  def initial(self, g: jax.Array, key: jax.Array, r: int):
+    return self.refresh(self.zeros(g.shape[0], r), g, key, r)
+
+  def refresh(self, basis, g: jax.Array, key: jax.Array, r: int):
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class SvdSubspace(SubspacePolicy):
+  """GaLore: the top-``r`` left singular vectors of ``G`` (exact SVD).
+
+  References:
+    Zhao et al., GaLore, https://arxiv.org/abs/2403.03507
+  """
+
+  def refresh(self, basis, g, key, r):
+    del basis, key
+    return _bases.DenseBasis(_linalg.exact_top_subspace(g, r))
+
+
+def _top_subspace(g, key, r, init):
+  if init == "svd":
+    return _linalg.exact_top_subspace(g, r)
+  return _linalg.randomized_top_subspace(g, r, key)
+
+
+@dataclasses.dataclass(frozen=True)
+class GeodesicSubspace(SubspacePolicy):
+  """One rank-1 geodesic step on the Grassmannian per refresh.
+
+  With ``tangent="gradient"`` this is SubTrack++: the step descends the
+  projection error ``F(S) = ||G - S S^T G||_F^2`` along the top singular
+  direction of its Riemannian gradient ``H = -2 (G A^T - S A A^T)``,
+  ``A = S^T G``. With ``tangent="random"`` it is GrassWalk: ``H`` is a Gaussian
+  matrix projected onto the tangent space. ``jump_prob > 0`` gives the
+  GrassWalk/GrassJump hybrid: each refresh jumps to a Haar-random subspace
+  with that probability.
+
+  Attributes:
+    eta: Step size; its meaning depends on ``step``.
+    step: ``"normalized"``: angle ``eta * sigma / ||G||_F^2`` capped at pi/4
+      (scale-free); ``"raw"``: ``eta * sigma`` (the paper's form);
+      ``"angle"``: ``eta`` radians.
+    tangent: ``"gradient"`` (SubTrack++) or ``"random"`` (GrassWalk).
+    init: Initial basis: ``"randomized"`` range finder or exact ``"svd"``.
+    jump_prob: Probability of a Haar jump at a refresh (hybrid).
+
+  References:
+    Rajabi et al., SubTrack++, https://arxiv.org/abs/2502.01586;
+    Rajabi et al., GrassWalk/GrassJump, https://arxiv.org/abs/2510.01878;
+    Edelman, Arias, Smith (1998), the Grassmannian geodesic.
+  """
+
+  eta: float = 10.0
+  step: str = "normalized"
+  tangent: str = "gradient"
+  init: str = "randomized"
+  jump_prob: float = 0.0
+
+  def initial(self, g, key, r):
+    return _bases.DenseBasis(_top_subspace(g, key, r, self.init))
+
+  def tangent_direction(self, s, g, key):
+    """The horizontal tangent ``H`` (``(d, r)``) at ``S``."""
+    if self.tangent == "random":
+      z = jax.random.normal(key, s.shape, jnp.float32)
+      return z - s @ (s.T @ z)
+    a = s.T @ g
+    return -2.0 * (g @ a.T - s @ (a @ a.T))
+
+  def angle(self, sigma, g):
+    if self.step == "angle":
+      return jnp.asarray(self.eta, jnp.float32)
+    if self.step == "raw":
+      return self.eta * sigma
+    g_sq = jnp.sum(jnp.square(g))
+    theta = self.eta * sigma / jnp.where(g_sq > 0, g_sq, 1.0)
+    return jnp.minimum(theta, MAX_NORMALIZED_ANGLE)
+
+  def refresh(self, basis, g, key, r):
+    walk_key, jump_key, coin_key = jax.random.split(key, 3)
+    s = basis.s
+    u, sigma, v = _linalg.top_singular_triplet(
+        self.tangent_direction(s, g, walk_key))
+    theta = jnp.where(sigma > 0, self.angle(sigma, g), 0.0)
+    moved = _linalg.geodesic_step(s, u, v, theta)
+    if self.jump_prob > 0:
+      jump = jax.random.bernoulli(coin_key, self.jump_prob)
+      moved = jax.lax.cond(
+          jump, lambda: _linalg.haar_basis(jump_key, s.shape[0], r),
+          lambda: moved)
+    return _bases.DenseBasis(moved)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomSubspace(SubspacePolicy):
+  """A fresh random subspace at every refresh (GrassJump, RSO).
+
+  Attributes:
+    orthonormal: Haar-random orthonormal ``S`` (default), or a Gaussian
+      ``S`` with ``N(0, 1/r)`` entries (RSO's other choice, ``E[S S^T] = I``).
+
+  References:
+    Rajabi et al., GrassJump, https://arxiv.org/abs/2510.01878;
+    Chen et al., RSO, https://arxiv.org/abs/2502.07222
+  """
+
+  key_only: ClassVar[bool] = True
+  orthonormal: bool = True
+
+  def refresh(self, basis, g, key, r):
+    del basis
+    return self.sample(key, g.shape[0], r)
+
+  def sample(self, key, d, r):
+    """The basis for ``key``; it needs no gradient (``store_basis=False``)."""
+    if self.orthonormal:
+      return _bases.DenseBasis(_linalg.haar_basis(key, d, r))
+    return _bases.DenseBasis(
+        jax.random.normal(key, (d, r), jnp.float32) / math.sqrt(r))
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSubspace(SubspacePolicy):
+  """GRASS: select ``r`` rows of ``G`` from its row norms.
+
+  Attributes:
+    selection: ``"topk"`` (largest norms, deterministic), ``"multinomial"``
+      (probabilities proportional to the row norms) or ``"uniform"``.
+    replacement: Sample with replacement (scales ``1/sqrt(r q_i)`` make the
+      estimator unbiased) or without (Gumbel top-k, scales 1).
+
+  References:
+    Muhamed et al., GRASS, https://arxiv.org/abs/2406.17660
+  """
+
+  basis_type: ClassVar[type] = _bases.RowBasis
+  selection: str = "multinomial"
+  replacement: bool = False
+
+  def refresh(self, basis, g, key, r):
+    del basis
+    d = g.shape[0]
+    norms = jnp.linalg.norm(g, axis=1)
+    if self.selection == "topk":
+      return _bases.RowBasis(jax.lax.top_k(norms, r)[1].astype(jnp.int32),
+                             jnp.ones((r,), jnp.float32))
+    if self.selection == "uniform":
+      probs = jnp.full((d,), 1.0 / d, jnp.float32)
+    else:
+      total = jnp.sum(norms)
+      probs = jnp.where(total > 0, norms / jnp.where(total > 0, total, 1.0),
+                        1.0 / d)
+    log_probs = jnp.log(probs)
+    if self.replacement:
+      index = jax.random.categorical(key, log_probs, shape=(r,))
+      scale = jax.lax.rsqrt(r * probs[index])
+    else:
+      gumbel = jax.random.gumbel(key, (d,), jnp.float32)
+      index = jax.lax.top_k(log_probs + gumbel, r)[1]
+      scale = jnp.ones((r,), jnp.float32)
+    return _bases.RowBasis(index.astype(jnp.int32), scale)

@@ -1,0 +1,133 @@
+"""Inspecting optimizer states: exact byte counts and shardings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from subspax import _core
+
+
+def state_bytes(state: Any) -> int:
+  """Exact number of bytes held by every array in an optimizer state.
+
+  Works for any optax state (and for ``jax.eval_shape`` results): it sums
+  ``size * itemsize`` over the leaves, so nothing is allocated.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, subspax
+    >>> subspax.state_bytes(optax.adam(1e-3).init({'w': jnp.zeros((4, 4))}))
+    132
+
+  Args:
+    state: A pytree of arrays or ``jax.ShapeDtypeStruct``.
+
+  Returns:
+    The total size in bytes.
+  """
+  return sum(
+      int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+      for x in jax.tree.leaves(state) if hasattr(x, "shape"))
+
+
+def _is_projected(x) -> bool:
+  return isinstance(x, _core.ProjectedState)
+
+
+def _reduced_shardings(state: _core.ProjectedState,
+                       sharding: NamedSharding) -> _core.ProjectedState:
+  """Shardings of a ProjectedState from its parameter's NamedSharding.
+
+  The kept dimension ``D`` keeps the parameter's mesh axes, the projected
+  dimension ``d`` of the basis keeps its own, batch axes (layers) keep theirs,
+  and the rank axis is replicated.
+  """
+  batch, d_axis, big_d_axis = state.layout.reduced_specs(sharding.spec)
+
+  def named(*entries):
+    return NamedSharding(sharding.mesh, PartitionSpec(*batch, *entries))
+
+  def basis_sharding(x):
+    return named(d_axis, None) if x.ndim == len(batch) + 2 else named(None)
+
+  return _core.ProjectedState(
+      basis=jax.tree.map(basis_sharding, state.basis),
+      mu=named(None, big_d_axis),
+      nu=named(None, big_d_axis),
+      age=jax.tree.map(lambda x: named(*(None,) * (x.ndim - len(batch))),
+                       state.age),
+      last_norm=jax.tree.map(lambda x: named(), state.last_norm),
+      layout=state.layout)
+
+
+def state_shardings(tx: optax.GradientTransformation, params: Any,
+                    param_shardings: Any) -> Any:
+  """Shardings for ``tx.init(params)`` derived from the params' shardings.
+
+  * subspax's reduced states are sharded along the dimension they keep (for
+    ``(r, D)`` moments, ``D`` takes the parameter's mesh axes) instead of being
+    replicated;
+  * any other state leaf with its parameter's path and shape (Adam's ``mu``
+    and ``nu``, ``MultiSteps``' accumulators) takes the parameter's sharding;
+  * everything else (counts, keys, scalars) is replicated.
+
+  Works for any optax transformation, subspax or not, through ``chain``,
+  ``partition``, ``inject_hyperparams`` and other wrappers: a state leaf
+  belongs to a parameter when the parameter's pytree path appears in its path.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, subspax
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ('model',),
+    ...                      axis_types=(jax.sharding.AxisType.Auto,))
+    >>> params = {'w': jnp.zeros((16, 32))}
+    >>> tx = subspax.subtrack(1e-3, rank=4)
+    >>> shardings = subspax.state_shardings(
+    ...     tx, params, {'w': NamedSharding(mesh, P(None, 'model'))})
+    >>> state = jax.jit(tx.init, out_shardings=shardings)(params)
+
+  Args:
+    tx: The optimizer.
+    params: Parameters (arrays or ``jax.ShapeDtypeStruct``).
+    param_shardings: A pytree of ``NamedSharding`` matching ``params``.
+
+  Returns:
+    A pytree of shardings with the structure of ``tx.init(params)``.
+  """
+  abstract_state = jax.eval_shape(tx.init, params)
+  by_path = {
+      tuple(path): (param, sharding)
+      for (path, param), sharding in zip(
+          jax.tree_util.tree_flatten_with_path(params)[0],
+          jax.tree.leaves(param_shardings))
+  }
+  any_sharding = jax.tree.leaves(param_shardings)[0]
+  if not isinstance(any_sharding, NamedSharding):
+    return jax.tree.map(lambda _: any_sharding, abstract_state)
+  replicated = NamedSharding(any_sharding.mesh, PartitionSpec())
+
+  def owner(path):
+    path = tuple(path)
+    for length in range(len(path), 0, -1):
+      for start in range(len(path) - length + 1):
+        found = by_path.get(path[start:start + length])
+        if found is not None:
+          return found
+    return None, None
+
+  def sharding_of(path, leaf):
+    param, sharding = owner(path)
+    if _is_projected(leaf):
+      if sharding is None:
+        return jax.tree.map(lambda _: replicated, leaf)
+      return _reduced_shardings(leaf, sharding)
+    if sharding is not None and leaf.shape == param.shape:
+      return sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(sharding_of, abstract_state,
+                                          is_leaf=_is_projected)
