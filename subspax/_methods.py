@@ -8,6 +8,7 @@ ALGORITHMS.md section 2.7.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Optional
 
 import jax
@@ -277,6 +278,13 @@ def _alias(scale_by, summary: str):
 
   name = scale_by.__name__.removeprefix("scale_by_")
   method.__name__ = method.__qualname__ = name
+  # Expose the keyword-only options of `scale_by` in the signature, so that
+  # `inspect.signature` (and `optax.inject_hyperparams`) sees every argument.
+  own = inspect.signature(method).parameters
+  method.__signature__ = inspect.Signature(
+      [p for p in own.values() if p.kind != p.VAR_KEYWORD] +
+      [p for p in inspect.signature(scale_by).parameters.values()
+       if p.kind == p.KEYWORD_ONLY])
   method.__doc__ = f"""{summary}
 
   ``optax.chain({scale_by.__name__}(rank, update_interval, **kwargs),

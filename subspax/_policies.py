@@ -33,6 +33,11 @@ SELECTIONS = ("topk", "multinomial", "uniform")
 MAX_NORMALIZED_ANGLE = math.pi / 4
 
 
+def _is_zero(value) -> bool:
+  """True for a concrete zero (hyperparameters may arrive traced)."""
+  return isinstance(value, (int, float)) and value == 0
+
+
 class SubspacePolicy:
   """Base class of the subspace policies (see the module docstring)."""
 
@@ -132,7 +137,7 @@ class GeodesicSubspace(SubspacePolicy):
         self.tangent_direction(s, g, walk_key))
     theta = jnp.where(sigma > 0, self.angle(sigma, g), 0.0)
     moved = _linalg.geodesic_step(s, u, v, theta)
-    if self.jump_prob > 0:
+    if not _is_zero(self.jump_prob):
       jump = jax.random.bernoulli(coin_key, self.jump_prob)
       moved = jax.lax.cond(
           jump, lambda: _linalg.haar_basis(jump_key, s.shape[0], r),

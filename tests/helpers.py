@@ -1,0 +1,76 @@
+"""Shared fixtures for the optimizer tests: the method table and small problems."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import subspax
+
+# Every method (and notable variant) the generic checks run over.
+METHODS = {
+    "galore": (subspax.galore, {}),
+    "subtrack": (subspax.subtrack, {}),
+    "grasswalk": (subspax.grasswalk, {}),
+    "grasswalk_hybrid": (subspax.grasswalk, {"jump_prob": 0.5}),
+    "grassjump": (subspax.grassjump, {}),
+    "grassjump_keyed": (subspax.grassjump, {"store_basis": False}),
+    "rso": (subspax.rso, {}),
+    "rso_gaussian": (subspax.rso, {"orthonormal": False}),
+    "grass": (subspax.grass, {}),
+    "grass_topk_overlap": (subspax.grass, {"selection": "topk",
+                                           "keep_overlap": True}),
+    "grass_uniform_replacement": (subspax.grass, {"selection": "uniform",
+                                                  "replacement": True}),
+}
+
+
+# The main variant of each method: the heavier generic checks run over these.
+CORE = ("galore", "subtrack", "grasswalk", "grassjump", "grassjump_keyed",
+        "rso", "grass")
+
+
+def make_tx(name, learning_rate=1e-2, rank=4, update_interval=5, **extra):
+  factory, kwargs = METHODS[name]
+  return factory(learning_rate, rank=rank, update_interval=update_interval,
+                 **{**kwargs, **extra})
+
+
+def random_params(key, dtype=jnp.float32):
+  """A small parameter tree: a wide and a tall matrix, a stack, a bias."""
+  keys = jax.random.split(key, 3)
+  return {
+      "tall": jax.random.normal(keys[0], (20, 10), dtype),  # right side
+      "stack": jax.random.normal(keys[1], (3, 12, 16), dtype),  # left side
+      "bias": jax.random.normal(keys[2], (16,), dtype),
+  }
+
+
+def least_squares_problem(key, m=32, n=24, k=64):
+  """``min_W ||X W - Y||^2`` with a planted low-rank-plus-noise solution."""
+  kx, kw, kn = jax.random.split(key, 3)
+  x = jax.random.normal(kx, (k, m))
+  w_true = jax.random.normal(kw, (m, 4)) @ jax.random.normal(kn, (4, n))
+  y = x @ w_true
+
+  def loss(params):
+    return jnp.mean(jnp.square(x @ params["w"] - y))
+
+  return loss, {"w": jnp.zeros((m, n))}
+
+
+def run(tx, loss, params, steps):
+  """Runs ``steps`` jitted optimizer steps; returns (params, losses)."""
+  state = tx.init(params)
+
+  @jax.jit
+  def step(params, state):
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, value
+
+  losses = []
+  for _ in range(steps):
+    params, state, value = step(params, state)
+    losses.append(float(value))
+  return params, state, np.array(losses)
