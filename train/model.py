@@ -1,0 +1,250 @@
+"""A LLaMA decoder in Flax NNX.
+
+RMSNorm, rotary position embeddings, causal multi-head (optionally grouped-query)
+attention through `jax.nn.dot_product_attention`, a SwiGLU MLP and an untied LM
+head. Every linear kernel is a plain 2-D (in, out) matrix; with `scan=True` the
+blocks are stacked, so each kernel becomes an (L, in, out) array whose leading axis
+the subspace optimizers treat as a batch axis (one subspace per layer).
+
+Parameters carry logical sharding names (`embed`, `mlp`, `heads`, `vocab`, plus
+`layers` for the scanned axis); `train/sharding.py` maps them to mesh axes.
+
+Shape suffixes: B batch, L sequence length, D d_model, N query heads, K key/value
+heads, H head dim, F MLP hidden size, V vocabulary, S stacked layers.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Static model hyperparameters (see configs/base.py for the meaning of each)."""
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  d_ff: int
+  rope_theta: float = 10_000.0
+  norm_eps: float = 1e-6
+  init_std: float = 0.02
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan: bool = False
+  remat: bool = False
+
+  @classmethod
+  def from_config(cls, model_cfg: Any, vocab_size: int) -> "LlamaConfig":
+    """Builds the config from the `model` ConfigDict and the data's vocab size.
+
+    `head_dim` 0 means d_model // n_heads and `n_kv_heads` 0 means n_heads.
+    """
+    n_kv_heads = model_cfg.n_kv_heads or model_cfg.n_heads
+    head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
+    if model_cfg.n_heads % n_kv_heads:
+      raise ValueError(
+          f"model.n_heads ({model_cfg.n_heads}) must be a multiple of "
+          f"model.n_kv_heads ({n_kv_heads})"
+      )
+    return cls(
+        vocab_size=vocab_size,
+        d_model=model_cfg.d_model,
+        n_layers=model_cfg.n_layers,
+        n_heads=model_cfg.n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        d_ff=model_cfg.d_ff,
+        rope_theta=model_cfg.rope_theta,
+        norm_eps=model_cfg.norm_eps,
+        init_std=model_cfg.init_std,
+        dtype=model_cfg.dtype,
+        param_dtype=model_cfg.param_dtype,
+        scan=model_cfg.scan,
+        remat=model_cfg.remat,
+    )
+
+  def projected_dims(self) -> dict[str, tuple[int, int]]:
+    """(in, out) of every per-layer kernel a subspace optimizer would project."""
+    d, q, kv = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+    return {
+        "attn.q": (d, q), "attn.k": (d, kv), "attn.v": (d, kv), "attn.o": (q, d),
+        "mlp.gate": (d, self.d_ff), "mlp.up": (d, self.d_ff), "mlp.down": (self.d_ff, d),
+    }
+
+
+def _linear(cfg: LlamaConfig, d_in: int, d_out: int, names: tuple[str, str],
+            rngs: nnx.Rngs, **kwargs) -> nnx.Linear:
+  """A bias-free (in, out) linear layer with logical sharding names."""
+  init = nnx.initializers.normal(cfg.init_std)
+  return nnx.Linear(
+      d_in, d_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+      kernel_init=nnx.with_partitioning(init, names), rngs=rngs, **kwargs)
+
+
+def _rms_norm(cfg: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
+  """RMSNorm over d_model, computed in float32."""
+  return nnx.RMSNorm(
+      cfg.d_model, epsilon=cfg.norm_eps, dtype=jnp.float32,
+      param_dtype=cfg.param_dtype,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones, ("embed",)),
+      rngs=rngs)
+
+
+def rotary(x_BxLxNxH: jax.Array, theta: float) -> jax.Array:
+  """Applies rotary position embeddings (rotate-half form) along the L axis."""
+  seq_len, head_dim = x_BxLxNxH.shape[1], x_BxLxNxH.shape[3]
+  half = head_dim // 2
+  freq_H2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle_LxH2 = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * freq_H2[None, :]
+  sin_1xLx1xH2 = jnp.sin(angle_LxH2)[None, :, None, :]
+  cos_1xLx1xH2 = jnp.cos(angle_LxH2)[None, :, None, :]
+  x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate(
+      [x1 * cos_1xLx1xH2 - x2 * sin_1xLx1xH2, x2 * cos_1xLx1xH2 + x1 * sin_1xLx1xH2],
+      axis=-1)
+  return out.astype(x_BxLxNxH.dtype)
+
+
+class Attention(nnx.Module):
+  """Causal self-attention with rotary embeddings and optional grouped queries."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    self.q = _linear(cfg, d, n * h, ("embed", "heads"), rngs)
+    self.k = _linear(cfg, d, k * h, ("embed", "heads"), rngs)
+    self.v = _linear(cfg, d, k * h, ("embed", "heads"), rngs)
+    self.o = _linear(cfg, n * h, d, ("heads", "embed"), rngs)
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    b, seq_len, _ = x_BxLxD.shape
+    q_BxLxNxH = self.q(x_BxLxD).reshape(b, seq_len, cfg.n_heads, cfg.head_dim)
+    k_BxLxKxH = self.k(x_BxLxD).reshape(b, seq_len, cfg.n_kv_heads, cfg.head_dim)
+    v_BxLxKxH = self.v(x_BxLxD).reshape(b, seq_len, cfg.n_kv_heads, cfg.head_dim)
+    q_BxLxNxH = rotary(q_BxLxNxH, cfg.rope_theta)
+    k_BxLxKxH = rotary(k_BxLxKxH, cfg.rope_theta)
+    out_BxLxNxH = jax.nn.dot_product_attention(
+        q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, is_causal=True)
+    return self.o(out_BxLxNxH.reshape(b, seq_len, cfg.n_heads * cfg.head_dim))
+
+
+class Mlp(nnx.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.gate = _linear(cfg, cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
+    self.up = _linear(cfg, cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
+    self.down = _linear(cfg, cfg.d_ff, cfg.d_model, ("mlp", "embed"), rngs)
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    return self.down(jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.dtype = cfg.dtype
+    self.attn_norm = _rms_norm(cfg, rngs)
+    self.attn = Attention(cfg, rngs=rngs)
+    self.mlp_norm = _rms_norm(cfg, rngs)
+    self.mlp = Mlp(cfg, rngs=rngs)
+
+  def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD).astype(self.dtype))
+    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD).astype(self.dtype))
+
+
+def _block_key(key: jax.Array, layer: jax.Array) -> nnx.Rngs:
+  """Per-layer init stream: identical whether the layers are scanned or not."""
+  return nnx.Rngs(params=jax.random.fold_in(key, layer))
+
+
+class Llama(nnx.Module):
+  """LLaMA decoder: token ids (B, L) -> float32 logits (B, L, V)."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    init = nnx.initializers.normal(cfg.init_std)
+    self.embed = nnx.Embed(
+        cfg.vocab_size, cfg.d_model, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        embedding_init=nnx.with_partitioning(init, ("vocab", "embed")), rngs=rngs)
+    block_key = rngs.params()
+    if cfg.scan:
+      make = nnx.vmap(
+          lambda layer: Block(cfg, rngs=_block_key(block_key, layer)),
+          in_axes=0, out_axes=0,
+          transform_metadata={nnx.PARTITION_NAME: "layers"})
+      self.blocks = make(jnp.arange(cfg.n_layers))
+    else:
+      self.blocks = nnx.List(
+          [Block(cfg, rngs=_block_key(block_key, jnp.asarray(i)))
+           for i in range(cfg.n_layers)])
+    self.final_norm = _rms_norm(cfg, rngs)
+    self.head = _linear(cfg, cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs,
+                        preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
+    cfg = self.cfg
+    x_BxLxD = self.embed(tokens_BxL)
+
+    def apply_block(x_BxLxD: jax.Array, block: Block) -> jax.Array:
+      return block(x_BxLxD)
+
+    if cfg.remat:
+      apply_block = nnx.remat(apply_block)
+    if cfg.scan:
+      x_BxLxD = nnx.scan(
+          apply_block, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+          transform_metadata={nnx.PARTITION_NAME: "layers"})(x_BxLxD, self.blocks)
+    else:
+      for block in self.blocks:
+        x_BxLxD = apply_block(x_BxLxD, block)
+    x_BxLxD = self.final_norm(x_BxLxD).astype(cfg.dtype)
+    return self.head(x_BxLxD).astype(jnp.float32)
+
+
+def abstract_model(cfg: LlamaConfig) -> tuple[nnx.GraphDef, dict, dict]:
+  """Shapes and logical sharding names of the parameters, without allocating.
+
+  Returns:
+    (graphdef, shapes, names): the model's static graph, a nested dict of
+    `jax.ShapeDtypeStruct` and a nested dict of `PartitionSpec`s of logical axis
+    names, both in the layout `init_params` returns.
+  """
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  shapes = nnx.to_pure_dict(jax.tree.map(
+      lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state, is_leaf=is_var))
+  names = nnx.to_pure_dict(jax.tree.map(
+      lambda v: P(*(v.get_metadata().get("out_sharding") or ())), state,
+      is_leaf=is_var))
+  return graphdef, shapes, names
+
+
+def init_params(cfg: LlamaConfig, seed: int) -> dict:
+  """Initialises the parameters as a nested dict of arrays (jit this)."""
+  with nnx.use_eager_sharding(False):
+    model = Llama(cfg, rngs=nnx.Rngs(seed))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def apply(graphdef: nnx.GraphDef, params: dict, tokens_BxL: jax.Array) -> jax.Array:
+  """Runs the model functionally: (params, tokens (B, L)) -> logits (B, L, V)."""
+  return nnx.merge(graphdef, params)(tokens_BxL)
+
+
+def count_params(params: dict) -> int:
+  """Total number of parameter elements."""
+  return sum(x.size for x in jax.tree.leaves(params))

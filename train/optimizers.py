@@ -1,0 +1,107 @@
+"""Optimizer registry: a config's `opt` section -> an optax GradientTransformation.
+
+Names: `adamw` (optax), the subspax methods `galore`, `subtrack`, `grasswalk`,
+`grassjump`, `rso`, `grass`, and `optax_galore` (optax.contrib.galore, the
+reference GaLore, as a peer). Every optimizer gets the same learning-rate
+schedule: linear warmup, then cosine decay to `opt.min_lr_ratio` x the peak.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import optax
+import subspax
+
+from train import model as model_lib
+
+SUBSPAX = ("galore", "subtrack", "grasswalk", "grassjump", "rso", "grass")
+NAMES = ("adamw", *SUBSPAX, "optax_galore")
+
+
+def schedule(opt_cfg: Any, steps: int) -> optax.Schedule:
+  """Warmup from 0 to opt.learning_rate, then cosine to min_lr_ratio x peak."""
+  peak = opt_cfg.learning_rate
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=peak, warmup_steps=opt_cfg.warmup_steps,
+      decay_steps=steps, end_value=peak * opt_cfg.min_lr_ratio)
+
+
+def _decay_mask(opt_cfg: Any) -> Callable[[Any], Any] | None:
+  """None (decay every parameter) or a mask restricted to matrices."""
+  if not opt_cfg.decay_matrices_only:
+    return None
+  return lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def _galore_dims(rank: int) -> Callable[[Any], Any]:
+  """optax.contrib.galore routing equal to subspax's default one.
+
+  Project 2-D matrices with rank < min(m, n) and an aspect ratio of at most 8
+  (this leaves the embedding and the LM head to Adam).
+  """
+  def is_projected(p):
+    small, large = sorted(p.shape) if p.ndim == 2 else (0, 0)
+    return p.ndim == 2 and rank < small and large <= 8 * small
+
+  return lambda params: jax.tree.map(
+      lambda p: optax.contrib.GaLoreDimensionNumbers() if is_projected(p) else None,
+      params)
+
+
+def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int) -> None:
+  """Rejects a bad `opt` section before anything is computed.
+
+  Raises:
+    ValueError: unknown name, a rank no smaller than the smallest projected
+      dimension, warmup not shorter than the run, or optax_galore on scanned
+      layers (it cannot treat the layer axis as a batch axis).
+  """
+  if opt_cfg.name not in NAMES:
+    raise ValueError(
+        f"unknown optimizer opt.name={opt_cfg.name!r}; choose one of {', '.join(NAMES)}")
+  if not 0 <= opt_cfg.warmup_steps < steps:
+    raise ValueError(
+        f"opt.warmup_steps={opt_cfg.warmup_steps} must be in [0, steps={steps})")
+  if opt_cfg.name == "adamw":
+    return
+  dims = model_cfg.projected_dims()
+  where, (d_in, d_out) = min(dims.items(), key=lambda kv: min(kv[1]))
+  if not 0 < opt_cfg.rank < min(d_in, d_out):
+    raise ValueError(
+        f"opt.rank={opt_cfg.rank} must be positive and smaller than the model's "
+        f"smallest projected dimension {min(d_in, d_out)} ({where} kernel is "
+        f"({d_in}, {d_out})); lower opt.rank or widen the model")
+  if opt_cfg.name == "optax_galore" and model_cfg.scan:
+    raise ValueError(
+        "opt.name='optax_galore' cannot project scanned (L, in, out) kernels per "
+        "layer; set model.scan=False or use opt.name='galore'")
+
+
+def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
+  """Builds the optimizer named by opt_cfg.name (call `validate` first).
+
+  Args:
+    opt_cfg: The `opt` ConfigDict.
+    steps: Total training steps (the schedule's horizon).
+    seed: Seed for the subspace optimizers' random bases.
+
+  Returns:
+    The gradient transformation; its learning rate is `schedule(opt_cfg, steps)`.
+  """
+  lr = schedule(opt_cfg, steps)
+  mask = _decay_mask(opt_cfg)
+  kwargs = opt_cfg.kwargs.to_dict()
+  if opt_cfg.name == "adamw":
+    return optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                       weight_decay=opt_cfg.weight_decay, mask=mask, **kwargs)
+  if opt_cfg.name == "optax_galore":
+    return optax.contrib.galore(
+        lr, rank=opt_cfg.rank, update_proj_gap=opt_cfg.update_interval,
+        base_optimizer=optax.scale_by_adam(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps),
+        weight_decay=opt_cfg.weight_decay, mask=mask,
+        weight_dimension_numbers=_galore_dims(opt_cfg.rank), **kwargs)
+  factory = getattr(subspax, opt_cfg.name)
+  return factory(lr, rank=opt_cfg.rank, update_interval=opt_cfg.update_interval,
+                 weight_decay=opt_cfg.weight_decay, mask=mask, key=seed,
+                 b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, **kwargs)

@@ -1,0 +1,225 @@
+"""The training loop: validate, build, compile once, train, evaluate, checkpoint.
+
+`run(cfg, workdir)` trains the LLaMA of `cfg.model` with the optimizer named
+by `cfg.opt.name` on `cfg.data`, resuming from the latest checkpoint in
+`workdir` if there is one (bit-exactly: same params, optimizer state and data
+position).
+"""
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import subspax
+from flax import nnx
+
+from train import checkpoint as checkpoint_lib
+from train import data as data_lib
+from train import metrics as metrics_lib
+from train import model as model_lib
+from train import optimizers
+from train import sharding as sharding_lib
+
+
+class TrainState(NamedTuple):
+  """Everything a step reads and writes; checkpointed as one item."""
+
+  step: jax.Array  # shape=(), int32: completed optimizer steps
+  params: dict  # nested dict of arrays, float32 by default (model.param_dtype)
+  opt_state: optax.OptState  # the optimizer's state for `params`
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+  """Checks the scalar fields that nothing else checks.
+
+  Raises:
+    ValueError: naming the field, its value and the fix.
+  """
+  for key in ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
+              "keep_checkpoints"):
+    if not isinstance(cfg[key], int) or cfg[key] < 1:
+      raise ValueError(f"{key} must be a positive int, got {cfg[key]!r}")
+  for key in ("eval_every", "eval_batches", "stop_after"):
+    if not isinstance(cfg[key], int) or cfg[key] < 0:
+      raise ValueError(f"{key} must be a non-negative int, got {cfg[key]!r}")
+  for key in ("dtype", "param_dtype"):
+    if cfg.model[key] not in ("float32", "bfloat16"):
+      raise ValueError(
+          f"model.{key} must be 'float32' or 'bfloat16', got {cfg.model[key]!r}")
+
+
+def loss_fn(params: dict, graphdef: nnx.GraphDef, batch_BxL1: jax.Array) -> jax.Array:
+  """Mean next-token cross-entropy of a (B, L+1) token batch."""
+  logits_BxLxV = model_lib.apply(graphdef, params, batch_BxL1[:, :-1])
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxLxV, batch_BxL1[:, 1:]).mean()
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                    lr: optax.Schedule) -> Callable:
+  """The (state, batch) -> (state, metrics) function that jit compiles."""
+
+  def train_step(state: TrainState, batch_BxL1: jax.Array):
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, graphdef, batch_BxL1)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
+               "lr": lr(state.step)}
+    return TrainState(state.step + 1, params, opt_state), metrics
+
+  return train_step
+
+
+def evaluate(eval_step: Callable, params: dict, batches: Iterator[np.ndarray],
+             n_batches: int, to_global: Callable) -> dict[str, float]:
+  """Mean loss and perplexity over the first `n_batches` held-out batches."""
+  losses = [eval_step(params, to_global(b)) for b, _ in zip(batches, range(n_batches))]
+  if not losses:
+    return {}
+  loss = float(np.mean(jax.device_get(losses)))
+  return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+
+
+class Result(NamedTuple):
+  """What a run ends with."""
+
+  state: TrainState  # the final train state, on the mesh
+  metrics: dict[str, Any]  # the last metrics.jsonl record (empty off process 0)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
+  """Trains to `cfg.steps` (or `cfg.stop_after`), resuming from `workdir`.
+
+  Args:
+    cfg: A full config (configs/base.py documents every field).
+    workdir: Directory for checkpoints, metrics.jsonl and loss.png; a run
+      resumes from its latest checkpoint.
+
+  Returns:
+    The final state and metrics record.
+
+  Raises:
+    ValueError / FileNotFoundError: on bad input, before any compute.
+  """
+  # Everything that can be wrong with the input is checked first.
+  validate(cfg)
+  optimizers.validate(cfg.opt, model_lib.LlamaConfig.from_config(cfg.model, 1),
+                      cfg.steps)
+  mesh = sharding_lib.make_mesh(cfg.mesh)
+  rules = sharding_lib.parse_rules(cfg.mesh.rules)
+  sharding_lib.check_batch(cfg.batch_size, mesh)
+  data = data_lib.build_data(
+      cfg.data, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
+      seed=cfg.seed, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  model_cfg = model_lib.LlamaConfig.from_config(cfg.model, data.vocab_size)
+  graphdef, param_shapes, param_names = model_lib.abstract_model(model_cfg)
+  param_shardings = sharding_lib.param_shardings(mesh, param_shapes, param_names, rules)
+
+  tx = optimizers.build(cfg.opt, cfg.steps, cfg.seed)
+  lr = optimizers.schedule(cfg.opt, cfg.steps)
+  replicated = sharding_lib.replicated(mesh)
+  shardings = TrainState(
+      replicated, param_shardings,
+      subspax.state_shardings(tx, param_shapes, param_shardings))
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  to_global = lambda b: sharding_lib.global_batch(b, batch_sharding)
+
+  def init() -> TrainState:
+    params = model_lib.init_params(model_cfg, cfg.seed)
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+
+  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
+  start = checkpointer.latest_step()
+  with jax.set_mesh(mesh):
+    if start is None:
+      start = 0
+      state = jax.jit(init, out_shardings=shardings)()
+    else:
+      target = checkpoint_lib.abstract(jax.eval_shape(init), shardings)
+      state = checkpointer.restore(start, target, data.train_iter)
+      print(f"resumed from step {start} in {workdir}", flush=True)
+
+    train_step = jax.jit(
+        make_train_step(graphdef, tx, lr), in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, replicated), donate_argnums=0)
+    batch_shape = jax.ShapeDtypeStruct(
+        (cfg.batch_size, cfg.seq_len + 1), jnp.int32, sharding=batch_sharding)
+    compiled = train_step.lower(state, batch_shape).compile()
+    eval_step = jax.jit(lambda p, b: loss_fn(p, graphdef, b),
+                        in_shardings=(param_shardings, batch_sharding),
+                        out_shardings=replicated)
+
+    state_bytes = subspax.state_bytes(state.opt_state)
+    param_bytes = subspax.state_bytes(state.params)
+    primary = jax.process_index() == 0
+    if primary:
+      print(f"model: {model_lib.count_params(state.params):,} params, "
+            f"vocab {data.vocab_size}; optimizer {cfg.opt.name}; mesh "
+            f"{dict(mesh.shape)}", flush=True)
+      print(metrics_lib.memory_report(compiled.memory_analysis(), state_bytes,
+                                      param_bytes), flush=True)
+
+    writer = metrics_lib.Writer(workdir, start=start, total=cfg.steps, enabled=primary)
+    timer = _Timer(start, tokens_per_step=cfg.batch_size * cfg.seq_len)
+    pending = None  # (record, device metrics) of the last logged step dispatched
+    end = min(cfg.stop_after or cfg.steps, cfg.steps)
+    for step in range(start + 1, end + 1):
+      state, step_metrics = compiled(state, to_global(next(data.train_iter)))
+      if pending is not None:  # read step t-1's metrics after dispatching step t
+        writer.write(timer.finish(*pending))
+        pending = None
+      record = {"step": step, "opt/state_bytes": state_bytes}
+      last = step == end
+      if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+        jax.block_until_ready(step_metrics)  # this step's time is not eval time
+        with timer.excluded():
+          record.update(evaluate(eval_step, state.params, data.eval_batches(),
+                                 cfg.eval_batches, to_global))
+      if last or step % cfg.checkpoint_every == 0:
+        checkpointer.save(step, state, data.train_iter)
+      if last or step % cfg.log_every == 0 or "eval/loss" in record:
+        pending = (record, step_metrics)
+    if pending is not None:
+      writer.write(timer.finish(*pending))
+    writer.close()
+    checkpointer.close()
+
+  if not primary:
+    return Result(state, {})
+  print(f"wrote {metrics_lib.plot(workdir, f'{cfg.opt.name}, {workdir}')}", flush=True)
+  return Result(state, metrics_lib.read(workdir)[-1])
+
+
+class _Timer:
+  """Step time and throughput between metric readouts, excluding evaluation."""
+
+  def __init__(self, step: int, *, tokens_per_step: int):
+    self._step = step
+    self._time = time.perf_counter()
+    self._tokens_per_step = tokens_per_step
+
+  @contextlib.contextmanager
+  def excluded(self) -> Iterator[None]:
+    """Leaves the time spent inside the block out of the step times."""
+    begin = time.perf_counter()
+    yield
+    self._time += time.perf_counter() - begin
+
+  def finish(self, record: dict[str, Any], step_metrics: dict[str, jax.Array]
+             ) -> dict[str, Any]:
+    """Fetches a step's metrics (blocking) and completes its record."""
+    record.update({k: float(v) for k, v in jax.device_get(step_metrics).items()})
+    now = time.perf_counter()
+    step_time = (now - self._time) / (record["step"] - self._step)
+    record["perf/step_time"] = step_time
+    record["perf/tokens_per_sec"] = self._tokens_per_step / step_time
+    self._step, self._time = record["step"], now
+    return record
