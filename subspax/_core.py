@@ -239,8 +239,8 @@ def _scale_by_projected_adam(config: _Config, route, side: str,
     flat, treedef = jax.tree.flatten(updates)
     leaf_states = treedef.flatten_up_to(state.matrices)
     results = [
-        _update_parameter(config, g, leaf_state, state.count,
-                          jax.random.fold_in(base_key, index))
+        _sharding_agnostic(functools.partial(_update_parameter, config))(
+            g, leaf_state, state.count, jax.random.fold_in(base_key, index))
         for index, (g, leaf_state) in enumerate(zip(flat, leaf_states))
     ]
     new_updates = treedef.unflatten([u for u, _ in results])
@@ -250,6 +250,27 @@ def _scale_by_projected_adam(config: _Config, route, side: str,
         matrices=new_matrices)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _sharding_agnostic(update_parameter):
+  """Runs ``update_parameter`` with Auto axes under an Explicit mesh.
+
+  With sharding in types, contractions over a sharded dimension (``S^T G``
+  when ``G``'s kept side is sharded, say) need an explicit output sharding.
+  The reduced-space math is written once, for Auto axes; under an Explicit
+  mesh it runs inside ``jax.sharding.auto_axes`` and its outputs keep the
+  shardings of the gradient and of the incoming state.
+  """
+
+  def run(g, leaf_state, count, key):
+    if not jax.sharding.get_abstract_mesh().explicit_axes:
+      return update_parameter(g, leaf_state, count, key)
+    out_sharding = jax.tree.map(lambda x: jax.typeof(x).sharding,
+                                (g, leaf_state))
+    return jax.sharding.auto_axes(update_parameter, out_sharding=out_sharding)(
+        g, leaf_state, count, key)
+
+  return run
 
 
 def _init_matrices(config: _Config, layout: _layout.MatrixLayout

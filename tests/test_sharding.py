@@ -1,0 +1,102 @@
+"""Sharded optimizer states on 8 fake CPU devices (see conftest.py)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+import helpers
+import subspax
+
+SPECS = {
+    "wide": P(None, "model"),  # (32, 64): left side, D = 64 on 'model'
+    "tall": P("model", None),  # (64, 16): right side, D = 64 on 'model'
+    "stack": P(None, None, "model"),  # (2, 16, 32)
+    "bias": P(),
+}
+
+
+def _params():
+  keys = jax.random.split(jax.random.key(0), 4)
+  shapes = {"wide": (32, 64), "tall": (64, 16), "stack": (2, 16, 32),
+            "bias": (64,)}
+  return {k: jax.random.normal(key, shapes[k])
+          for key, k in zip(keys, sorted(shapes))}
+
+
+def _mesh(axis_type):
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (XLA_FLAGS set in conftest.py)")
+  return jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type,) * 2)
+
+
+def _run(tx, params, grads, steps, param_shardings=None):
+  """Runs ``steps`` updates, sharded when ``param_shardings`` is given."""
+  if param_shardings is None:
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+  else:
+    params = jax.device_put(params, param_shardings)
+    grads = jax.device_put(grads, param_shardings)
+    state_shardings = subspax.state_shardings(tx, params, param_shardings)
+    state = jax.jit(tx.init, out_shardings=state_shardings)(params)
+    step = jax.jit(tx.update,
+                   in_shardings=(param_shardings, state_shardings,
+                                 param_shardings),
+                   out_shardings=(param_shardings, state_shardings),
+                   donate_argnums=1)
+  types = [jax.tree.map(jax.typeof, state)]
+  for _ in range(steps):
+    updates, state = step(grads, state, params)
+    types.append(jax.tree.map(jax.typeof, state))
+  return updates, state, types
+
+
+def _matrices(state):
+  return state[0].inner_states["subspace"].inner_state.matrices
+
+
+@pytest.mark.parametrize("name", helpers.CORE)
+def test_sharded_states_are_sharded_and_match_unsharded(name):
+  mesh = _mesh(AxisType.Auto)
+  params = _params()
+  grads = jax.tree.map(lambda p: jnp.sin(3.0 * p), params)
+  shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
+  tx = helpers.make_tx(name, rank=4, update_interval=2, weight_decay=0.1)
+  u_ref, state_ref, _ = _run(tx, params, grads, 3)
+  u, state, types = _run(tx, params, grads, 3, shardings)
+  chex.assert_trees_all_close(u, u_ref, rtol=1e-5, atol=2e-5)
+  chex.assert_trees_all_close(jax.device_get(state), state_ref, rtol=1e-4,
+                              atol=1e-5)
+  assert all(t == types[0] for t in types)
+  for key in ("wide", "tall", "stack"):
+    leaf = _matrices(state)[key]
+    assert not leaf.mu.sharding.is_fully_replicated, key
+    assert leaf.mu.sharding.spec[-1] == "model", (key, leaf.mu.sharding)
+  assert _matrices(state)["wide"].mu.addressable_shards[0].data.shape == (4,
+                                                                          16)
+
+
+def test_state_type_is_stable_on_an_explicit_mesh():
+  mesh = _mesh(AxisType.Explicit)
+  params = _params()
+  shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
+  tx = subspax.subtrack(1e-2, rank=4, update_interval=2)
+  with jax.set_mesh(mesh):
+    _, state, types = _run(tx, params, params, 3, shardings)
+  assert all(t == types[0] for t in types)
+  assert not _matrices(state)["wide"].mu.sharding.is_fully_replicated
+
+
+def test_state_shardings_follow_params_for_plain_optax():
+  mesh = _mesh(AxisType.Auto)
+  params = _params()
+  shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
+  tx = optax.MultiSteps(optax.adamw(1e-3), every_k_schedule=2)
+  state_shardings = subspax.state_shardings(tx, params, shardings)
+  inner = state_shardings.inner_opt_state[0]
+  assert inner.mu["wide"] == shardings["wide"]
+  assert state_shardings.acc_grads["tall"] == shardings["tall"]
+  assert inner.count.is_fully_replicated
