@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs the whole test suite (tests/ and the docstring examples of subspax/)
+# on CPU with 8 fake devices. Installs everything into .venv first.
+set -euo pipefail
+source "$(dirname "$0")/_venv.sh"
+ensure_venv test "subspax, flax, orbax.checkpoint, grain, tensorflow_datasets, sentencepiece, ml_collections, pytest, hypothesis"
+exec .venv/bin/python -m pytest -q --doctest-modules subspax tests "$@"
