@@ -12,6 +12,7 @@ import pytest
 import helpers
 import subspax
 from subspax import _core
+from subspax import _layout
 from subspax import _linalg
 
 SETTINGS = hypothesis.settings(max_examples=8, deadline=None,
@@ -354,3 +355,34 @@ def test_projecting_a_vector_is_a_clear_error():
   tx = subspax.subtrack(1e-3, rank=2, projected=lambda path, p: True)
   with pytest.raises(ValueError, match="at least 2 dimensions"):
     tx.init({"b": jnp.zeros((5,))})
+
+
+@SETTINGS
+@hypothesis.given(m=st.integers(2, 24), n=st.integers(2, 24),
+                  batch=st.sampled_from([(), (2,), (2, 3)]),
+                  rank=st.integers(1, 30),
+                  side=st.sampled_from(["auto", "left", "right"]))
+def test_layout_shapes_and_canonical_round_trip(m, n, batch, rank, side):
+  shape = batch + (m, n)
+  layout = _layout.make_layout(shape, subspax.MatrixSpec(), rank, side)
+  expected_side = ("left" if m <= n else "right") if side == "auto" else side
+  assert layout.side == expected_side
+  d, big_d = (m, n) if expected_side == "left" else (n, m)
+  assert (layout.d, layout.D, layout.rank) == (d, big_d, min(rank, d))
+  x = jax.random.normal(jax.random.key(m * n), shape)
+  canonical = layout.to_canonical(x)
+  chex.assert_shape(canonical, (layout.num_matrices, d, big_d))
+  chex.assert_trees_all_equal(layout.from_canonical(canonical, x.dtype), x)
+
+
+def test_matrix_spec_groups_axes_and_treats_the_rest_as_batch():
+  """An attention kernel (embed, heads, head_dim) as embed x (heads*head_dim)."""
+  spec = subspax.MatrixSpec(rows=0, cols=(1, 2))
+  params = {"q": jnp.zeros((32, 4, 16))}
+  tx = subspax.scale_by_subtrack(rank=8, projected={"q": spec})
+  state = tx.init(params)
+  leaf = state.inner_states["subspace"].inner_state.matrices["q"]
+  assert (leaf.layout.m, leaf.layout.n, leaf.layout.side) == (32, 64, "left")
+  chex.assert_shape(leaf.mu, (8, 64))
+  updates, _ = tx.update({"q": jnp.ones((32, 4, 16))}, state)
+  chex.assert_shape(updates["q"], (32, 4, 16))
