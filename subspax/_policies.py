@@ -131,16 +131,16 @@ class GeodesicSubspace(SubspacePolicy):
     return jnp.minimum(theta, MAX_NORMALIZED_ANGLE)
 
   def refresh(self, basis, g, key, r):
-    walk_key, jump_key, coin_key = jax.random.split(key, 3)
     s = basis.s
     u, sigma, v = _linalg.top_singular_triplet(
-        self.tangent_direction(s, g, walk_key))
+        self.tangent_direction(s, g, jax.random.fold_in(key, 0)))
     theta = jnp.where(sigma > 0, self.angle(sigma, g), 0.0)
     moved = _linalg.geodesic_step(s, u, v, theta)
     if not _is_zero(self.jump_prob):
-      jump = jax.random.bernoulli(coin_key, self.jump_prob)
+      jump = jax.random.bernoulli(jax.random.fold_in(key, 1), self.jump_prob)
       moved = jax.lax.cond(
-          jump, lambda: _linalg.haar_basis(jump_key, s.shape[0], r),
+          jump, lambda: _linalg.haar_basis(jax.random.fold_in(key, 2),
+                                           s.shape[0], r),
           lambda: moved)
     return _bases.DenseBasis(moved)
 
