@@ -24,8 +24,14 @@ def _tokens(b=2, seq_len=16, seed=0):
   return jax.random.randint(jax.random.key(seed), (b, seq_len), 0, TINY["vocab_size"])
 
 
-def test_logits_shape_and_dtype():
-  _, logits = _init_and_apply(_tokens())
+@pytest.fixture(scope="module")
+def plain_loop():
+  """Params and logits of the unscanned, unrematerialised model."""
+  return _init_and_apply(_tokens())
+
+
+def test_logits_shape_and_dtype(plain_loop):
+  _, logits = plain_loop
   chex.assert_shape(logits, (2, 16, TINY["vocab_size"]))
   assert logits.dtype == jnp.float32
   chex.assert_tree_all_finite(logits)
@@ -48,10 +54,10 @@ def test_logical_names_include_layers_axis_when_scanned():
   assert tuple(names["head"]["kernel"]) == ("embed", "vocab")
 
 
-def test_attention_is_causal():
+def test_attention_is_causal(plain_loop):
   tokens = _tokens()
   changed = tokens.at[:, 10:].set((tokens[:, 10:] + 1) % TINY["vocab_size"])
-  _, logits = _init_and_apply(tokens)
+  _, logits = plain_loop
   _, logits_changed = _init_and_apply(changed)
   np.testing.assert_array_equal(logits[:, :10], logits_changed[:, :10])
   assert not np.allclose(logits[:, 10:], logits_changed[:, 10:])
@@ -59,14 +65,14 @@ def test_attention_is_causal():
 
 @pytest.mark.parametrize("overrides", [dict(scan=True), dict(remat=True),
                                        dict(scan=True, remat=True)])
-def test_scan_and_remat_match_the_plain_loop(overrides):
-  tokens = _tokens()
-  params, logits = _init_and_apply(tokens)
-  params_scan, logits_scan = _init_and_apply(tokens, **overrides)
-  np.testing.assert_allclose(logits_scan, logits, atol=1e-5, rtol=1e-5)
+def test_scan_and_remat_match_the_plain_loop(plain_loop, overrides):
+  params, logits = plain_loop
+  params_variant, logits_variant = _init_and_apply(_tokens(), **overrides)
+  np.testing.assert_allclose(logits_variant, logits, atol=1e-5, rtol=1e-5)
   if overrides.get("scan"):  # the same per-layer init, stacked
-    np.testing.assert_array_equal(params_scan["blocks"]["mlp"]["up"]["kernel"][1],
-                                  params["blocks"][1]["mlp"]["up"]["kernel"])
+    np.testing.assert_array_equal(
+        params_variant["blocks"]["mlp"]["up"]["kernel"][1],
+        params["blocks"][1]["mlp"]["up"]["kernel"])
 
 
 def test_remat_gives_the_same_gradients():
@@ -89,12 +95,11 @@ def test_grouped_query_attention():
   chex.assert_tree_all_finite(logits)
 
 
-def test_bfloat16_compute_keeps_float32_master_weights():
-  tokens = _tokens()
-  params, logits_bf16 = _init_and_apply(tokens, dtype="bfloat16")
+def test_bfloat16_compute_keeps_float32_master_weights(plain_loop):
+  params, logits_bf16 = _init_and_apply(_tokens(), dtype="bfloat16")
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   assert logits_bf16.dtype == jnp.float32
-  _, logits = _init_and_apply(tokens)
+  _, logits = plain_loop
   np.testing.assert_allclose(logits_bf16, logits, atol=2e-2)
 
 

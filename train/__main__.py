@@ -22,13 +22,15 @@ from train import train
 
 def _exit_on_unknown_key(error: Exception) -> None:
   """Turns config_flags' error for a misspelt `--config.a.b=` into one line."""
-  key = str(error.args[0]).split("\n")[0].strip("'\"")
-  bad = [a for a in sys.argv[1:] if a.startswith("--config.")
-         and key in a.split("=")[0].split(".")]
-  hint = str(error.args[0]).split("\n", 1)[1:]
+  message = error
+  while isinstance(message, BaseException) and message.args:
+    message = message.args[0]  # AttributeError(KeyError("'key'\nDid you mean ..."))
+  key, *hint = str(message).split("\n", 1)
+  key = key.strip("'\"")
+  bad = [a for a in sys.argv[1:]
+         if a.startswith("--config.") and key in a.split("=")[0].split(".")]
   sys.exit(f"error: unknown config key {key!r} in {' '.join(bad) or sys.argv[1:]}"
-           + (f" ({hint[0]})" if hint else "")
-           + "; see configs/base.py for the fields")
+           + (f" ({hint[0]})" if hint else "") + "; see configs/base.py for the fields")
 
 
 try:

@@ -2,8 +2,9 @@
 
 An orbax `CheckpointManager` under `workdir/checkpoints` holds two items per
 step: `state` (params, optimizer state and step; sharded arrays, saved
-asynchronously) and `data` (each process's grain iterator state as JSON,
-`process_<i>-of-<n>.json`). It keeps the latest `keep` steps. A step directory
+asynchronously; zero-size placeholders, such as optax.contrib.galore keeps,
+are left out and recreated) and `data` (each process's grain iterator state as
+JSON, `process_<i>-of-<n>.json`). It keeps the latest `keep` steps. A step directory
 only appears once both items are complete, so a run killed mid-save resumes
 from the previous checkpoint.
 """
@@ -13,6 +14,7 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 
@@ -38,7 +40,7 @@ class Checkpointer:
     be donated to the next step right away.
     """
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
+        state=ocp.args.StandardSave(_drop_empty(state)),
         data=grain.checkpoint.CheckpointSave(data_iter)))
 
   def restore(self, step: int, abstract_state: Any,
@@ -56,9 +58,11 @@ class Checkpointer:
       The restored state, placed with the target shardings.
     """
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
+        state=ocp.args.StandardRestore(_drop_empty(abstract_state)),
         data=grain.checkpoint.CheckpointRestore(data_iter)))
-    return restored.state
+    return jax.tree.map(
+        lambda x, a: jnp.zeros(a.shape, a.dtype, device=a.sharding) if x is None else x,
+        restored.state, abstract_state, is_leaf=lambda x: x is None)
 
   def wait(self) -> None:
     """Blocks until every pending save is on disk."""
@@ -67,6 +71,11 @@ class Checkpointer:
   def close(self) -> None:
     """Waits for pending saves and releases the manager."""
     self._manager.close()
+
+
+def _drop_empty(tree: Any) -> Any:
+  """Replaces zero-size arrays (orbax cannot save them) by None."""
+  return jax.tree.map(lambda x: None if x.size == 0 else x, tree)
 
 
 def abstract(tree: Any, shardings: Any) -> Any:

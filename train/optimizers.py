@@ -96,12 +96,15 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
     return optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                        weight_decay=opt_cfg.weight_decay, mask=mask, **kwargs)
   if opt_cfg.name == "optax_galore":
+    kwargs.setdefault("scale", 0.25)  # GaLore's alpha, as in subspax.galore
     return optax.contrib.galore(
         lr, rank=opt_cfg.rank, update_proj_gap=opt_cfg.update_interval,
         base_optimizer=optax.scale_by_adam(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps),
         weight_decay=opt_cfg.weight_decay, mask=mask,
         weight_dimension_numbers=_galore_dims(opt_cfg.rank), **kwargs)
+  if opt_cfg.name != "galore":  # GaLore's exact SVD needs no random key
+    kwargs["key"] = seed
   factory = getattr(subspax, opt_cfg.name)
   return factory(lr, rank=opt_cfg.rank, update_interval=opt_cfg.update_interval,
-                 weight_decay=opt_cfg.weight_decay, mask=mask, key=seed,
-                 b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, **kwargs)
+                 weight_decay=opt_cfg.weight_decay, mask=mask, b1=opt_cfg.b1,
+                 b2=opt_cfg.b2, eps=opt_cfg.eps, **kwargs)

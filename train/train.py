@@ -115,6 +115,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
   mesh = sharding_lib.make_mesh(cfg.mesh)
   rules = sharding_lib.parse_rules(cfg.mesh.rules)
   sharding_lib.check_batch(cfg.batch_size, mesh)
+  if (jax.default_backend() == "cpu" and mesh.size > 1 and cfg.model.scan
+      and cfg.opt.name != "adamw"):
+    print("warning: jaxlib 0.10's batched CPU LAPACK kernels (the SVD/QR of a "
+          "stacked-layer subspace refresh) can deadlock with several CPU devices; "
+          "if this run hangs, set model.scan=False", flush=True)
   data = data_lib.build_data(
       cfg.data, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
       seed=cfg.seed, process_index=jax.process_index(),
