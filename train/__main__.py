@@ -11,7 +11,12 @@ JAX_NUM_PROCESSES and JAX_PROCESS_ID).
 import os
 import sys
 
-from absl import app
+# jaxlib's CPU LAPACK kernels (SVD, QR, eigh of a subspace refresh) already run
+# a batch in parallel; nested OpenBLAS threads busy-wait and made a refresh of
+# stacked (L, m, n) kernels ~100x slower on 2 cores. Set before numpy/jax load.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
