@@ -12,7 +12,7 @@ METHODS = {
     "galore": (subspax.galore, {}),
     "subtrack": (subspax.subtrack, {}),
     "grasswalk": (subspax.grasswalk, {}),
-    "grasswalk_hybrid": (subspax.grasswalk, {"jump_prob": 0.5}),
+    "grasswalk_hybrid": (subspax.grasswalk, {"jump_prob": 0.3}),
     "grassjump": (subspax.grassjump, {}),
     "grassjump_keyed": (subspax.grassjump, {"store_basis": False}),
     "rso": (subspax.rso, {}),
