@@ -5,6 +5,7 @@ the session runs on 8 fake CPU devices (tests/conftest.py), and the preset's
 1x1x1 mesh uses one of them unless a test asks for more.
 """
 
+import importlib
 import os
 import random
 import signal
@@ -25,6 +26,7 @@ import subspax
 from configs import test as test_preset
 from train import checkpoint as checkpoint_lib
 from train import metrics as metrics_lib
+from train import model as model_lib
 from train import optimizers
 from train import train
 
@@ -76,6 +78,19 @@ def cli_args(corpus, workdir, *extra):
   return ["--config", "configs/test.py", f"--workdir={workdir}",
           "--config.opt.name=adamw",
           *(f"--config.{k}={v}" for k, v in corpus.items()), *extra]
+
+
+@pytest.mark.parametrize("preset, millions", [
+    ("tiny", 7.4), ("llama_60m", 58), ("llama_130m", 134), ("llama_350m", 368),
+    ("llama_1b", 1339), ("llama_7b", 6738)])
+def test_presets_load_and_have_the_paper_sizes(preset, millions):
+  cfg = importlib.import_module(f"configs.{preset}").get_config()
+  train.validate(cfg)
+  model_cfg = model_lib.LlamaConfig.from_config(cfg.model, cfg.data.vocab_size)
+  optimizers.validate(cfg.opt, model_cfg, cfg.steps)
+  assert cfg.opt.name == "subtrack"
+  shapes = model_lib.abstract_model(model_cfg)[1]
+  np.testing.assert_allclose(model_lib.count_params(shapes) / 1e6, millions, rtol=0.01)
 
 
 def test_one_step_matches_golden_and_is_deterministic(corpus, tmp_path):
@@ -144,6 +159,7 @@ def test_killed_run_restarts_without_losing_a_checkpoint(corpus, tmp_path):
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it was killed"
   assert done and max(done) >= 10, "no checkpoint was written before the kill"
   saved = max(done)
   restart = cli(*args)
