@@ -8,6 +8,7 @@ the session runs on 8 fake CPU devices (tests/conftest.py), and the preset's
 import importlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,6 +121,13 @@ def test_resume_is_bit_exact(corpus, tmp_path, name, scan):
   a, b = records(tmp_path / "straight"), records(tmp_path / "split")
   assert a.keys() == b.keys() == set(range(1, 9))
   assert [a[s]["train/loss"] for s in a] == [b[s]["train/loss"] for s in a]
+  # Step 6 was saved asynchronously while step 7 already reused (donated) the
+  # state's buffers: resuming from it must still land on the same step 8.
+  shutil.copytree(tmp_path / "straight" / "checkpoints" / "6",
+                  tmp_path / "from6" / "checkpoints" / "6")
+  from6 = train.run(cfg, str(tmp_path / "from6"))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(from6.state),
+               jax.device_get(straight.state))
 
 
 def test_checkpoint_round_trip_keeps_zero_size_arrays_and_shardings(tmp_path):
