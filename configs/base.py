@@ -36,7 +36,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.opt.b1 = 0.9  # Adam first-moment decay
   cfg.opt.b2 = 0.999  # Adam second-moment decay
   cfg.opt.eps = 1e-6  # Adam epsilon
-  cfg.opt.kwargs = ml_collections.ConfigDict()  # extra keyword arguments of the method
+  cfg.opt.kwargs = "{}"  # the method's other keyword arguments, e.g. "{'eta': 5.0}"
 
   cfg.model = ml_collections.ConfigDict()
   cfg.model.d_model = 256  # residual stream width D

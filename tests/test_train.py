@@ -256,6 +256,8 @@ def test_two_processes_train_together(corpus, tmp_path):
     (dict(mesh__data=4, batch_size=6), ValueError,
      r"batch_size=6 is not divisible by the data axes"),
     (dict(opt__rank=32), ValueError, "smallest projected dimension 32"),
+    (dict(opt__kwargs="{'etta': 5.0}"), ValueError, "unexpected keyword argument 'etta'"),
+    (dict(opt__kwargs="eta=5"), ValueError, "opt.kwargs must be a Python dict literal"),
     (dict(opt__name="optax_galore"), ValueError, "cannot project scanned"),
     (dict(mesh__tensor=8, model__d_ff=100), ValueError, "cannot be split evenly"),
     (dict(data__files="/nonexistent/text.txt"), FileNotFoundError, "names no file"),

@@ -6,6 +6,7 @@ reference GaLore, as a peer). Every optimizer gets the same learning-rate
 schedule: linear warmup, then cosine decay to `opt.min_lr_ratio` x the peak.
 """
 
+import ast
 from collections.abc import Callable
 from typing import Any
 
@@ -49,13 +50,27 @@ def _galore_dims(rank: int) -> Callable[[Any], Any]:
       params)
 
 
+def _kwargs(opt_cfg: Any) -> dict[str, Any]:
+  """Parses opt.kwargs, a Python dict literal such as "{'eta': 5.0}"."""
+  try:
+    kwargs = ast.literal_eval(opt_cfg.kwargs)
+  except (ValueError, SyntaxError):
+    kwargs = None
+  if not isinstance(kwargs, dict):
+    raise ValueError(
+        f"opt.kwargs must be a Python dict literal such as \"{{'eta': 5.0}}\", got "
+        f"{opt_cfg.kwargs!r}")
+  return kwargs
+
+
 def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int) -> None:
   """Rejects a bad `opt` section before anything is computed.
 
   Raises:
     ValueError: unknown name, a rank no smaller than the smallest projected
-      dimension, warmup not shorter than the run, or optax_galore on scanned
-      layers (it cannot treat the layer axis as a batch axis).
+      dimension, warmup not shorter than the run, optax_galore on scanned
+      layers (it cannot treat the layer axis as a batch axis), or opt.kwargs
+      the method does not accept.
   """
   if opt_cfg.name not in NAMES:
     raise ValueError(
@@ -63,19 +78,23 @@ def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int) -> None
   if not 0 <= opt_cfg.warmup_steps < steps:
     raise ValueError(
         f"opt.warmup_steps={opt_cfg.warmup_steps} must be in [0, steps={steps})")
-  if opt_cfg.name == "adamw":
-    return
-  dims = model_cfg.projected_dims()
-  where, (d_in, d_out) = min(dims.items(), key=lambda kv: min(kv[1]))
-  if not 0 < opt_cfg.rank < min(d_in, d_out):
-    raise ValueError(
-        f"opt.rank={opt_cfg.rank} must be positive and smaller than the model's "
-        f"smallest projected dimension {min(d_in, d_out)} ({where} kernel is "
-        f"({d_in}, {d_out})); lower opt.rank or widen the model")
+  if opt_cfg.name != "adamw":
+    dims = model_cfg.projected_dims()
+    where, (d_in, d_out) = min(dims.items(), key=lambda kv: min(kv[1]))
+    if not 0 < opt_cfg.rank < min(d_in, d_out):
+      raise ValueError(
+          f"opt.rank={opt_cfg.rank} must be positive and smaller than the model's "
+          f"smallest projected dimension {min(d_in, d_out)} ({where} kernel is "
+          f"({d_in}, {d_out})); lower opt.rank or widen the model")
   if opt_cfg.name == "optax_galore" and model_cfg.scan:
     raise ValueError(
         "opt.name='optax_galore' cannot project scanned (L, in, out) kernels per "
         "layer; set model.scan=False or use opt.name='galore'")
+  try:
+    build(opt_cfg, steps, seed=0)
+  except TypeError as e:
+    raise ValueError(f"opt.kwargs={opt_cfg.kwargs!r} do not fit opt.name="
+                     f"{opt_cfg.name!r}: {e}") from e
 
 
 def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
@@ -91,7 +110,7 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
   """
   lr = schedule(opt_cfg, steps)
   mask = _decay_mask(opt_cfg)
-  kwargs = opt_cfg.kwargs.to_dict()
+  kwargs = _kwargs(opt_cfg)
   if opt_cfg.name == "adamw":
     return optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                        weight_decay=opt_cfg.weight_decay, mask=mask, **kwargs)
