@@ -312,7 +312,13 @@ class _MatrixState(NamedTuple):
 
 def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
                       count: jax.Array, key: jax.Array):
-  """Updates every matrix of one projected parameter (vmapped)."""
+  """Updates every matrix of one projected parameter.
+
+  The refresh runs one matrix at a time (``lax.map``) inside a single
+  ``lax.cond``: its workspace is that of one matrix, and CPU LAPACK calls are
+  not batched (batched ones can deadlock jaxlib 0.10's CPU runtime with many
+  devices). The Adam step is vmapped over the stacked matrices.
+  """
   layout = state.layout
   nb = len(layout.batch_shape)
   num = layout.num_matrices
@@ -321,49 +327,63 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
   flat_fields = jax.tree.map(lambda a: a.reshape((num,) + a.shape[nb:]),
                              fields)
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num))
-  step = functools.partial(_matrix_step, config, count=count)
-  updates, new_fields = jax.vmap(step)(layout.to_canonical(g), flat_fields,
-                                       keys)
+  g_canonical = layout.to_canonical(g)
+
+  def refresh_all(fields):
+    refresh_one = functools.partial(_refresh_matrix, config, count=count)
+    return jax.lax.map(lambda args: refresh_one(*args),
+                       (g_canonical, fields, keys))
+
+  flat_fields = jax.lax.cond(count % config.update_interval == 0, refresh_all,
+                             lambda f: f, flat_fields)
+  if config.stores_basis:
+    bases = flat_fields.basis
+  else:
+    epoch_keys = jax.vmap(lambda k: _epoch_key(config, k, count))(keys)
+    bases = jax.lax.map(
+        lambda k: config.policy.sample(k, layout.d, layout.rank), epoch_keys)
+  step = functools.partial(_adam_step, config, count=count)
+  updates, new_fields = jax.vmap(step)(g_canonical, bases, flat_fields)
   new_fields = jax.tree.map(
       lambda a, old: a.reshape(old.shape).astype(old.dtype), new_fields, fields)
   return layout.from_canonical(updates, g.dtype), ProjectedState(
       *new_fields, layout=layout)
 
 
-def _matrix_step(config: _Config, g: jax.Array, state: _MatrixState,
-                 key: jax.Array, *, count: jax.Array):
-  """One step on one canonical ``(d, D)`` float32 matrix ``g``."""
+def _epoch_key(config: _Config, key: jax.Array, count: jax.Array,
+               offset: int = 0) -> jax.Array:
+  """The key of the subspace in use at step ``count`` (``offset`` epochs on)."""
+  return jax.random.fold_in(key, count // config.update_interval + offset)
+
+
+def _refresh_matrix(config: _Config, g: jax.Array, state: _MatrixState,
+                    key: jax.Array, *, count: jax.Array) -> _MatrixState:
+  """New basis for one canonical matrix, and the moment policy applied."""
   policy = config.policy
-  r = state.mu.shape[0]
-  d = g.shape[0]
-  epoch = count // config.update_interval
-  epoch_key = jax.random.fold_in(key, epoch)
-  is_refresh = count % config.update_interval == 0
-  mu, nu, age = state.mu, state.nu, state.age
-
+  r, d = state.mu.shape[0], g.shape[0]
+  epoch_key = _epoch_key(config, key, count)
   if config.stores_basis:
-
-    def refreshed(old, mu, nu, age):
-      new = _new_basis(policy, old, g, epoch_key, r, count)
-      return (new,) + _transition(config.moments, old, new, mu, nu, age)
-
-    basis, mu, nu, age = jax.lax.cond(
-        is_refresh, refreshed, lambda *a: a, state.basis, mu, nu, age)
-    stored_basis = basis
+    old = state.basis
+    new = _new_basis(policy, old, g, epoch_key, r, count)
+    stored = new
   else:
-    basis = policy.sample(epoch_key, d, r)
+    old = policy.sample(_epoch_key(config, key, count, offset=-1), d, r)
+    new = policy.sample(epoch_key, d, r)
+    stored = state.basis
+  mu, nu, age = _transition(config.moments, old, new, state.mu, state.nu,
+                            state.age)
+  return _MatrixState(stored, mu, nu, age, state.last_norm)
 
-    def rotated(mu, nu, age):
-      old = policy.sample(jax.random.fold_in(key, epoch - 1), d, r)
-      return _transition(config.moments, old, basis, mu, nu, age)
 
-    mu, nu, age = jax.lax.cond(is_refresh, rotated, lambda *a: a, mu, nu, age)
-    stored_basis = MaskedNode()
-
+def _adam_step(config: _Config, g: jax.Array, basis, state: _MatrixState, *,
+               count: jax.Array):
+  """One reduced-space Adam step on one canonical ``(d, D)`` matrix ``g``."""
+  d = g.shape[0]
   reduced = basis.project(g)
-  mu = config.b1 * mu.astype(jnp.float32) + (1 - config.b1) * reduced
-  nu = config.b2 * nu.astype(jnp.float32) + (1 - config.b2) * jnp.square(
+  mu = config.b1 * state.mu.astype(jnp.float32) + (1 - config.b1) * reduced
+  nu = config.b2 * state.nu.astype(jnp.float32) + (1 - config.b2) * jnp.square(
       reduced)
+  age = state.age
   if isinstance(age, MaskedNode):
     steps = optax.safe_int32_increment(count)
   else:
@@ -379,7 +399,7 @@ def _matrix_step(config: _Config, g: jax.Array, state: _MatrixState,
                                        last_norm)
   else:
     update = basis.back(config.scale * normalized, d)
-  return update, _MatrixState(stored_basis, mu, nu, age, last_norm)
+  return update, _MatrixState(state.basis, mu, nu, age, last_norm)
 
 
 def _new_basis(policy, old, g, key, r, count):
