@@ -1,0 +1,1 @@
+"""Benchmarks of the subspax optimizers; run each as `python -m bench.<name>`."""

@@ -1,0 +1,170 @@
+"""Shared pieces of the benchmarks: methods, machine info, timing and reports.
+
+Every benchmark writes `bench/results/<name>.json` (all raw numbers, the
+machine and the date) and `bench/results/<name>.md` (the table the README
+includes), and prints the table.
+"""
+
+import contextlib
+import datetime
+import functools
+import inspect
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import subspax
+
+from configs import base
+from train import optimizers
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+METHODS = ("adamw", "galore", "subtrack", "grasswalk", "grassjump", "rso", "grass",
+           "optax_galore")
+
+
+def machine() -> dict[str, Any]:
+  """CPU model, core count, JAX devices and versions, and the date (UTC)."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  import flax, optax  # pylint: disable=import-outside-toplevel,multiple-imports
+  return {
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime(
+          "%Y-%m-%d %H:%M UTC"),
+      "cpu": cpu,
+      "cpu_count": os.cpu_count(),
+      "jax_devices": [str(d) for d in jax.devices()],
+      "versions": {"jax": jax.__version__, "flax": flax.__version__,
+                   "optax": optax.__version__, "python": platform.python_version()},
+  }
+
+
+def machine_line(info: dict[str, Any]) -> str:
+  v = info["versions"]
+  return (f"Machine: {info['cpu']} ({info['cpu_count']} cores), JAX devices "
+          f"{', '.join(info['jax_devices'])}; jax {v['jax']}, flax {v['flax']}, "
+          f"optax {v['optax']}; {info['date']}.")
+
+
+@contextlib.contextmanager
+def galore_key_shim():
+  """Lets the trainer's registry build `galore` while it passes `key=` to it.
+
+  train/optimizers.py passes `key=seed` to every subspax method, but
+  `subspax.scale_by_galore` (deterministic SVD) takes no key, so
+  `opt.name="galore"` raises TypeError. Inside this context `subspax.galore`
+  drops the key; it is a no-op once galore accepts one.
+  """
+  original = subspax.galore
+  if "key" in inspect.signature(subspax.scale_by_galore).parameters:
+    yield
+    return
+
+  @functools.wraps(original)
+  def galore(*args, key=None, **kwargs):
+    del key
+    return original(*args, **kwargs)
+
+  subspax.galore = galore
+  try:
+    yield
+  finally:
+    subspax.galore = original
+
+
+def opt_config(name: str, *, rank: int, update_interval: int,
+               learning_rate: float = 1e-3) -> ml_collections.ConfigDict:
+  """The trainer's `opt` section for `name` with the given rank and interval."""
+  opt = base.get_base_config().opt
+  opt.name = name
+  opt.rank = rank
+  opt.update_interval = update_interval
+  opt.learning_rate = learning_rate
+  opt.warmup_steps = 0
+  return opt
+
+
+def build_tx(name: str, *, rank: int, update_interval: int, steps: int = 10_000,
+             seed: int = 0):
+  """The trainer registry's optimizer (train/optimizers.py), paper defaults."""
+  with galore_key_shim():
+    return optimizers.build(
+        opt_config(name, rank=rank, update_interval=update_interval), steps, seed)
+
+
+def time_call(fn: Callable[[], Any], number: int = 1) -> float:
+  """Seconds per call of `fn` (which must block until its result is ready)."""
+  start = time.perf_counter()
+  for _ in range(number):
+    fn()
+  return (time.perf_counter() - start) / number
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], *, repeats: int, number: int = 1,
+                warmup: int = 1) -> dict[str, list[float]]:
+  """Round-robin timing: each repeat times every fn once, in turn.
+
+  Returns:
+    name -> seconds per call, one entry per repeat. Methods timed in the same
+    rounds see the same machine load, so their ratios are fair even when the
+    absolute times are noisy.
+  """
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      times[name].append(time_call(fn, number))
+  return times
+
+
+def ratio_stats(times: Sequence[float], ref: Sequence[float]) -> dict[str, float]:
+  """Per-repeat ratios to the reference (same round), their min and median."""
+  ratios = [t / r for t, r in zip(times, ref)]
+  return {"min": min(ratios), "median": statistics.median(ratios),
+          "ratios": ratios}
+
+
+def summary(times: Sequence[float]) -> dict[str, float]:
+  return {"min": min(times), "median": statistics.median(times), "all": list(times)}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  def cell(x):
+    if isinstance(x, float):
+      return f"{x:.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+    return str(x)
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---" for _ in header) + "|"]
+  lines += ["| " + " | ".join(cell(x) for x in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def write_results(name: str, payload: dict[str, Any], markdown: str,
+                  out_dir: str = RESULTS) -> None:
+  """Writes <name>.json and <name>.md under out_dir and prints the Markdown."""
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+    json.dump(payload, f, indent=1, default=float)
+  with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+    f.write(markdown.rstrip() + "\n")
+  print(markdown, flush=True)
+  print(f"wrote {out_dir}/{name}.json and {name}.md", flush=True)
+
+
+def mib(n: float) -> float:
+  return n / 2**20
