@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite (tests/ and the docstring examples of subspax/)
-# on CPU with 8 fake devices. Installs everything into .venv first.
+# on CPU with 8 fake devices, in 2 worker processes. Installs everything into
+# .venv first.
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
-ensure_venv test "subspax, flax, orbax.checkpoint, grain, tensorflow_datasets, sentencepiece, ml_collections, pytest, hypothesis"
-exec .venv/bin/python -m pytest -q --doctest-modules subspax tests "$@"
+ensure_venv test "subspax, flax, orbax.checkpoint, grain, tensorflow_datasets, sentencepiece, ml_collections, pytest, xdist, hypothesis"
+exec .venv/bin/python -m pytest -q -n 2 --doctest-modules subspax tests "$@"
