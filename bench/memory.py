@@ -177,7 +177,7 @@ def table(results: list[dict], args) -> str:
     for name, m in ms.items():
       c = m["compiled"]
       rows.append([
-          name, f"{_common.mib(m['state_bytes']):.1f}",
+          name + (" †" if m.get("subspax_core") else ""), f"{_common.mib(m['state_bytes']):.1f}",
           m["state_bytes"] / ref["state_bytes"] if ref else "-",
           f"{_common.mib(m['projected_state_bytes']):.1f}",
           m["projected_state_bytes"] / ref["projected_state_bytes"] if ref else "-",
@@ -205,6 +205,13 @@ def table(results: list[dict], args) -> str:
             ["method", "state", "x AdamW", "projected state", "x AdamW",
              "argument", "temp", "output-alias", "peak", "peak x AdamW",
              "peak x optax_galore"], rows), ""]
+  if any(m.get("subspax_core") for res in results for m in res["methods"].values()):
+    lines += ["† compiled with subspax before commit 357705c (refresh moved into "
+              "one lax.map under one cond), reused from an earlier run to save "
+              "about an hour of unrolled compiles. With one matrix per leaf "
+              "(unrolled layers) that change should not move these numbers; the "
+              "60M rows, recompiled after it, match the earlier run (see the "
+              "JSON's `reused_check`).", ""]
   return "\n".join(lines)
 
 
@@ -224,6 +231,9 @@ def main() -> None:
   parser.add_argument("--out", default=_common.RESULTS)
   parser.add_argument("--resume", action="store_true",
                       help="reuse compiles saved in <out>/memory.partial.json")
+  parser.add_argument("--compare", default="",
+                      help="a partial JSON of an earlier run: record in the "
+                           "results how this run's fresh compiles compare")
   args = parser.parse_args()
   methods = args.methods.split(",")
   info = _common.machine()
@@ -233,6 +243,7 @@ def main() -> None:
   if args.resume and os.path.exists(partial_path):
     with open(partial_path) as f:
       partial = json.load(f)
+  reused = set(partial)
 
   def save():
     with open(partial_path, "w") as f:
@@ -242,6 +253,17 @@ def main() -> None:
              for spec in args.sizes.split(",")]
   payload = {"benchmark": NAME, "machine": info, "args": vars(args),
              "results": results}
+  if args.compare:
+    with open(args.compare) as f:
+      earlier = json.load(f)
+    payload["reused_check"] = {
+        key: {"this_run": {k: partial[key]["compiled"][k] for k in ("peak", "temp")}
+              | {"state_bytes": partial[key]["state_bytes"]},
+              "earlier": {k: earlier[key]["compiled"][k] for k in ("peak", "temp")}
+              | {"state_bytes": earlier[key]["state_bytes"]}}
+        for key in partial if key in earlier and key not in reused}
+    for key, v in payload["reused_check"].items():
+      print(f"{key}: this run {v['this_run']}, earlier {v['earlier']}", flush=True)
   markdown = table(results, args) + "\n" + _common.machine_line(info)
   _common.write_results(NAME, payload, markdown, args.out)
   os.remove(partial_path)

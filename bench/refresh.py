@@ -30,6 +30,8 @@ median (and min) over rounds of time / AdamW time of the same round.
 """
 
 import argparse
+import json
+import os
 import statistics
 import time
 
@@ -180,15 +182,31 @@ def main() -> None:
   parser.add_argument("--interval", type=int, default=200,
                       help="T for the amortized row")
   parser.add_argument("--out", default=_common.RESULTS)
+  parser.add_argument("--resume", action="store_true",
+                      help="keep the cases saved in <out>/refresh.partial.json")
   args = parser.parse_args()
   args.methods = [m for m in args.methods.split(",") if m]
   shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   info = _common.machine()
-  results = [bench_case(shape, int(r), args) for shape in shapes
-             for r in args.ranks.split(",")]
+  os.makedirs(args.out, exist_ok=True)
+  partial_path = os.path.join(args.out, f"{NAME}.partial.json")
+  partial = {}
+  if args.resume and os.path.exists(partial_path):
+    with open(partial_path) as f:
+      partial = json.load(f)
+  results = []
+  for shape in shapes:
+    for r in args.ranks.split(","):
+      key = f"{shape[0]}x{shape[1]}|{r}"
+      if key not in partial:
+        partial[key] = bench_case(shape, int(r), args)
+        with open(partial_path, "w") as f:
+          json.dump(partial, f, indent=1)
+      results.append(partial[key])
   payload = {"benchmark": NAME, "machine": info, "args": vars(args),
              "results": results}
   _common.write_results(NAME, payload, table(results, args, info), args.out)
+  os.remove(partial_path)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ project scanned kernels.
 
 import argparse
 import importlib
+import json
+import os
 import time
 
 import jax
@@ -141,15 +143,30 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=0,
                       help="override the presets' batch size (0: keep)")
   parser.add_argument("--out", default=_common.RESULTS)
+  parser.add_argument("--resume", action="store_true",
+                      help="keep the presets saved in <out>/step_time.partial.json")
   args = parser.parse_args()
   args.methods = args.methods.split(",")
   if args.methods[0] != "adamw":
     args.methods = ["adamw"] + [m for m in args.methods if m != "adamw"]
   info = _common.machine()
-  results = [bench_preset(p, args) for p in args.presets.split(",")]
+  os.makedirs(args.out, exist_ok=True)
+  partial_path = os.path.join(args.out, f"{NAME}.partial.json")
+  partial = {}
+  if args.resume and os.path.exists(partial_path):
+    with open(partial_path) as f:
+      partial = json.load(f)
+  results = []
+  for preset in args.presets.split(","):
+    if preset not in partial:
+      partial[preset] = bench_preset(preset, args)
+      with open(partial_path, "w") as f:
+        json.dump(partial, f, indent=1)
+    results.append(partial[preset])
   payload = {"benchmark": NAME, "machine": info, "args": vars(args),
              "results": results}
   _common.write_results(NAME, payload, table(results, args, info), args.out)
+  os.remove(partial_path)
 
 
 if __name__ == "__main__":
