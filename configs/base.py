@@ -37,6 +37,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.opt.b2 = 0.999  # Adam second-moment decay
   cfg.opt.eps = 1e-6  # Adam epsilon
   cfg.opt.kwargs = "{}"  # the method's other keyword arguments, e.g. "{'eta': 5.0}"
+  cfg.opt.sparse_grads = False  # grass only: row-sparse weight gradients (train/reparam.py)
+  cfg.opt.reparam = False  # rso only: frozen kernels + trainable r x D deltas, merged every T
+  cfg.opt.prox = 0.0  # rso reparam only: proximal coefficient 1/eta (adds prox * delta to its grad)
 
   cfg.model = ml_collections.ConfigDict()
   cfg.model.d_model = 256  # residual stream width D

@@ -37,6 +37,7 @@ from subspax._policies import SubspacePolicy
 from subspax._policies import SvdSubspace
 from subspax._state import state_bytes
 from subspax._state import state_shardings
+from subspax import reparam
 
 __version__ = "0.1.0"
 
@@ -66,6 +67,7 @@ __all__ = (
     "scale_by_subspace_adam",
     "scale_by_subtrack",
     "state_bytes",
+    "reparam",
     "state_shardings",
     "subtrack",
 )

@@ -45,6 +45,15 @@ class DenseBasis(NamedTuple):
     del d
     return self.s @ x
 
+  def coords(self, x: jax.Array) -> jax.Array:
+    """``x S``: activations ``(..., d) -> (..., r)`` (``project`` of ``x^T``)."""
+    return x @ self.s.astype(x.dtype)
+
+  def embed(self, h: jax.Array, d: int) -> jax.Array:
+    """``h S^T``: ``(..., r) -> (..., d)`` (``back`` of ``h^T``, transposed)."""
+    del d
+    return h @ self.s.T.astype(h.dtype)
+
   def gram(self, old: "DenseBasis") -> jax.Array:
     """``C = S_new^T S_old`` (r x r), the change of reduced coordinates."""
     return self.s.T @ old.s
@@ -91,6 +100,15 @@ class RowBasis(NamedTuple):
     """Scatters scaled rows into zeros: ``(r, D) -> (d, D)``."""
     out = jnp.zeros((d, x.shape[-1]), x.dtype)
     return out.at[self.index].add(self.scale[:, None] * x)
+
+  def coords(self, x: jax.Array) -> jax.Array:
+    """Gathers the selected columns, scaled: ``(..., d) -> (..., r)``."""
+    return x[..., self.index] * self.scale.astype(x.dtype)
+
+  def embed(self, h: jax.Array, d: int) -> jax.Array:
+    """Scatters scaled columns into zeros: ``(..., r) -> (..., d)``."""
+    out = jnp.zeros(h.shape[:-1] + (d,), h.dtype)
+    return out.at[..., self.index].add(h * self.scale.astype(h.dtype))
 
   def gram(self, old: "RowBasis") -> jax.Array:
     """``S_new^T S_old``: non-zero where both select the same row."""

@@ -13,3 +13,23 @@ os.environ["XLA_FLAGS"] = " ".join(
 ).strip()
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import random  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+  """A ~120 kB generated English-like text file and a data cache directory."""
+  root = tmp_path_factory.mktemp("corpus")
+  rng = random.Random(0)
+  words = ("the of and to in a is that for it as was with be by on not he this "
+           "are or his from at which but have an they you were her she there had "
+           "all one their king love night sweet lord heart").split()
+  path = root / "text.txt"
+  with open(path, "w") as f:
+    for _ in range(3000):
+      line = " ".join(rng.choice(words) for _ in range(rng.randint(5, 15)))
+      f.write(line.capitalize() + ".\n")
+  return {"data.files": str(path), "data.dir": str(root / "cache")}

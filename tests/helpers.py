@@ -1,4 +1,4 @@
-"""Shared fixtures for the optimizer tests: the method table and small problems."""
+"""Shared test helpers: the method table, small problems, trainer configs."""
 
 import jax
 import jax.numpy as jnp
@@ -74,3 +74,21 @@ def run(tx, loss, params, steps):
     params, state, value = step(params, state)
     losses.append(float(value))
   return params, state, np.array(losses)
+
+
+def make_config(corpus, **overrides):
+  """The test preset (configs/test.py) on the generated corpus fixture.
+
+  `a__b=v` sets field `a.b`.
+  """
+  from configs import test as test_preset  # pylint: disable=g-import-not-at-top
+  cfg = test_preset.get_config()
+  flat = {**corpus, **{k.replace("__", "."): v for k, v in overrides.items()}}
+  cfg.update_from_flattened_dict(flat)
+  return cfg
+
+
+def records(workdir):
+  """The metrics.jsonl records of a run, by step."""
+  from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  return {r["step"]: r for r in metrics_lib.read(str(workdir))}

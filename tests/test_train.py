@@ -7,7 +7,6 @@ the session runs on 8 fake CPU devices (tests/conftest.py), and the preset's
 
 import importlib
 import os
-import random
 import shutil
 import signal
 import socket
@@ -16,6 +15,7 @@ import sys
 import time
 
 import grain
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,9 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import subspax
-from configs import test as test_preset
 from train import checkpoint as checkpoint_lib
-from train import metrics as metrics_lib
 from train import model as model_lib
 from train import optimizers
 from train import train
@@ -37,34 +35,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # eval/loss after it, measured once on this corpus with the test preset
 # (SubTrack++); a change to the model, optimizer, data pipeline or init shows here.
 GOLDEN = {"train/loss": 5.791309, "train/grad_norm": 0.787438, "eval/loss": 5.595133}
-
-
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-  """A ~120 kB generated English-like text file and a data cache directory."""
-  root = tmp_path_factory.mktemp("corpus")
-  rng = random.Random(0)
-  words = ("the of and to in a is that for it as was with be by on not he this "
-           "are or his from at which but have an they you were her she there had "
-           "all one their king love night sweet lord heart").split()
-  path = root / "text.txt"
-  with open(path, "w") as f:
-    for _ in range(3000):
-      line = " ".join(rng.choice(words) for _ in range(rng.randint(5, 15)))
-      f.write(line.capitalize() + ".\n")
-  return {"data.files": str(path), "data.dir": str(root / "cache")}
-
-
-def make_config(corpus, **overrides):
-  """The test preset on the generated corpus; `a__b=v` sets field a.b."""
-  cfg = test_preset.get_config()
-  flat = {**corpus, **{k.replace("__", "."): v for k, v in overrides.items()}}
-  cfg.update_from_flattened_dict(flat)
-  return cfg
-
-
-def records(workdir):
-  return {r["step"]: r for r in metrics_lib.read(str(workdir))}
 
 
 def cli(*args, env=None, **kwargs):
@@ -95,7 +65,7 @@ def test_presets_load_and_have_the_paper_sizes(preset, millions):
 
 
 def test_one_step_matches_golden_and_is_deterministic(corpus, tmp_path):
-  cfg = make_config(corpus, steps=1, opt__warmup_steps=0)
+  cfg = helpers.make_config(corpus, steps=1, opt__warmup_steps=0)
   first = train.run(cfg, str(tmp_path / "a")).metrics
   for key, value in GOLDEN.items():
     np.testing.assert_allclose(first[key], value, atol=1e-5, err_msg=key)
@@ -108,17 +78,17 @@ def test_one_step_matches_golden_and_is_deterministic(corpus, tmp_path):
 
 @pytest.mark.parametrize("name, scan", [("adamw", False), ("subtrack", True)])
 def test_resume_is_bit_exact(corpus, tmp_path, name, scan):
-  cfg = make_config(corpus, steps=8, checkpoint_every=3, eval_every=0,
+  cfg = helpers.make_config(corpus, steps=8, checkpoint_every=3, eval_every=0,
                     opt__name=name, opt__update_interval=3, model__scan=scan)
   straight = train.run(cfg, str(tmp_path / "straight"))
   cfg.stop_after = 4
   train.run(cfg, str(tmp_path / "split"))
-  assert records(tmp_path / "split").keys() == {1, 2, 3, 4}
+  assert helpers.records(tmp_path / "split").keys() == {1, 2, 3, 4}
   cfg.stop_after = 0
   resumed = train.run(cfg, str(tmp_path / "split"))
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state),
                jax.device_get(straight.state))
-  a, b = records(tmp_path / "straight"), records(tmp_path / "split")
+  a, b = helpers.records(tmp_path / "straight"), helpers.records(tmp_path / "split")
   assert a.keys() == b.keys() == set(range(1, 9))
   assert [a[s]["train/loss"] for s in a] == [b[s]["train/loss"] for s in a]
   # Step 6 was saved asynchronously while step 7 already reused (donated) the
@@ -175,17 +145,17 @@ def test_killed_run_restarts_without_losing_a_checkpoint(corpus, tmp_path):
   assert restart.returncode == 0, out
   resumed = int(out.split("resumed from step ")[1].split()[0])
   assert resumed >= saved
-  assert sorted(records(workdir)) == list(range(1, 61))
+  assert sorted(helpers.records(workdir)) == list(range(1, 61))
 
 
 def test_scan_and_remat_give_the_same_loss(corpus, tmp_path):
   losses = {}
   for scan, remat in ((False, False), (True, False), (False, True)):
     workdir = tmp_path / f"{scan}-{remat}"
-    cfg = make_config(corpus, steps=3, eval_every=0, opt__name="adamw",
+    cfg = helpers.make_config(corpus, steps=3, eval_every=0, opt__name="adamw",
                       model__scan=scan, model__remat=remat)
     train.run(cfg, str(workdir))
-    losses[scan, remat] = [r["train/loss"] for r in records(workdir).values()]
+    losses[scan, remat] = [r["train/loss"] for r in helpers.records(workdir).values()]
   for value in losses.values():
     np.testing.assert_allclose(value, losses[False, False], rtol=1e-5)
 
@@ -196,12 +166,12 @@ def test_sharded_meshes_match_one_device_and_shard_subspace_states(corpus, tmp_p
   for data, fsdp, tensor in ((1, 1, 1), (2, 1, 4), (1, 8, 1)):
     # Unscanned layers: jaxlib 0.10.2's batched CPU LAPACK kernels (the SVD of
     # a stacked (L, m, n) refresh) can deadlock with 8 host devices on 2 cores.
-    cfg = make_config(corpus, steps=3, eval_every=0, opt__update_interval=2,
+    cfg = helpers.make_config(corpus, steps=3, eval_every=0, opt__update_interval=2,
                       model__scan=False, mesh__data=data, mesh__fsdp=fsdp,
                       mesh__tensor=tensor)
     workdir = tmp_path / f"{data}x{fsdp}x{tensor}"
     results[data, fsdp, tensor] = train.run(cfg, str(workdir))
-    losses[data, fsdp, tensor] = [r["train/loss"] for r in records(workdir).values()]
+    losses[data, fsdp, tensor] = [r["train/loss"] for r in helpers.records(workdir).values()]
   for mesh, value in losses.items():
     np.testing.assert_allclose(value, losses[1, 1, 1], atol=1e-4, err_msg=str(mesh))
   for mesh in ((2, 1, 4), (1, 8, 1)):
@@ -219,10 +189,10 @@ def test_sharded_meshes_match_one_device_and_shard_subspace_states(corpus, tmp_p
 
 @pytest.mark.parametrize("name", optimizers.NAMES)
 def test_every_optimizer_lowers_the_loss(corpus, tmp_path, name):
-  cfg = make_config(corpus, steps=30, eval_every=0, checkpoint_every=30,
+  cfg = helpers.make_config(corpus, steps=30, eval_every=0, checkpoint_every=30,
                     opt__name=name, model__scan=name != "optax_galore")
   result = train.run(cfg, str(tmp_path))
-  losses = [r["train/loss"] for r in records(tmp_path).values()]
+  losses = [r["train/loss"] for r in helpers.records(tmp_path).values()]
   assert len(losses) == 30
   assert np.mean(losses[-5:]) < losses[0] - 1.0, losses
   assert result.metrics["eval/loss"] < losses[0] - 1.0
@@ -245,7 +215,7 @@ def test_two_processes_train_together(corpus, tmp_path):
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out
   assert "'data': 2" in outs[0]
-  assert sorted(records(tmp_path / "run")) == [1, 2, 3, 4]
+  assert sorted(helpers.records(tmp_path / "run")) == [1, 2, 3, 4]
   data_files = os.listdir(tmp_path / "run" / "checkpoints" / "4" / "data")
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(data_files)
 
@@ -268,7 +238,7 @@ def test_bad_input_fails_before_compute(corpus, tmp_path, overrides, error, mess
     (tmp_path / "empty.txt").touch()
     overrides = {**overrides, "data__files": str(tmp_path / "empty.txt")}
   with pytest.raises(error, match=message):
-    train.run(make_config(corpus, **overrides), str(tmp_path / "run"))
+    train.run(helpers.make_config(corpus, **overrides), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
 

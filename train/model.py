@@ -18,8 +18,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import subspax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+
+REPARAM_KINDS = ("", "rows", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +43,18 @@ class LlamaConfig:
   param_dtype: str = "float32"
   scan: bool = False
   remat: bool = False
+  reparam: str = ""  # "": plain kernels; "rows" (GRASS) / "dense" (RSO) deltas
+  reparam_rank: int = 0  # rank r of the reduced deltas
+  reparam_side: str = "auto"  # projected side of the reparametrised kernels
 
   @classmethod
-  def from_config(cls, model_cfg: Any, vocab_size: int) -> "LlamaConfig":
+  def from_config(cls, model_cfg: Any, vocab_size: int,
+                  **reparam: Any) -> "LlamaConfig":
     """Builds the config from the `model` ConfigDict and the data's vocab size.
 
     `head_dim` 0 means d_model // n_heads and `n_kv_heads` 0 means n_heads.
+    `reparam` sets the `reparam*` fields (the trainer derives them from the
+    `opt` section: train/reparam.py).
     """
     n_kv_heads = model_cfg.n_kv_heads or model_cfg.n_heads
     head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads
@@ -69,6 +78,7 @@ class LlamaConfig:
         param_dtype=model_cfg.param_dtype,
         scan=model_cfg.scan,
         remat=model_cfg.remat,
+        **reparam,
     )
 
   def projected_dims(self) -> dict[str, tuple[int, int]]:
@@ -87,6 +97,63 @@ def _linear(cfg: LlamaConfig, d_in: int, d_out: int, names: tuple[str, str],
   return nnx.Linear(
       d_in, d_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
       kernel_init=nnx.with_partitioning(init, names), rngs=rngs, **kwargs)
+
+
+class SubspaceBasis(nnx.Variable):
+  """A non-trainable subspace of a reparametrised kernel (chosen at refresh)."""
+
+
+class SubspaceLinear(nnx.Linear):
+  """A bias-free linear layer whose kernel trains through a reduced delta.
+
+  ``y = x (W + back(Delta))`` computed as in :mod:`subspax.reparam`: ``W``
+  (``kernel``) is frozen between refreshes, ``delta`` (``(r, D)``) is the
+  trainable part, and the basis is a GRASS row selector (``subspace_index``,
+  ``subspace_scale``) or an RSO dense basis (``subspace_basis``, ``(d, r)``).
+  The kernel is initialised exactly as by ``nnx.Linear``.
+  """
+
+  def __init__(self, cfg: LlamaConfig, d_in: int, d_out: int,
+               names: tuple[str, str], rngs: nnx.Rngs, **kwargs):
+    init = nnx.initializers.normal(cfg.init_std)
+    super().__init__(
+        d_in, d_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=nnx.with_partitioning(init, names), rngs=rngs, **kwargs)
+    r = cfg.reparam_rank
+    self.side = subspax.reparam.resolve_side(d_in, d_out, cfg.reparam_side)
+    projected_name, kept_name = names if self.side == "left" else names[::-1]
+    d = d_in if self.side == "left" else d_out
+    self.kind = cfg.reparam
+    self.delta = nnx.Param(
+        jnp.zeros(subspax.reparam.delta_shape(d_in, d_out, r, self.side),
+                  cfg.param_dtype), out_sharding=(None, kept_name))
+    if cfg.reparam == "rows":
+      self.subspace_index = SubspaceBasis(jnp.zeros((r,), jnp.int32),
+                                          out_sharding=(None,))
+      self.subspace_scale = SubspaceBasis(jnp.zeros((r,), jnp.float32),
+                                          out_sharding=(None,))
+    else:
+      self.subspace_basis = SubspaceBasis(jnp.zeros((d, r), jnp.float32),
+                                          out_sharding=(projected_name, None))
+
+  def basis(self) -> subspax.reparam.Basis:
+    """The current basis as a subspax ``RowBasis`` / ``DenseBasis``."""
+    if self.kind == "rows":
+      return subspax.RowBasis(self.subspace_index[...], self.subspace_scale[...])
+    return subspax.DenseBasis(self.subspace_basis[...])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return subspax.reparam.dense(
+        x.astype(self.dtype), self.kernel[...], self.delta[...], self.basis(),
+        side=self.side)
+
+
+def _projected_linear(cfg: LlamaConfig, d_in: int, d_out: int,
+                      names: tuple[str, str], rngs: nnx.Rngs):
+  """An attention / MLP kernel: reparametrised when `cfg.reparam` is set."""
+  if cfg.reparam:
+    return SubspaceLinear(cfg, d_in, d_out, names, rngs)
+  return _linear(cfg, d_in, d_out, names, rngs)
 
 
 def _rms_norm(cfg: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
@@ -119,10 +186,10 @@ class Attention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-    self.q = _linear(cfg, d, n * h, ("embed", "heads"), rngs)
-    self.k = _linear(cfg, d, k * h, ("embed", "heads"), rngs)
-    self.v = _linear(cfg, d, k * h, ("embed", "heads"), rngs)
-    self.o = _linear(cfg, n * h, d, ("heads", "embed"), rngs)
+    self.q = _projected_linear(cfg, d, n * h, ("embed", "heads"), rngs)
+    self.k = _projected_linear(cfg, d, k * h, ("embed", "heads"), rngs)
+    self.v = _projected_linear(cfg, d, k * h, ("embed", "heads"), rngs)
+    self.o = _projected_linear(cfg, n * h, d, ("heads", "embed"), rngs)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     cfg = self.cfg
@@ -141,9 +208,9 @@ class Mlp(nnx.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-    self.gate = _linear(cfg, cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
-    self.up = _linear(cfg, cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
-    self.down = _linear(cfg, cfg.d_ff, cfg.d_model, ("mlp", "embed"), rngs)
+    self.gate = _projected_linear(cfg, cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
+    self.up = _projected_linear(cfg, cfg.d_model, cfg.d_ff, ("embed", "mlp"), rngs)
+    self.down = _projected_linear(cfg, cfg.d_ff, cfg.d_model, ("mlp", "embed"), rngs)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     return self.down(jax.nn.silu(self.gate(x_BxLxD)) * self.up(x_BxLxD))
@@ -237,7 +304,7 @@ def init_params(cfg: LlamaConfig, seed: int) -> dict:
   """Initialises the parameters as a nested dict of arrays (jit this)."""
   with nnx.use_eager_sharding(False):
     model = Llama(cfg, rngs=nnx.Rngs(seed))
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return nnx.to_pure_dict(nnx.state(model))
 
 
 def apply(graphdef: nnx.GraphDef, params: dict, tokens_BxL: jax.Array) -> jax.Array:
@@ -246,5 +313,8 @@ def apply(graphdef: nnx.GraphDef, params: dict, tokens_BxL: jax.Array) -> jax.Ar
 
 
 def count_params(params: dict) -> int:
-  """Total number of parameter elements."""
-  return sum(x.size for x in jax.tree.leaves(params))
+  """Number of model weights (the deltas and bases of reparametrised layers,
+  training state rather than weights, are not counted)."""
+  extra = ("delta", "subspace_index", "subspace_scale", "subspace_basis")
+  return sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
+             if getattr(path[-1], "key", None) not in extra)

@@ -25,6 +25,7 @@ from train import data as data_lib
 from train import metrics as metrics_lib
 from train import model as model_lib
 from train import optimizers
+from train import reparam
 from train import sharding as sharding_lib
 
 
@@ -33,7 +34,7 @@ class TrainState(NamedTuple):
 
   step: jax.Array  # shape=(), int32: completed optimizer steps
   params: dict  # nested dict of arrays, float32 by default (model.param_dtype)
-  opt_state: optax.OptState  # the optimizer's state for `params`
+  opt_state: optax.OptState  # the optimizer's state for the trainable params
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
@@ -64,12 +65,19 @@ def loss_fn(params: dict, graphdef: nnx.GraphDef, batch_BxL1: jax.Array) -> jax.
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr: optax.Schedule) -> Callable:
-  """The (state, batch) -> (state, metrics) function that jit compiles."""
+  """The (state, batch) -> (state, metrics) function that jit compiles.
+
+  Only the trainable parameters (`reparam.split`: all of them, unless the
+  model has reparametrised layers, whose kernels and bases stay frozen) are
+  differentiated and updated.
+  """
 
   def train_step(state: TrainState, batch_BxL1: jax.Array):
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, graphdef, batch_BxL1)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    trainable, frozen = reparam.split(state.params)
+    loss, grads = jax.value_and_grad(
+        lambda p: loss_fn(reparam.combine(p, frozen), graphdef, batch_BxL1))(trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params = reparam.combine(optax.apply_updates(trainable, updates), frozen)
     metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
                "lr": lr(state.step)}
     return TrainState(state.step + 1, params, opt_state), metrics
@@ -85,6 +93,53 @@ def evaluate(eval_step: Callable, params: dict, batches: Iterator[np.ndarray],
     return {}
   loss = float(np.mean(jax.device_get(losses)))
   return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0))}
+
+
+class Programs(NamedTuple):
+  """What a config trains: the model, the optimizer and the step functions."""
+
+  model_cfg: model_lib.LlamaConfig
+  graphdef: nnx.GraphDef
+  param_shapes: dict  # jax.ShapeDtypeStruct per parameter (model.abstract_model)
+  param_names: dict  # logical-axis PartitionSpec per parameter
+  tx: optax.GradientTransformation  # acts on reparam.split(params)[0]
+  lr: optax.Schedule
+  init: Callable[[], TrainState]  # the initial state (jit it)
+  train_step: Callable  # (state, batch) -> (state, metrics)
+  refresh: Callable | None  # reparam modes: (state, batch) -> state, run before
+                            # every step whose `state.step % update_interval == 0`
+
+
+def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
+  """Builds the model, optimizer and step functions of a validated config.
+
+  Args:
+    cfg: A full config (configs/base.py).
+    vocab_size: The tokenizer's vocabulary size.
+
+  Returns:
+    The un-jitted programs; `run` places and compiles them on the mesh.
+  """
+  model_cfg = model_lib.LlamaConfig.from_config(
+      cfg.model, vocab_size, **reparam.model_fields(cfg.opt))
+  graphdef, param_shapes, param_names = model_lib.abstract_model(model_cfg)
+  if model_cfg.reparam:
+    tx = reparam.build_tx(cfg.opt, cfg.steps)
+  else:
+    tx = optimizers.build(cfg.opt, cfg.steps, cfg.seed)
+  lr = optimizers.schedule(cfg.opt, cfg.steps)
+
+  def init() -> TrainState:
+    params = model_lib.init_params(model_cfg, cfg.seed)
+    return TrainState(jnp.zeros((), jnp.int32), params,
+                      tx.init(reparam.split(params)[0]))
+
+  refresh = None
+  if model_cfg.reparam:
+    refresh = reparam.make_refresh(lambda p, b: loss_fn(p, graphdef, b), tx,
+                                   cfg.opt, cfg.seed)
+  return Programs(model_cfg, graphdef, param_shapes, param_names, tx, lr, init,
+                  make_train_step(graphdef, tx, lr), refresh)
 
 
 class Result(NamedTuple):
@@ -110,6 +165,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
   """
   # Everything that can be wrong with the input is checked first.
   validate(cfg)
+  reparam.validate(cfg.opt)
   optimizers.validate(cfg.opt, model_lib.LlamaConfig.from_config(cfg.model, 1),
                       cfg.steps)
   mesh = sharding_lib.make_mesh(cfg.mesh)
@@ -124,22 +180,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
       cfg.data, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
       seed=cfg.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
-  model_cfg = model_lib.LlamaConfig.from_config(cfg.model, data.vocab_size)
-  graphdef, param_shapes, param_names = model_lib.abstract_model(model_cfg)
-  param_shardings = sharding_lib.param_shardings(mesh, param_shapes, param_names, rules)
-
-  tx = optimizers.build(cfg.opt, cfg.steps, cfg.seed)
-  lr = optimizers.schedule(cfg.opt, cfg.steps)
+  programs = build_programs(cfg, data.vocab_size)
+  param_shardings = sharding_lib.param_shardings(
+      mesh, programs.param_shapes, programs.param_names, rules)
+  tx, lr, init = programs.tx, programs.lr, programs.init
   replicated = sharding_lib.replicated(mesh)
   shardings = TrainState(
       replicated, param_shardings,
-      subspax.state_shardings(tx, param_shapes, param_shardings))
+      subspax.state_shardings(tx, reparam.split(programs.param_shapes)[0],
+                              reparam.split(param_shardings)[0]))
   batch_sharding = sharding_lib.batch_sharding(mesh)
   to_global = lambda b: sharding_lib.global_batch(b, batch_sharding)
-
-  def init() -> TrainState:
-    params = model_lib.init_params(model_cfg, cfg.seed)
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
 
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
   start = checkpointer.latest_step()
@@ -153,12 +204,17 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
       print(f"resumed from step {start} in {workdir}", flush=True)
 
     train_step = jax.jit(
-        make_train_step(graphdef, tx, lr), in_shardings=(shardings, batch_sharding),
+        programs.train_step, in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, replicated), donate_argnums=0)
     batch_shape = jax.ShapeDtypeStruct(
         (cfg.batch_size, cfg.seq_len + 1), jnp.int32, sharding=batch_sharding)
     compiled = train_step.lower(state, batch_shape).compile()
-    eval_step = jax.jit(lambda p, b: loss_fn(p, graphdef, b),
+    refresh = None  # the reparametrised modes' merge / new-basis program
+    if programs.refresh is not None:
+      refresh = jax.jit(
+          programs.refresh, in_shardings=(shardings, batch_sharding),
+          out_shardings=shardings, donate_argnums=0)
+    eval_step = jax.jit(lambda p, b: loss_fn(p, programs.graphdef, b),
                         in_shardings=(param_shardings, batch_sharding),
                         out_shardings=replicated)
 
@@ -177,7 +233,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
     pending = None  # (record, device metrics) of the last logged step dispatched
     end = min(cfg.stop_after or cfg.steps, cfg.steps)
     for step in range(start + 1, end + 1):
-      state, step_metrics = compiled(state, to_global(next(data.train_iter)))
+      batch = to_global(next(data.train_iter))
+      if refresh is not None and (step - 1) % cfg.opt.update_interval == 0:
+        state = refresh(state, batch)
+      state, step_metrics = compiled(state, batch)
       if pending is not None:  # read step t-1's metrics after dispatching step t
         writer.write(timer.finish(*pending))
         pending = None

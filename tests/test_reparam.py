@@ -1,0 +1,188 @@
+"""GRASS sparse-gradient and RSO reparametrised modes (subspax.reparam, train/reparam.py).
+
+The layer identities are closed-form; the trainer modes are checked against
+the plain `subspax.grass` / `subspax.rso` transformations on the same model,
+data and keys, for their memory and FLOPs against the plain step, and for
+bit-exact resume across a refresh / merge boundary.
+"""
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import helpers
+import subspax
+from train import reparam
+from train import train
+
+MODES = {"grass": "sparse_grads", "rso": "reparam"}
+
+
+def _basis(kind, key, d, r):
+  if kind == "rows":
+    index = jax.random.choice(key, d, (r,), replace=False).astype(jnp.int32)
+    return subspax.RowBasis(index, jax.random.uniform(key, (r,), minval=0.5,
+                                                      maxval=2.0))
+  return subspax.DenseBasis(jax.random.normal(key, (d, r)))
+
+
+@hypothesis.settings(deadline=None, max_examples=12)
+@hypothesis.given(m=st.integers(3, 9), n=st.integers(3, 9),
+                  kind=st.sampled_from(["rows", "dense"]),
+                  side=st.sampled_from(["left", "right"]), seed=st.integers(0, 99))
+def test_layer_is_the_merged_kernel_and_its_delta_gradient_is_the_reduced_one(
+    m, n, kind, side, seed):
+  keys = jax.random.split(jax.random.key(seed), 5)
+  d = m if side == "left" else n
+  r = min(2, d)
+  x = jax.random.normal(keys[0], (4, 5, m))
+  w = jax.random.normal(keys[1], (m, n))
+  delta = jax.random.normal(keys[2], subspax.reparam.delta_shape(m, n, r, side))
+  basis = _basis(kind, keys[3], d, r)
+  dy = jax.random.normal(keys[4], (4, 5, n))
+
+  y = subspax.reparam.dense(x, w, delta, basis, side=side)
+  merged = subspax.reparam.merge(w, delta, basis, side=side)
+  np.testing.assert_allclose(y, x @ merged, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(
+      subspax.reparam.merge(w, jnp.zeros_like(delta), basis, side=side), w)
+
+  # At Delta = 0, dL/dDelta is the reduced gradient project(G) of the kernel.
+  grad_delta = jax.grad(lambda dl: jnp.sum(
+      subspax.reparam.dense(x, w, dl, basis, side=side) * dy))(jnp.zeros_like(delta))
+  g = jnp.einsum("blm,bln->mn", x, dy)
+  reduced = basis.project(subspax.reparam.canonical(g, side))
+  np.testing.assert_allclose(grad_delta, reduced, rtol=1e-4, atol=1e-4)
+
+
+def test_side_resolution_and_delta_shapes():
+  assert subspax.reparam.resolve_side(4, 4) == "left"
+  assert subspax.reparam.resolve_side(8, 4) == "right"
+  assert subspax.reparam.delta_shape(8, 4, 2, "auto") == (2, 8)
+  assert subspax.reparam.delta_shape(8, 4, 2, "left") == (2, 4)
+  with pytest.raises(ValueError, match="side"):
+    subspax.reparam.resolve_side(4, 4, "top")
+
+
+def _programs(corpus, name, mode, **overrides):
+  cfg = helpers.make_config(corpus, opt__name=name, opt__update_interval=3,
+                            opt__warmup_steps=0, **overrides)
+  if mode:
+    cfg.opt[MODES[name]] = True
+  if name == "rso":
+    cfg.opt.kwargs = "{'side': 'left'}"  # the plain transformation's side too
+  return cfg, train.build_programs(cfg, cfg.data.vocab_size)
+
+
+def _run(programs, batches):
+  state = jax.jit(programs.init)()
+  step = jax.jit(programs.train_step)
+  refresh = programs.refresh and jax.jit(programs.refresh)
+  losses = []
+  for i, batch in enumerate(batches):
+    if refresh is not None and i % 3 == 0:
+      state = refresh(state, batch)
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["train/loss"]))
+  return state, losses
+
+
+def _weights(params):
+  """Model weights only: no deltas, no bases."""
+  drop = ("delta",) + reparam.BASIS_LEAVES
+  return {k: _weights(v) if isinstance(v, dict) else v
+          for k, v in params.items() if k not in drop}
+
+
+@pytest.mark.parametrize("name, scan", [("grass", True), ("grass", False),
+                                        ("rso", True)])
+def test_mode_reproduces_the_plain_transformation(corpus, name, scan):
+  batches = np.random.default_rng(0).integers(0, 320, (8, 8, 65), dtype=np.int32)
+  # Adam turns a rounding difference dg in a near-zero gradient entry into a
+  # weight difference lr * dg / eps right after a moment reset; eps = 1e-4
+  # keeps that (1e-2 * 1e-9 / 1e-4) far below the tolerance, so what is
+  # compared is the algorithm, not the summation order of x^T dy.
+  overrides = dict(model__scan=scan, opt__eps=1e-4)
+  cfg, plain = _programs(corpus, name, False, **overrides)
+  _, mode = _programs(corpus, name, True, **overrides)
+  plain_state, plain_losses = _run(plain, batches)
+  mode_state, mode_losses = _run(mode, batches)
+  np.testing.assert_allclose(mode_losses, plain_losses, rtol=1e-5)
+  merged = reparam.merge_all(mode_state.params, reparam.side_option(cfg.opt))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+               _weights(merged), _weights(plain_state.params))
+
+
+def _compiled(corpus, name, mode, **overrides):
+  """The compiled train step of the tiny preset, from abstract inputs."""
+  cfg, programs = _programs(corpus, name, mode, **overrides)
+  state = jax.eval_shape(programs.init)
+  batch = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len + 1), jnp.int32)
+  return jax.jit(programs.train_step, donate_argnums=0).lower(state, batch).compile()
+
+
+TINY = dict(model__d_model=256, model__n_layers=2, model__n_heads=4,
+            model__d_ff=704, opt__rank=64, seq_len=256, data__vocab_size=1024)
+
+
+def test_modes_compute_and_store_less(corpus):
+  compiled = {(n, m): _compiled(corpus, n, m, **TINY)
+              for n, m in (("adamw", False), ("grass", False), ("grass", True),
+                           ("rso", False), ("rso", True))}
+  memory = {k: c.memory_analysis() for k, c in compiled.items()}
+  flops = {k: c.cost_analysis()["flops"] for k, c in compiled.items()}
+  footprint = {k: m.argument_size_in_bytes + m.temp_size_in_bytes
+               for k, m in memory.items()}
+  assert footprint["grass", True] < footprint["grass", False]
+  assert memory["rso", True].temp_size_in_bytes < memory["adamw", False].temp_size_in_bytes
+  # Weight gradients: 2 N r D instead of 2 N m n per projected matrix.
+  assert flops["grass", True] < flops["grass", False]
+
+
+@pytest.mark.parametrize("name", ["grass", "rso"])
+def test_resume_across_a_refresh_is_bit_exact(corpus, tmp_path, name):
+  cfg = helpers.make_config(corpus, steps=8, checkpoint_every=3, eval_every=0,
+                            opt__name=name, opt__update_interval=3)
+  cfg.opt[MODES[name]] = True
+  straight = train.run(cfg, str(tmp_path / "straight"))
+  cfg.stop_after = 6  # a refresh is due before step 7
+  train.run(cfg, str(tmp_path / "split"))
+  cfg.stop_after = 0
+  resumed = train.run(cfg, str(tmp_path / "split"))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state),
+               jax.device_get(straight.state))
+  a, b = helpers.records(tmp_path / "straight"), helpers.records(tmp_path / "split")
+  assert [a[s]["train/loss"] for s in a] == [b[s]["train/loss"] for s in a]
+  assert a[8]["train/loss"] < a[1]["train/loss"]
+
+
+def test_sharded_remat_run_matches_one_device(corpus, tmp_path):
+  losses = {}
+  for data, fsdp, tensor in ((1, 1, 1), (2, 2, 2)):
+    cfg = helpers.make_config(corpus, steps=4, eval_every=0, opt__name="grass",
+                              opt__update_interval=2, model__remat=True,
+                              mesh__data=data, mesh__fsdp=fsdp, mesh__tensor=tensor)
+    cfg.opt.sparse_grads = True
+    workdir = tmp_path / f"{data}{fsdp}{tensor}"
+    train.run(cfg, str(workdir))
+    losses[data, fsdp, tensor] = [r["train/loss"] for r in helpers.records(workdir).values()]
+  np.testing.assert_allclose(losses[2, 2, 2], losses[1, 1, 1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"opt.name": "rso", "opt.sparse_grads": True}, "opt.sparse_grads=True is a mode of"),
+    ({"opt.name": "grass", "opt.reparam": True}, "opt.reparam=True is a mode of"),
+    ({"opt.name": "grass", "opt.sparse_grads": True, "opt.weight_decay": 0.1},
+     "opt.weight_decay"),
+    ({"opt.name": "grass", "opt.sparse_grads": True, "opt.kwargs": "{'recovery': True}"},
+     "not supported"),
+    ({"opt.name": "grass", "opt.prox": 1.0}, "opt.prox"),
+])
+def test_bad_mode_config_is_a_clear_error(corpus, tmp_path, overrides, message):
+  cfg = helpers.make_config(corpus)
+  cfg.update_from_flattened_dict(overrides)
+  with pytest.raises(ValueError, match=message):
+    train.run(cfg, str(tmp_path))
