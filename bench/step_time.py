@@ -22,6 +22,12 @@ rounds. The state is not donated (the same state is reused for every call).
 Layers are unrolled (`model.scan=False`) because optax.contrib.galore cannot
 project scanned kernels.
 
+Defaults per preset (PRESETS): tiny at its own batch (8 x 256) over 5 rounds;
+60M at batch 8 x 256 (half the preset's 16) over 3 rounds, because one 60M
+step (bf16 compute, remat) takes tens of seconds on a 2-core CPU and 15 calls
+per round would otherwise take over half an hour. `--batch` / `--repeats`
+override both presets.
+
   python -m bench.step_time
   python -m bench.step_time --presets tiny --methods adamw,subtrack --repeats 3
 """
@@ -42,7 +48,8 @@ from train import optimizers
 from train import train as train_lib
 
 NAME = "step_time"
-PRESETS = {"tiny": "configs.tiny", "60m": "configs.llama_60m"}
+# preset -> (config module, default batch (0: the preset's), default rounds)
+PRESETS = {"tiny": ("configs.tiny", 0, 5), "60m": ("configs.llama_60m", 8, 3)}
 
 
 def with_count(tree, value: int):
@@ -57,9 +64,11 @@ def with_count(tree, value: int):
 
 
 def bench_preset(preset: str, args) -> dict:
-  cfg = importlib.import_module(PRESETS[preset]).get_config()
+  module, default_batch, default_repeats = PRESETS[preset]
+  cfg = importlib.import_module(module).get_config()
   cfg.model.scan = False
-  batch_size = args.batch or cfg.batch_size
+  batch_size = args.batch or default_batch or cfg.batch_size
+  repeats = args.repeats or default_repeats
   model_cfg = model_lib.LlamaConfig.from_config(cfg.model, cfg.data.vocab_size)
   graphdef, _, _ = model_lib.abstract_model(model_cfg)
   params = jax.jit(model_lib.init_params, static_argnums=(0, 1))(model_cfg, cfg.seed)
@@ -88,7 +97,7 @@ def bench_preset(preset: str, args) -> dict:
       fns[f"{name}/refresh"] = lambda c=compiled, s=refresh: jax.block_until_ready(
           c(s, tokens))
     print(f"{preset} {name}: compiled in {compile_s[name]:.1f} s", flush=True)
-  times = _common.interleaved(fns, repeats=args.repeats, warmup=1)
+  times = _common.interleaved(fns, repeats=repeats, warmup=1)
   ref = times["adamw/plain"]
   ratios = {}
   for name in args.methods:
@@ -102,6 +111,7 @@ def bench_preset(preset: str, args) -> dict:
           f"refresh {ratios[name]['refresh']['median']:.2f}x, amortized "
           f"{ratios[name]['amortized']['median']:.3f}x", flush=True)
   return {"preset": preset, "params": n_params, "batch": batch_size,
+          "repeats": repeats,
           "seq_len": cfg.seq_len, "rank": rank, "update_interval": interval,
           "vocab": model_cfg.vocab_size, "remat": model_cfg.remat,
           "compute_dtype": model_cfg.dtype, "compile_s": compile_s,
@@ -112,8 +122,8 @@ def bench_preset(preset: str, args) -> dict:
 def table(results, args, info) -> str:
   lines = [
       f"Whole train step (forward, backward, optimizer) as a ratio to AdamW's "
-      f"step in the same round: median (min) over {args.repeats} interleaved "
-      f"rounds. plain = non-refresh step, refresh = a (non-initial) refresh "
+      f"step in the same round: median (min) over the interleaved rounds "
+      f"(number per preset below). plain = non-refresh step, refresh = a (non-initial) refresh "
       f"step, amortized = (refresh + (T-1) plain) / T. Random tokens, state "
       f"not donated, unrolled layers.", ""]
   fmt = lambda s: f"{s['median']:.3f} ({s['min']:.3f})"
@@ -127,7 +137,8 @@ def table(results, args, info) -> str:
         f"**{res['preset']}** ({res['params'] / 1e6:.1f}M params, batch "
         f"{res['batch']} x seq {res['seq_len']}, vocab {res['vocab']}, "
         f"{res['compute_dtype']} compute, remat {res['remat']}; rank "
-        f"{res['rank']}, T = {res['update_interval']})", "",
+        f"{res['rank']}, T = {res['update_interval']}; "
+        f"{len(res['seconds']['adamw/plain']['all'])} rounds)", "",
         _common.markdown_table(
             ["method", "plain step s (median)", "plain x AdamW",
              "refresh x AdamW", "amortized x AdamW", "compile s"], rows), ""]
@@ -139,9 +150,11 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--presets", default="tiny,60m")
   parser.add_argument("--methods", default=",".join(_common.METHODS))
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=0,
+                      help="rounds per preset (0: the preset's default, PRESETS)")
   parser.add_argument("--batch", type=int, default=0,
-                      help="override the presets' batch size (0: keep)")
+                      help="batch size for every preset (0: the preset's "
+                           "default, PRESETS)")
   parser.add_argument("--out", default=_common.RESULTS)
   parser.add_argument("--resume", action="store_true",
                       help="keep the presets saved in <out>/step_time.partial.json")
