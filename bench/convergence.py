@@ -21,7 +21,7 @@ project scanned (L, in, out) kernels; the math is the same either way.
 Writes bench/results/convergence.{json,md,png}; the JSON is updated after every
 run, and `--resume` skips runs already in it.
 
-  python -m bench.convergence                       # the full sweep (~30 min)
+  python -m bench.convergence                       # the full sweep (~1.5 h here)
   python -m bench.convergence --steps 20 --methods adamw,subtrack --lrs 3e-3
 """
 

@@ -1,0 +1,161 @@
+"""Targets summary, and the README's Results tables spliced in from bench/results.
+
+Reads the JSON results of the other benchmarks (nothing is measured here) and
+
+* writes `bench/results/targets.md`: per method, where it stands against the
+  targets of issue 5 (projected-matrix state <= 0.35x AdamW, compiled peak
+  below AdamW and optax.contrib.galore, non-refresh step <= 1.05x AdamW,
+  SubTrack++ refresh >= 10x cheaper than the SVD refresh, final eval loss
+  within 2% of AdamW), every figure computed from the result files;
+* replaces, in README.md, the text between each pair of markers
+  `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` with
+  `bench/results/NAME.md`, so the README's tables are the generated ones.
+
+  python -m bench.readme
+"""
+
+import argparse
+import json
+import os
+import re
+
+from bench import _common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBSPAX = ("galore", "subtrack", "grasswalk", "grassjump", "rso", "grass")
+
+
+def load(out: str, name: str) -> dict | None:
+  path = os.path.join(out, f"{name}.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def span(values: list[float]) -> str:
+  if not values:
+    return "-"
+  lo, hi = min(values), max(values)
+  return f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}"
+
+
+def verdict(values: list[float], ok) -> str:
+  if not values:
+    return "not measured"
+  n = sum(bool(ok(v)) for v in values)
+  return "met" if n == len(values) else ("missed" if n == 0 else
+                                         f"met in {n} of {len(values)}")
+
+
+def targets(out: str) -> str:
+  memory, refresh = load(out, "memory"), load(out, "refresh")
+  step, conv = load(out, "step_time"), load(out, "convergence")
+  methods = list(SUBSPAX) + ["optax_galore"]
+  rows, notes = [], []
+  for name in methods:
+    state, peak_a, peak_o, peak_cells, peak_o_cells = [], [], [], [], []
+    for res in (memory or {}).get("results", []):
+      ms = res["methods"]
+      if name not in ms or "adamw" not in ms:
+        continue
+      m, ref = ms[name], ms["adamw"]
+      state.append(m["projected_state_bytes"] / ref["projected_state_bytes"])
+      tag = res["size"] + (" scan" if res["scan"] else "")
+      peak_a.append(m["compiled"]["peak"] / ref["compiled"]["peak"])
+      peak_cells.append(f"{tag} {peak_a[-1]:.2f}")
+      og = ms.get("optax_galore")
+      if og and name != "optax_galore":
+        peak_o.append(m["compiled"]["peak"] / og["compiled"]["peak"])
+        peak_o_cells.append(f"{res['size']} {peak_o[-1]:.2f}")
+    whole = []
+    for res in (step or {}).get("results", []):
+      r = res["vs_adamw"].get(name)
+      if r:
+        whole.append((res["preset"], r["plain"]["median"], r["amortized"]["median"]))
+    opt_only = [res["vs_adamw"][f"{name}/plain"]["median"]
+                for res in (refresh or {}).get("results", [])
+                if f"{name}/plain" in res["vs_adamw"]]
+    loss = []
+    if conv:
+      runs = conv["runs"]
+      lr0 = conv["args"]["default_lr"]
+      at = {(r["method"], r["lr"]): r["final_eval_loss"] for r in runs}
+      best = lambda m: min(r["final_eval_loss"] for r in runs if r["method"] == m)
+      if (name, lr0) in at and ("adamw", lr0) in at:
+        loss = [at[(name, lr0)] / at[("adamw", lr0)], best(name) / best("adamw")]
+    rows.append([
+        name, span(state), ", ".join(peak_cells) or "-",
+        ", ".join(peak_o_cells) or "-",
+        ", ".join(f"{p} {a:.2f} / {b:.2f}" for p, a, b in whole) or "-",
+        span(opt_only),
+        " / ".join(f"{x:.3f}" for x in loss) or "-"])
+    notes.append((name, state, peak_a, peak_o, [w[1] for w in whole], opt_only,
+                  loss))
+  lines = [
+      "Per method, as ratios to AdamW measured in the same run (memory: same "
+      "size and layout). Projected state: attention and MLP kernels only "
+      "(bench.memory, every size). Peak: compiled train step (bench.memory; "
+      "'scan' = scanned layers, otherwise unrolled). Train step: whole step, "
+      "plain / amortized, median (bench.step_time). Optimizer update: one "
+      "non-refresh `tx.update` of one matrix, median, range over the shapes "
+      "and ranks of bench.refresh. Eval loss: final eval loss at the preset lr "
+      "/ best of the lr sweep (bench.convergence).", "",
+      _common.markdown_table(
+          ["method", "projected state x AdamW", "peak x AdamW",
+           "peak x optax_galore", "train step x AdamW (plain / amortized)",
+           "optimizer update x AdamW", "eval loss x AdamW"], rows), "",
+      "Targets (issue 5), computed from the same files:", ""]
+  for name, state, peak_a, peak_o, whole, opt_only, loss in notes:
+    parts = [
+        f"state <= 0.35x: {verdict(state, lambda v: v <= 0.35)}",
+        f"peak < AdamW: {verdict(peak_a, lambda v: v < 1)}",
+        f"peak < optax_galore: {verdict(peak_o, lambda v: v < 1)}"
+        if name != "optax_galore" else None,
+        f"train step <= 1.05x: {verdict(whole, lambda v: v <= 1.05)}",
+        f"optimizer update <= 1.05x: {verdict(opt_only, lambda v: v <= 1.05)}",
+        f"eval loss within 2%: {verdict(loss, lambda v: v <= 1.02)}",
+    ]
+    lines.append(f"- **{name}**: " + "; ".join(p for p in parts if p) + ".")
+  if refresh:
+    svd = [res["svd_over_geodesic"]["median"] for res in refresh["results"]]
+    cases = ", ".join(
+        f"{res['shape'][0]}x{res['shape'][1]} r{res['rank']} "
+        f"{res['svd_over_geodesic']['median']:.1f}x" for res in refresh["results"])
+    lines.append(f"- **SubTrack++ refresh >= 10x cheaper than the SVD refresh**: "
+                 f"{verdict(svd, lambda v: v >= 10)} ({cases}).")
+  return "\n".join(lines)
+
+
+def splice(readme: str, out: str) -> str:
+  def replace(match):
+    name = match.group(1)
+    path = os.path.join(out, f"{name}.md")
+    if not os.path.exists(path):  # not run yet: leave the README as it is
+      return match.group(0)
+    with open(path) as f:
+      body = f.read().strip()
+    return f"<!-- bench:{name} -->\n{body}\n<!-- /bench:{name} -->"
+  return re.sub(r"<!-- bench:(\w+) -->\n.*?<!-- /bench:\1 -->", replace, readme,
+                flags=re.S)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default=_common.RESULTS)
+  parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
+  args = parser.parse_args()
+  with open(os.path.join(args.out, "targets.md"), "w") as f:
+    f.write(targets(args.out) + "\n")
+  with open(args.readme) as f:
+    text = f.read()
+  new = splice(text, args.out)
+  if new != text:
+    with open(args.readme, "w") as f:
+      f.write(new)
+  print(f"wrote {args.out}/targets.md; README.md "
+        f"{'updated' if new != text else 'unchanged'}")
+
+
+if __name__ == "__main__":
+  main()
