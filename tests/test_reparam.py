@@ -15,6 +15,7 @@ import pytest
 
 import helpers
 import subspax
+from bench import reparam as bench_reparam
 from train import reparam
 from train import train
 
@@ -90,13 +91,6 @@ def _run(programs, batches):
   return state, losses
 
 
-def _weights(params):
-  """Model weights only: no deltas, no bases."""
-  drop = ("delta",) + reparam.BASIS_LEAVES
-  return {k: _weights(v) if isinstance(v, dict) else v
-          for k, v in params.items() if k not in drop}
-
-
 @pytest.mark.parametrize("name, scan", [("grass", True), ("grass", False),
                                         ("rso", True)])
 def test_mode_reproduces_the_plain_transformation(corpus, name, scan):
@@ -113,33 +107,41 @@ def test_mode_reproduces_the_plain_transformation(corpus, name, scan):
   np.testing.assert_allclose(mode_losses, plain_losses, rtol=1e-5)
   merged = reparam.merge_all(mode_state.params, reparam.side_option(cfg.opt))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
-               _weights(merged), _weights(plain_state.params))
+               reparam.model_weights(merged), plain_state.params)
 
 
 def _compiled(corpus, name, mode, **overrides):
-  """The compiled train step of the tiny preset, from abstract inputs."""
+  """The compiled train step, from abstract inputs, and its FLOP prediction."""
   cfg, programs = _programs(corpus, name, mode, **overrides)
   state = jax.eval_shape(programs.init)
   batch = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len + 1), jnp.int32)
-  return jax.jit(programs.train_step, donate_argnums=0).lower(state, batch).compile()
+  compiled = jax.jit(programs.train_step, donate_argnums=0).lower(state, batch).compile()
+  return compiled, bench_reparam.predicted_flops(cfg, programs)
 
 
 TINY = dict(model__d_model=256, model__n_layers=2, model__n_heads=4,
-            model__d_ff=704, opt__rank=64, seq_len=256, data__vocab_size=1024)
+            model__d_ff=704, opt__rank=64, seq_len=256,
+            data__vocab_size=8192)  # embedding and head stay unprojected (aspect > 8)
 
 
 def test_modes_compute_and_store_less(corpus):
-  compiled = {(n, m): _compiled(corpus, n, m, **TINY)
-              for n, m in (("adamw", False), ("grass", False), ("grass", True),
-                           ("rso", False), ("rso", True))}
+  results = {(n, m): _compiled(corpus, n, m, **TINY)
+             for n, m in (("adamw", False), ("grass", False), ("grass", True),
+                          ("rso", False), ("rso", True))}
+  compiled = {k: c for k, (c, _) in results.items()}
   memory = {k: c.memory_analysis() for k, c in compiled.items()}
   flops = {k: c.cost_analysis()["flops"] for k, c in compiled.items()}
   footprint = {k: m.argument_size_in_bytes + m.temp_size_in_bytes
                for k, m in memory.items()}
   assert footprint["grass", True] < footprint["grass", False]
   assert memory["rso", True].temp_size_in_bytes < memory["adamw", False].temp_size_in_bytes
-  # Weight gradients: 2 N r D instead of 2 N m n per projected matrix.
+  # Weight gradients: 2 N r D instead of 2 N m n per projected matrix; the
+  # step's FLOPs change as bench.reparam.predicted_flops derives.
   assert flops["grass", True] < flops["grass", False]
+  for name, change in (("grass", "rows_change"), ("rso", "dense_change")):
+    predicted = results[name, False][1][change]
+    np.testing.assert_allclose(flops[name, True] - flops[name, False], predicted,
+                               rtol=0.05, err_msg=name)
 
 
 @pytest.mark.parametrize("name", ["grass", "rso"])
@@ -159,13 +161,14 @@ def test_resume_across_a_refresh_is_bit_exact(corpus, tmp_path, name):
   assert a[8]["train/loss"] < a[1]["train/loss"]
 
 
-def test_sharded_remat_run_matches_one_device(corpus, tmp_path):
+@pytest.mark.parametrize("name", ["grass", "rso"])
+def test_sharded_remat_run_matches_one_device(corpus, tmp_path, name):
   losses = {}
   for data, fsdp, tensor in ((1, 1, 1), (2, 2, 2)):
-    cfg = helpers.make_config(corpus, steps=4, eval_every=0, opt__name="grass",
+    cfg = helpers.make_config(corpus, steps=4, eval_every=0, opt__name=name,
                               opt__update_interval=2, model__remat=True,
                               mesh__data=data, mesh__fsdp=fsdp, mesh__tensor=tensor)
-    cfg.opt.sparse_grads = True
+    cfg.opt[MODES[name]] = True
     workdir = tmp_path / f"{data}{fsdp}{tensor}"
     train.run(cfg, str(workdir))
     losses[data, fsdp, tensor] = [r["train/loss"] for r in helpers.records(workdir).values()]
@@ -186,3 +189,21 @@ def test_bad_mode_config_is_a_clear_error(corpus, tmp_path, overrides, message):
   cfg.update_from_flattened_dict(overrides)
   with pytest.raises(ValueError, match=message):
     train.run(cfg, str(tmp_path))
+
+
+def test_rso_prox_adds_prox_times_delta_to_its_gradient(corpus):
+  cfg = helpers.make_config(corpus, opt__name="rso", opt__prox=2.0)
+  cfg.opt.reparam = True
+  reparam.validate(cfg.opt)
+  tx = reparam.build_tx(cfg.opt, cfg.steps)
+  params = {"layer": {"delta": jnp.full((2, 3), 0.5), "kernel": jnp.ones((3, 3))},
+            "norm": jnp.ones((3,))}
+  trainable = reparam.split(params)[0]
+  assert "kernel" not in trainable["layer"]
+  state = tx.init(trainable)
+  _, state = tx.update(jax.tree.map(jnp.zeros_like, trainable), state, trainable)
+  inner = state[0].inner_states
+  delta_mu = jax.tree.leaves(inner["delta"].inner_state[1].mu)[0]
+  np.testing.assert_allclose(delta_mu, (1 - cfg.opt.b1) * 2.0 * 0.5)
+  other_mu = jax.tree.leaves(inner["other"].inner_state.mu)[0]
+  np.testing.assert_array_equal(other_mu, 0.0)

@@ -132,6 +132,14 @@ def combine(trainable: dict, frozen: dict) -> dict:
   return out
 
 
+def model_weights(params: dict) -> dict:
+  """The parameters without the deltas and bases (same as a plain model's tree
+  when the deltas are merged: `model_weights(merge_all(params, side))`)."""
+  drop = ("delta",) + BASIS_LEAVES
+  return {k: model_weights(v) if isinstance(v, dict) else v
+          for k, v in params.items() if k not in drop}
+
+
 def _delta_labels(tree: Any) -> Any:
   return jax.tree_util.tree_map_with_path(
       lambda path, _: "delta" if path[-1].key == "delta" else "other", tree)

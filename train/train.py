@@ -222,8 +222,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
     param_bytes = subspax.state_bytes(state.params)
     primary = jax.process_index() == 0
     if primary:
+      mode = programs.model_cfg.reparam
+      mode = (f" with {mode} subspace layers (rank {cfg.opt.rank}, refresh every "
+              f"{cfg.opt.update_interval} steps)") if mode else ""
       print(f"model: {model_lib.count_params(state.params):,} params, "
-            f"vocab {data.vocab_size}; optimizer {cfg.opt.name}; mesh "
+            f"vocab {data.vocab_size}; optimizer {cfg.opt.name}{mode}; mesh "
             f"{dict(mesh.shape)}", flush=True)
       print(metrics_lib.memory_report(compiled.memory_analysis(), state_bytes,
                                       param_bytes), flush=True)
