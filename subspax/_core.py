@@ -327,12 +327,13 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
   flat_fields = jax.tree.map(lambda a: a.reshape((num,) + a.shape[nb:]),
                              fields)
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num))
-  g_canonical = layout.to_canonical(g)
 
   def refresh_all(fields):
+    # The canonical (transposed, for side "right") gradient is formed inside
+    # the branch: as a cond operand it would be materialised at every step.
     refresh_one = functools.partial(_refresh_matrix, config, count=count)
     return jax.lax.map(lambda args: refresh_one(*args),
-                       (g_canonical, fields, keys))
+                       (layout.to_canonical(g), fields, keys))
 
   flat_fields = jax.lax.cond(count % config.update_interval == 0, refresh_all,
                              lambda f: f, flat_fields)
@@ -342,12 +343,32 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
     epoch_keys = jax.vmap(lambda k: _epoch_key(config, k, count))(keys)
     bases = jax.lax.map(
         lambda k: config.policy.sample(k, layout.d, layout.rank), epoch_keys)
-  step = functools.partial(_adam_step, config, count=count)
-  updates, new_fields = jax.vmap(step)(g_canonical, bases, flat_fields)
+  # The step works on each matrix as stored, (m, n): for side "right" the
+  # basis acts on the columns (`_RightSide`), so G and the update are never
+  # transposed (two m x n copies per step otherwise).
+  right = layout.side == "right"
+  step = functools.partial(_adam_step, config, count=count, right=right)
+  g_matrices = layout.to_matrices(g)
+  directions, kept_scales, new_fields = jax.vmap(step)(g_matrices, bases,
+                                                       flat_fields)
+  if kept_scales is None:
+    updates = jax.vmap(lambda b, x: _oriented(b, right).back(x, layout.d))(
+        bases, directions)
+  else:
+    updates = jax.vmap(functools.partial(
+        _back_plus_scaled_gradient, d=layout.d, right=right))(
+            bases, directions, kept_scales, g_matrices)
   new_fields = jax.tree.map(
       lambda a, old: a.reshape(old.shape).astype(old.dtype), new_fields, fields)
-  return layout.from_canonical(updates, g.dtype), ProjectedState(
+  return layout.from_matrices(updates, g.dtype), ProjectedState(
       *new_fields, layout=layout)
+
+
+def _back_plus_scaled_gradient(basis, direction, kept_scale, g, *, d: int,
+                               right: bool) -> jax.Array:
+  """The recovery update ``back(X) + diag(phi) G`` of one matrix."""
+  kept_scale = kept_scale[:, None] if right else kept_scale
+  return _oriented(basis, right).back(direction, d) + kept_scale * g
 
 
 def _epoch_key(config: _Config, key: jax.Array, count: jax.Array,
@@ -375,10 +396,43 @@ def _refresh_matrix(config: _Config, g: jax.Array, state: _MatrixState,
   return _MatrixState(stored, mu, nu, age, state.last_norm)
 
 
+class _RightSide(NamedTuple):
+  """A basis applied to a side-"right" matrix as stored, ``(D, d)``.
+
+  ``project(G) = (G S)^T``, ``back(X) = X^T S^T``: the canonical formulas of
+  the wrapped basis on ``G^T``, with the transposes on the small ``r x D``
+  side.
+  """
+
+  basis: Any
+
+  def project(self, g: jax.Array) -> jax.Array:
+    return self.basis.coords(g).T
+
+  def back(self, x: jax.Array, d: int) -> jax.Array:
+    return self.basis.embed(x.T, d)
+
+  def residual_sq_norm(self, g, r, phi) -> jax.Array:
+    return self.basis.residual_sq_norm(g.T, r, phi)
+
+
+def _oriented(basis, right: bool):
+  return _RightSide(basis) if right else basis
+
+
 def _adam_step(config: _Config, g: jax.Array, basis, state: _MatrixState, *,
-               count: jax.Array):
-  """One reduced-space Adam step on one canonical ``(d, D)`` matrix ``g``."""
-  d = g.shape[0]
+               count: jax.Array, right: bool):
+  """One reduced-space Adam step on one matrix ``g`` as stored, ``(m, n)``.
+
+  The math is that of the canonical ``(d, D)`` matrix (``G^T`` when
+  ``right``).
+
+  Returns:
+    ``(X, phi, state)``: the update is ``back(X) + diag(phi) G`` (in ``g``'s
+    orientation), with ``phi`` (``(D,)``) the recovery scales, ``None``
+    without recovery; and the new per-matrix state.
+  """
+  basis = _oriented(basis, right)
   reduced = basis.project(g)
   mu = config.b1 * state.mu.astype(jnp.float32) + (1 - config.b1) * reduced
   nu = config.b2 * state.nu.astype(jnp.float32) + (1 - config.b2) * jnp.square(
@@ -393,13 +447,12 @@ def _adam_step(config: _Config, g: jax.Array, basis, state: _MatrixState, *,
   nu_hat = nu / (1 - config.b2**steps)
   normalized = mu_hat / (jnp.sqrt(nu_hat) + config.eps)
 
-  last_norm = state.last_norm
+  last_norm, kept_scale = state.last_norm, None
+  direction = config.scale * normalized
   if config.recovery:
-    update, last_norm = _with_recovery(config, basis, g, reduced, normalized,
-                                       last_norm)
-  else:
-    update = basis.back(config.scale * normalized, d)
-  return update, _MatrixState(state.basis, mu, nu, age, last_norm)
+    direction, kept_scale, last_norm = _with_recovery(
+        config, basis, g, reduced, normalized, last_norm)
+  return direction, kept_scale, _MatrixState(state.basis, mu, nu, age, last_norm)
 
 
 def _new_basis(policy, old, g, key, r, count):
@@ -436,6 +489,9 @@ def _with_recovery(config: _Config, basis, g, reduced, normalized, last_norm):
   limited so that ``||Lambda||`` grows by at most ``recovery_limit`` per step.
   Uses ``U = back(scale N - f phi R) + f phi G`` (``back`` is linear), so no
   ``d x D`` residual is formed besides the output.
+
+  Returns:
+    ``(scale N - f phi R, f phi, ||Lambda||)``.
   """
   phi = jnp.linalg.norm(normalized, axis=0) / (
       jnp.linalg.norm(reduced, axis=0) + 1e-8)
@@ -444,7 +500,6 @@ def _with_recovery(config: _Config, basis, g, reduced, normalized, last_norm):
   too_big = (last_norm > 0) & (norm > limit)
   factor = jnp.where(too_big, limit / jnp.where(norm > 0, norm, 1.0), 1.0)
   scaled_phi = factor * phi
-  update = basis.back(config.scale * normalized - scaled_phi * reduced,
-                      g.shape[0]) + scaled_phi * g
-  return update, norm * factor
+  return (config.scale * normalized - scaled_phi * reduced, scaled_phi,
+          norm * factor)
 

@@ -102,19 +102,26 @@ class MatrixLayout(NamedTuple):
     """The kept dimension."""
     return self.n if self.side == "left" else self.m
 
+  def to_matrices(self, x: jax.Array) -> jax.Array:
+    """Views a parameter-shaped array as a float32 ``(B, m, n)`` stack."""
+    x = jnp.transpose(x, self.perm).reshape(self.num_matrices, self.m, self.n)
+    return x.astype(jnp.float32)
+
+  def from_matrices(self, x: jax.Array, dtype) -> jax.Array:
+    """Inverse of :meth:`to_matrices`, cast to ``dtype``."""
+    x = x.reshape(tuple(self.shape[a] for a in self.perm))
+    return jnp.transpose(x, _inverse(self.perm)).astype(dtype)
+
   def to_canonical(self, x: jax.Array) -> jax.Array:
     """Views a parameter-shaped array as a float32 ``(B, d, D)`` stack."""
-    x = jnp.transpose(x, self.perm).reshape(self.num_matrices, self.m, self.n)
-    if self.side == "right":
-      x = jnp.swapaxes(x, -1, -2)
-    return x.astype(jnp.float32)
+    x = self.to_matrices(x)
+    return jnp.swapaxes(x, -1, -2) if self.side == "right" else x
 
   def from_canonical(self, x: jax.Array, dtype) -> jax.Array:
     """Inverse of :meth:`to_canonical`, cast to ``dtype``."""
     if self.side == "right":
       x = jnp.swapaxes(x, -1, -2)
-    x = x.reshape(tuple(self.shape[a] for a in self.perm))
-    return jnp.transpose(x, _inverse(self.perm)).astype(dtype)
+    return self.from_matrices(x, dtype)
 
   def batched(self, *trailing: int) -> tuple[int, ...]:
     """Shape ``batch_shape + trailing``."""

@@ -76,9 +76,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     trainable, frozen = reparam.split(state.params)
     loss, grads = jax.value_and_grad(
         lambda p: loss_fn(reparam.combine(p, frozen), graphdef, batch_BxL1))(trainable)
+    # The norm reads the gradients before the optimizer may overwrite them in
+    # place (the barrier orders it; otherwise XLA keeps a copy for it).
+    grads, grad_norm = jax.lax.optimization_barrier((grads, optax.tree.norm(grads)))
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
     params = reparam.combine(optax.apply_updates(trainable, updates), frozen)
-    metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
+    metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                "lr": lr(state.step)}
     return TrainState(state.step + 1, params, opt_state), metrics
 
