@@ -6,10 +6,14 @@ data and keys, for their memory and FLOPs against the plain step, and for
 bit-exact resume across a refresh / merge boundary.
 """
 
+import math
+import re
+
 import hypothesis
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -17,6 +21,7 @@ import helpers
 import subspax
 from bench import reparam as bench_reparam
 from train import reparam
+from train import sharding as sharding_lib
 from train import train
 
 MODES = {"grass": "sparse_grads", "rso": "reparam"}
@@ -207,3 +212,40 @@ def test_rso_prox_adds_prox_times_delta_to_its_gradient(corpus):
   np.testing.assert_allclose(delta_mu, (1 - cfg.opt.b1) * 2.0 * 0.5)
   other_mu = jax.tree.leaves(inner["other"].inner_state.mu)[0]
   np.testing.assert_array_equal(other_mu, 0.0)
+
+
+def _all_reduce_bytes(hlo: str) -> int:
+  """Bytes of every all-reduce result in an optimized HLO module."""
+  sizes = {"f32": 4, "bf16": 2, "s32": 4, "u32": 4, "f16": 2}
+  total = 0
+  for line in hlo.splitlines():
+    if " all-reduce(" not in line and " all-reduce-start(" not in line:
+      continue
+    result = line.split("=", 1)[1].split("all-reduce", 1)[0]
+    for dtype, dims in re.findall(r"(\w+)\[([\d,]*)\]", result):
+      total += sizes.get(dtype, 4) * math.prod(int(x) for x in dims.split(",") if x)
+  return total
+
+
+def test_data_parallel_all_reduce_moves_reduced_gradients(corpus):
+  mesh = sharding_lib.make_mesh(ml_collections.ConfigDict(
+      {"data": 8, "fsdp": 1, "tensor": 1}))
+  for mode in (False, True):
+    # Unscanned: XLA would count an all-reduce inside the layer loop once.
+    cfg, programs = _programs(corpus, "grass", mode, model__scan=False)
+    shardings = train.train_state_shardings(
+        programs, mesh, sharding_lib.parse_rules(cfg.mesh.rules))
+    batch = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len + 1), jnp.int32)
+    with jax.set_mesh(mesh):
+      step = jax.jit(programs.train_step,
+                     in_shardings=(shardings, sharding_lib.batch_sharding(mesh)))
+      hlo = step.lower(jax.eval_shape(programs.init), batch).compile().as_text()
+    # Exactly the trainable leaves' gradients (and the loss) are all-reduced:
+    # r x D per projected matrix in the sparse mode, m x n in the plain one.
+    trainable = reparam.split(programs.param_shapes)[0]
+    grad_bytes = sum(x.size * 4 for x in jax.tree.leaves(trainable))
+    assert _all_reduce_bytes(hlo) == grad_bytes + 4, mode
+    trained = [jax.tree_util.keystr(p) for p, _ in
+               jax.tree_util.tree_leaves_with_path(trainable)]
+    assert any("['delta']" in name for name in trained) == mode
+    assert any("['mlp']['up']['kernel']" in name for name in trained) != mode

@@ -145,6 +145,18 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
                   make_train_step(graphdef, tx, lr), refresh)
 
 
+def train_state_shardings(programs: Programs, mesh: jax.sharding.Mesh,
+                          rules: dict[str, tuple[str, ...]]) -> TrainState:
+  """NamedShardings of the train state: parameters by their logical names,
+  optimizer states as `subspax.state_shardings` places them, step replicated."""
+  param_shardings = sharding_lib.param_shardings(
+      mesh, programs.param_shapes, programs.param_names, rules)
+  return TrainState(
+      sharding_lib.replicated(mesh), param_shardings,
+      subspax.state_shardings(programs.tx, reparam.split(programs.param_shapes)[0],
+                              reparam.split(param_shardings)[0]))
+
+
 class Result(NamedTuple):
   """What a run ends with."""
 
@@ -184,14 +196,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
       seed=cfg.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
   programs = build_programs(cfg, data.vocab_size)
-  param_shardings = sharding_lib.param_shardings(
-      mesh, programs.param_shapes, programs.param_names, rules)
-  tx, lr, init = programs.tx, programs.lr, programs.init
+  shardings = train_state_shardings(programs, mesh, rules)
+  param_shardings, init = shardings.params, programs.init
   replicated = sharding_lib.replicated(mesh)
-  shardings = TrainState(
-      replicated, param_shardings,
-      subspax.state_shardings(tx, reparam.split(programs.param_shapes)[0],
-                              reparam.split(param_shardings)[0]))
   batch_sharding = sharding_lib.batch_sharding(mesh)
   to_global = lambda b: sharding_lib.global_batch(b, batch_sharding)
 
