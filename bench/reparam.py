@@ -217,7 +217,10 @@ def table(all_results: dict) -> str:
         f"(reduced, {pred['wgrad_full'] / pred['wgrad_reduced']:.1f}x fewer). Step FLOP "
         f"change, measured (cost_analysis) vs predicted: grass+sparse "
         f"{g_change / 1e9:+.2f} G vs {pred['rows_change'] / 1e9:+.2f} G; rso+reparam "
-        f"{r_change / 1e9:+.2f} G vs {pred_rso['dense_change'] / 1e9:+.2f} G.")
+        f"{r_change / 1e9:+.2f} G vs {pred_rso['dense_change'] / 1e9:+.2f} G"
+        + (" (with remat the prediction bounds the change from above: XLA does "
+           "not recompute the outputs of the attention-output and MLP-down "
+           "projections)." if first["remat"] else "."))
   return "\n".join(lines)
 
 
