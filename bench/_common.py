@@ -5,10 +5,7 @@ machine and the date) and `bench/results/<name>.md` (the table the README
 includes), and prints the table.
 """
 
-import contextlib
 import datetime
-import functools
-import inspect
 import json
 import os
 import platform
@@ -19,7 +16,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import subspax
 
 from configs import base
 from train import optimizers
@@ -59,32 +55,6 @@ def machine_line(info: dict[str, Any]) -> str:
           f"optax {v['optax']}; {info['date']}.")
 
 
-@contextlib.contextmanager
-def galore_key_shim():
-  """Lets the trainer's registry build `galore` while it passes `key=` to it.
-
-  train/optimizers.py passes `key=seed` to every subspax method, but
-  `subspax.scale_by_galore` (deterministic SVD) takes no key, so
-  `opt.name="galore"` raises TypeError. Inside this context `subspax.galore`
-  drops the key; it is a no-op once galore accepts one.
-  """
-  original = subspax.galore
-  if "key" in inspect.signature(subspax.scale_by_galore).parameters:
-    yield
-    return
-
-  @functools.wraps(original)
-  def galore(*args, key=None, **kwargs):
-    del key
-    return original(*args, **kwargs)
-
-  subspax.galore = galore
-  try:
-    yield
-  finally:
-    subspax.galore = original
-
-
 def opt_config(name: str, *, rank: int, update_interval: int,
                learning_rate: float = 1e-3) -> ml_collections.ConfigDict:
   """The trainer's `opt` section for `name` with the given rank and interval."""
@@ -100,9 +70,8 @@ def opt_config(name: str, *, rank: int, update_interval: int,
 def build_tx(name: str, *, rank: int, update_interval: int, steps: int = 10_000,
              seed: int = 0):
   """The trainer registry's optimizer (train/optimizers.py), paper defaults."""
-  with galore_key_shim():
-    return optimizers.build(
-        opt_config(name, rank=rank, update_interval=update_interval), steps, seed)
+  return optimizers.build(
+      opt_config(name, rank=rank, update_interval=update_interval), steps, seed)
 
 
 def time_call(fn: Callable[[], Any], number: int = 1) -> float:

@@ -12,9 +12,8 @@ the `metrics.jsonl` it writes. Each method runs at a short learning-rate sweep
 the final eval loss at the preset learning rate and the best over the sweep,
 plus exact optimizer-state bytes and wall time (train.run end to end, compile
 and evals included; the machine is shared, so wall time is indicative only).
-Checkpointing is switched off (Checkpointer.save patched to a no-op), and
-`_common.galore_key_shim` lets the registry build `galore` (it passes a `key`
-that subspax.galore does not take).
+Checkpointing is switched off (Checkpointer.save patched to a no-op): it is
+not what is measured.
 `model.scan` is False for every run because optax.contrib.galore cannot
 project scanned (L, in, out) kernels; the math is the same either way.
 
@@ -50,6 +49,8 @@ NAME = "convergence"
 def make_config(method: str, lr: float, args: argparse.Namespace):
   cfg = tiny.get_config()
   cfg.steps = args.steps
+  cfg.batch_size = args.batch_size or cfg.batch_size
+  cfg.seq_len = args.seq_len or cfg.seq_len
   cfg.eval_every = args.eval_every
   cfg.checkpoint_every = args.steps  # one checkpoint, at the end
   cfg.log_every = 1
@@ -68,10 +69,9 @@ def run_one(method: str, lr: float, args: argparse.Namespace) -> dict:
   workdir = os.path.join(args.workdir, f"{method}-lr{lr:g}")
   shutil.rmtree(workdir, ignore_errors=True)  # never resume a stale run
   start = time.perf_counter()
-  # No checkpoints: they are not what is measured, and orbax refuses the
-  # zero-size arrays in optax.contrib.galore's state (a trainer issue).
+  # No checkpoints: they are not what is measured.
   with mock.patch.object(checkpoint_lib.Checkpointer, "save",
-                         lambda *a, **k: None), _common.galore_key_shim():
+                         lambda *a, **k: None):
     train_lib.run(cfg, workdir)
   wall = time.perf_counter() - start
   records = metrics_lib.read(workdir)
@@ -89,6 +89,7 @@ def run_one(method: str, lr: float, args: argparse.Namespace) -> dict:
       "wall_s": wall,
       "step_time_s_sum": sum(r["perf/step_time"] for r in records[1:]),
       "rank": cfg.opt.rank, "update_interval": cfg.opt.update_interval,
+      "batch_size": cfg.batch_size, "seq_len": cfg.seq_len,
   }
 
 
@@ -120,7 +121,8 @@ def report(payload: dict, default_lr: float) -> str:
     ])
   any_run = runs[0]
   text = [
-      f"Tiny preset (7.4M params, vocab 8192), batch 8 x seq 256, "
+      f"Tiny preset (7.4M params, vocab 8192), batch "
+      f"{any_run.get('batch_size', 8)} x seq {any_run.get('seq_len', 256)}, "
       f"{any_run['steps']} steps = {any_run['tokens']:,} tokens, seed "
       f"{payload['args']['seed']}, rank {any_run['rank']}, refresh every "
       f"{any_run['update_interval']} steps, warmup 10% then cosine to 0.1x, "
@@ -141,28 +143,43 @@ def report(payload: dict, default_lr: float) -> str:
 
 
 def plot(payload: dict, path: str) -> None:
+  """Eval loss vs tokens: the best lr of the sweep per method and the preset
+  lr; with a single lr, the eval loss and the train loss at that lr."""
   runs = payload["runs"]
   methods = [m for m in payload["methods"] if any(r["method"] == m for r in runs)]
-  fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
   default_lr = payload["args"]["default_lr"]
+  swept = len({r["lr"] for r in runs}) > 1
+  fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=swept)
   for m in methods:
     mine = [r for r in runs if r["method"] == m]
     best = min(mine, key=lambda r: r["final_eval_loss"])
     style = "k-" if m == "adamw" else "-"
     x, y = zip(*best["eval"])
     axes[0].plot(x, y, style, marker="o", ms=3, label=f"{m} (lr {best['lr']:g})")
-    at_default = [r for r in mine if r["lr"] == default_lr]
-    if at_default:
-      x, y = zip(*at_default[0]["eval"])
-      axes[1].plot(x, y, style, marker="o", ms=3, label=m)
-  axes[0].set_title("best learning rate of the sweep, per method")
-  axes[1].set_title(f"preset learning rate {default_lr:g}")
+    if swept:
+      at_default = [r for r in mine if r["lr"] == default_lr]
+      if at_default:
+        x, y = zip(*at_default[0]["eval"])
+        axes[1].plot(x, y, style, marker="o", ms=3, label=m)
+    else:
+      x, y = zip(*best["train_loss"])
+      window = max(1, len(y) // 50)  # a running mean over 2% of the steps
+      smooth = [sum(y[max(0, i - window + 1):i + 1]) / len(y[max(0, i - window + 1):i + 1])
+                for i in range(len(y))]
+      axes[1].plot(x, smooth, style, lw=1, label=m)
+  if swept:
+    axes[0].set_title("best learning rate of the sweep, per method")
+    axes[1].set_title(f"preset learning rate {default_lr:g}")
+    axes[0].set_ylabel("eval loss (nats/token)")
+  else:
+    axes[0].set_title("eval loss (held out)")
+    axes[1].set_title("train loss (running mean)")
+    axes[0].set_ylabel("loss (nats/token)")
   for ax in axes:
     ax.set_xlabel("training tokens")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  axes[0].set_ylabel("eval loss (nats/token)")
-  fig.suptitle("tiny LLaMA on Shakespeare+Milton: eval loss vs tokens")
+  fig.suptitle("tiny LLaMA on Shakespeare+Milton: loss vs tokens")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -176,6 +193,10 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=60)
   parser.add_argument("--eval-every", type=int, default=15)
   parser.add_argument("--rank", type=int, default=0, help="0: the preset's rank")
+  parser.add_argument("--batch-size", type=int, default=0, help="0: the preset's")
+  parser.add_argument("--seq-len", type=int, default=0, help="0: the preset's")
+  parser.add_argument("--name", default=NAME,
+                      help="results file stem (bench/results/NAME.{json,md,png})")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(),
                                                         "subspax-bench-convergence"))
@@ -186,12 +207,12 @@ def main() -> None:
   methods = args.methods.split(",")
   lrs = [float(x) for x in args.lrs.split(",")]
   args.default_lr = tiny.get_config().opt.learning_rate
-  json_path = os.path.join(args.out, f"{NAME}.json")
+  json_path = os.path.join(args.out, f"{args.name}.json")
   runs = []
   if args.resume and os.path.exists(json_path):
     with open(json_path) as f:
       runs = json.load(f)["runs"]
-  payload = {"benchmark": NAME, "machine": _common.machine(), "args": vars(args),
+  payload = {"benchmark": args.name, "machine": _common.machine(), "args": vars(args),
              "methods": methods, "eval_batches": tiny.get_config().eval_batches,
              "runs": runs}
   os.makedirs(args.out, exist_ok=True)
@@ -208,8 +229,8 @@ def main() -> None:
       with open(json_path, "w") as f:
         json.dump(payload, f, indent=1)
   markdown = report(payload, args.default_lr)
-  plot(payload, os.path.join(args.out, f"{NAME}.png"))
-  _common.write_results(NAME, payload, markdown, args.out)
+  plot(payload, os.path.join(args.out, f"{args.name}.png"))
+  _common.write_results(args.name, payload, markdown, args.out)
 
 
 if __name__ == "__main__":

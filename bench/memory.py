@@ -129,8 +129,7 @@ def measure(spec: str, methods: list[str], args, partial: dict,
       print(f"{key}: from the partial results", flush=True)
       continue
     opt_cfg = _common.opt_config(name, rank=rank, update_interval=interval)
-    with _common.galore_key_shim():
-      tx = optimizers.build(opt_cfg, cfg.steps, cfg.seed)
+    tx = optimizers.build(opt_cfg, cfg.steps, cfg.seed)
     lr = optimizers.schedule(opt_cfg, cfg.steps)
     opt_state = jax.eval_shape(tx.init, params)
     state = train_lib.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,

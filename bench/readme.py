@@ -48,9 +48,26 @@ def verdict(values: list[float], ok) -> str:
                                          f"met in {n} of {len(values)}")
 
 
+def eval_loss_ratios(result: dict | None, name: str, with_best: bool) -> list[float]:
+  """Final eval loss / AdamW's: at the preset lr (and the best of the sweep)."""
+  if not result:
+    return []
+  runs = result["runs"]
+  lr0 = result["args"]["default_lr"]
+  at = {(r["method"], r["lr"]): r["final_eval_loss"] for r in runs}
+  if (name, lr0) not in at or ("adamw", lr0) not in at:
+    return []
+  out = [at[(name, lr0)] / at[("adamw", lr0)]]
+  if with_best:
+    best = lambda m: min(r["final_eval_loss"] for r in runs if r["method"] == m)
+    out.append(best(name) / best("adamw"))
+  return out
+
+
 def targets(out: str) -> str:
   memory, refresh = load(out, "memory"), load(out, "refresh")
   step, conv = load(out, "step_time"), load(out, "convergence")
+  long_conv = load(out, "convergence_long")
   methods = list(SUBSPAX) + ["optax_galore"]
   rows, notes = [], []
   for name in methods:
@@ -76,14 +93,9 @@ def targets(out: str) -> str:
     opt_only = [res["vs_adamw"][f"{name}/plain"]["median"]
                 for res in (refresh or {}).get("results", [])
                 if f"{name}/plain" in res["vs_adamw"]]
-    loss = []
-    if conv:
-      runs = conv["runs"]
-      lr0 = conv["args"]["default_lr"]
-      at = {(r["method"], r["lr"]): r["final_eval_loss"] for r in runs}
-      best = lambda m: min(r["final_eval_loss"] for r in runs if r["method"] == m)
-      if (name, lr0) in at and ("adamw", lr0) in at:
-        loss = [at[(name, lr0)] / at[("adamw", lr0)], best(name) / best("adamw")]
+    loss = []  # long run at the preset lr, then the short sweep: preset / best
+    for result, with_best in ((long_conv, False), (conv, True)):
+      loss += eval_loss_ratios(result, name, with_best)
     rows.append([
         name, span(state), ", ".join(peak_cells) or "-",
         ", ".join(peak_o_cells) or "-",
@@ -99,8 +111,10 @@ def targets(out: str) -> str:
       "'scan' = scanned layers, otherwise unrolled). Train step: whole step, "
       "plain / amortized, median (bench.step_time). Optimizer update: one "
       "non-refresh `tx.update` of one matrix, median, range over the shapes "
-      "and ranks of bench.refresh. Eval loss: final eval loss at the preset lr "
-      "/ best of the lr sweep (bench.convergence).", "",
+      "and ranks of bench.refresh. Eval loss: final eval loss of the long run "
+      "at the preset lr (bench.convergence --name convergence_long, when "
+      "present), then of the short run at the preset lr / best of its lr "
+      "sweep (bench.convergence).", "",
       _common.markdown_table(
           ["method", "projected state x AdamW", "peak x AdamW",
            "peak x optax_galore", "train step x AdamW (plain / amortized)",

@@ -1,6 +1,6 @@
 """Memory and FLOPs of the GRASS sparse-gradient and RSO reparametrised modes.
 
-For the tiny and 60M presets (each with its own batch, sequence, rank and
+For the tiny and 60M presets (and, with `--presets`, 350m or 1b) (each with its own batch, sequence, rank and
 layout), five configurations of the trainer, compiled from abstract inputs
 (nothing is allocated or run):
 
@@ -18,9 +18,9 @@ FLOPs (run once every T steps). FLOP predictions per projected matrix
 with remat):
 
 * weight gradient: 2 N m n -> 2 N r D;
-* rows (GRASS): total change -2 N m n + 6 N r D (the delta's forward
-  product, its input gradient and its weight gradient; gathers and scatters
-  are free);
+* rows (GRASS, a custom VJP): total change -2 N m n + 2 N r D (the r
+  delta rows are added into W before the forward product, so only the
+  weight gradient changes; gathers and scatters are free);
 * dense (RSO): -2 N m n + 6 N r D + 4 N r d (plus x S and its transpose),
   minus the plain transformation's 4 m n r of S^T G and S N;
 * XLA counts a scanned layer loop's body once (see `predicted_flops`).
@@ -57,7 +57,8 @@ CASES = {  # label -> (opt.name, mode flag or "")
     "rso": ("rso", ""),
     "rso+reparam": ("rso", "reparam"),
 }
-PRESETS = {"tiny": "configs.tiny", "60m": "configs.llama_60m"}
+PRESETS = {"tiny": "configs.tiny", "60m": "configs.llama_60m", "350m": "configs.llama_350m",
+           "1b": "configs.llama_1b"}
 
 
 def config(preset: str, name: str, flag: str):
@@ -92,12 +93,16 @@ def predicted_flops(cfg, programs) -> dict[str, float]:
     full, reduced = 2 * tokens * m * n, 2 * tokens * rank * big_d
     out["wgrad_full"] += layers * full
     out["wgrad_reduced"] += layers * reduced
-    # the delta's forward product (once per forward pass), its input
-    # gradient and its weight gradient replace the full weight gradient
-    rows = (forward + 2) * reduced - full
-    out["rows_change"] += in_loop * rows
-    basis_products = 2 * (forward + 1) * tokens * rank * d  # x S and dh S^T
-    out["dense_change"] += in_loop * (rows + basis_products) - layers * 4 * m * n * rank
+    # GRASS (custom VJP): the r delta rows are added into W (no matmul), so
+    # only the weight gradient shrinks, from 2 N m n to 2 N r D.
+    out["rows_change"] += in_loop * (reduced - full)
+    # RSO: x W + (x S) Delta adds the delta's forward product (once per
+    # forward pass) and its input gradient, and the basis products x S and
+    # dh S^T; the plain transformation's S^T G and S N are gone.
+    delta_products = (forward + 2) * reduced - full
+    basis_products = 2 * (forward + 1) * tokens * rank * d
+    out["dense_change"] += (in_loop * (delta_products + basis_products)
+                            - layers * 4 * m * n * rank)
   return out
 
 

@@ -79,8 +79,7 @@ def bench_preset(preset: str, args) -> dict:
   fns, compile_s = {}, {}
   for name in args.methods:
     opt_cfg = _common.opt_config(name, rank=rank, update_interval=interval)
-    with _common.galore_key_shim():
-      tx = optimizers.build(opt_cfg, cfg.steps, cfg.seed)
+    tx = optimizers.build(opt_cfg, cfg.steps, cfg.seed)
     lr = optimizers.schedule(opt_cfg, cfg.steps)
     step = jax.jit(train_lib.make_train_step(graphdef, tx, lr))
     state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))

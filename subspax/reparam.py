@@ -30,6 +30,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Union
 
 import jax
@@ -61,7 +62,17 @@ def delta_shape(m: int, n: int, rank: int, side: str) -> tuple[int, int]:
 
 def dense(x: jax.Array, kernel: jax.Array, delta: jax.Array, basis: Basis, *,
           side: str) -> jax.Array:
-  """``x (W + back(Delta))`` without forming ``back(Delta)``.
+  """``x (sg(W) + back(Delta))``: a frozen kernel plus a trainable delta.
+
+  The kernel is frozen (its gradient is zero); only ``delta`` and ``x`` get
+  gradients. For a ``RowBasis`` (GRASS) the forward pass adds the ``r``
+  scaled delta rows into ``W`` (no extra matmul) and the backward pass is a
+  custom VJP: ``dx = dy (W + back(Delta))^T`` and ``dDelta`` from the ``r``
+  selected input columns (side ``"left"``: ``coords(x)^T dy``, only ``N x r``
+  saved) or output columns (``"right"``: ``coords(dy)^T x``), ``2 N r D``
+  FLOPs in place of the ``2 N m n`` of a full weight gradient. For a
+  ``DenseBasis`` (RSO) it is ``x W + (x S) Delta``, so only ``x S``
+  (``N x r``) is saved for ``dDelta``.
 
   Args:
     x: Activations ``(..., m)``, in the compute dtype.
@@ -69,18 +80,61 @@ def dense(x: jax.Array, kernel: jax.Array, delta: jax.Array, basis: Basis, *,
     delta: ``Delta``, ``(r, n)`` for side ``"left"``, ``(r, m)`` for
       ``"right"``; cast to ``x.dtype``.
     basis: One matrix's ``DenseBasis`` (``s``: ``(d, r)``) or ``RowBasis``.
-    side: ``"left"`` or ``"right"`` (resolved, see :func:`resolve_side`).
+    side: ``"left"``, ``"right"`` or ``"auto"`` (see :func:`resolve_side`).
 
   Returns:
     ``y``, ``(..., n)`` in ``x.dtype``.
   """
   m, n = kernel.shape
   side = resolve_side(m, n, side)
-  y = x @ kernel.astype(x.dtype)
+  kernel = jax.lax.stop_gradient(kernel).astype(x.dtype)
   delta = delta.astype(x.dtype)
+  if isinstance(basis, _bases.RowBasis):
+    return _row_linear(side, x, kernel, delta, basis.index, basis.scale)
+  y = x @ kernel
   if side == "left":
     return y + basis.coords(x) @ delta
   return y + basis.embed(x @ delta.T, n)
+
+
+def _with_rows(side: str, w: jax.Array, delta: jax.Array, index: jax.Array,
+               scale: jax.Array) -> jax.Array:
+  """``W + back(Delta)`` for a row selector: ``r`` scaled rows (or columns)."""
+  rows = scale[:, None].astype(delta.dtype) * delta
+  if side == "left":
+    return w.at[index].add(rows)
+  return w.at[:, index].add(rows.T)
+
+
+def _contract(a: jax.Array, b: jax.Array) -> jax.Array:
+  """``a^T b`` over every leading axis: ``(..., p), (..., q) -> (p, q)``."""
+  return jnp.einsum("...p,...q->pq", a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _row_linear(side, x, w, delta, index, scale):
+  return x @ _with_rows(side, w, delta, index, scale)
+
+
+def _row_linear_fwd(side, x, w, delta, index, scale):
+  y = x @ _with_rows(side, w, delta, index, scale)
+  # What dDelta needs: the selected input columns (left) or all of x (right).
+  saved = _bases.RowBasis(index, scale).coords(x) if side == "left" else x
+  return y, (saved, w, delta, index, scale)
+
+
+def _row_linear_bwd(side, residuals, dy):
+  saved, w, delta, index, scale = residuals
+  dx = dy @ _with_rows(side, w, delta, index, scale).T
+  if side == "left":
+    d_delta = _contract(saved, dy)
+  else:
+    d_delta = _contract(_bases.RowBasis(index, scale).coords(dy), saved)
+  return (dx, jnp.zeros_like(w), d_delta.astype(delta.dtype), None,
+          jnp.zeros_like(scale))
+
+
+_row_linear.defvjp(_row_linear_fwd, _row_linear_bwd)
 
 
 def merge(kernel: jax.Array, delta: jax.Array, basis: Basis, *,

@@ -182,6 +182,12 @@ def _layers(params: dict, path: tuple = ()):
       yield from _layers(params[key], path + (key,))
 
 
+def _get(tree: dict, path: tuple) -> dict:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
 def _set(tree: dict, path: tuple, value: dict) -> dict:
   if not path:
     return value
@@ -237,13 +243,15 @@ def side_option(opt_cfg: Any) -> str:
   return _options(opt_cfg)["side"]
 
 
-def make_refresh(loss: Callable[[dict, jax.Array], jax.Array],
+def make_refresh(plain_loss: Callable[[dict, jax.Array], jax.Array],
                  tx: optax.GradientTransformation, opt_cfg: Any,
                  seed: int) -> Callable:
   """The refresh program: merge deltas, choose new bases, reset moments.
 
   Args:
-    loss: `(params, batch) -> scalar`, the training loss.
+    plain_loss: `(weights, batch) -> scalar`, the training loss of the plain
+      model (ordinary kernels) on `model_weights(params)`: the subspace
+      layers freeze their kernels, so GRASS's full gradient is taken there.
     tx: The mode's optimizer (`build_tx`).
     opt_cfg: The `opt` section (method, rank, interval, kwargs).
     seed: The run's seed; keys follow `subspax.scale_by_subspace_adam`'s
@@ -264,11 +272,13 @@ def make_refresh(loss: Callable[[dict, jax.Array], jax.Array],
 
   def full_gradients(params: dict, layers: list, batch) -> list[jax.Array]:
     """d loss / d kernel of every reparametrised layer (the deltas are 0)."""
+    weights = model_weights(params)
+
     def kernel_loss(kernels):
-      full = params
-      for (path, layer), kernel in zip(layers, kernels):
-        full = _set(full, path, {**layer, "kernel": kernel})
-      return loss(full, batch)
+      full = weights
+      for (path, _), kernel in zip(layers, kernels):
+        full = _set(full, path, {**_get(full, path), "kernel": kernel})
+      return plain_loss(full, batch)
     return jax.grad(kernel_loss)([layer["kernel"] for _, layer in layers])
 
   def new_bases(layer: dict, grad, key: jax.Array, step: jax.Array):

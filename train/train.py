@@ -7,6 +7,7 @@ position).
 """
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -139,8 +140,10 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
 
   refresh = None
   if model_cfg.reparam:
-    refresh = reparam.make_refresh(lambda p, b: loss_fn(p, graphdef, b), tx,
-                                   cfg.opt, cfg.seed)
+    plain_graphdef = model_lib.abstract_model(
+        dataclasses.replace(model_cfg, reparam=""))[0]
+    refresh = reparam.make_refresh(lambda p, b: loss_fn(p, plain_graphdef, b),
+                                   tx, cfg.opt, cfg.seed)
   return Programs(model_cfg, graphdef, param_shapes, param_names, tx, lr, init,
                   make_train_step(graphdef, tx, lr), refresh)
 
