@@ -135,5 +135,17 @@ def write_results(name: str, payload: dict[str, Any], markdown: str,
   print(f"wrote {out_dir}/{name}.json and {name}.md", flush=True)
 
 
+def compiled_memory(compiled: Any) -> dict[str, int]:
+  """A compiled program's `memory_analysis()` in bytes, with its peak.
+
+  peak = argument + temp + output - alias (what donation lets XLA reuse).
+  """
+  mem = compiled.memory_analysis()
+  out = {"argument": mem.argument_size_in_bytes, "temp": mem.temp_size_in_bytes,
+         "output": mem.output_size_in_bytes, "alias": mem.alias_size_in_bytes}
+  out["peak"] = out["argument"] + out["temp"] + out["output"] - out["alias"]
+  return out
+
+
 def mib(n: float) -> float:
   return n / 2**20

@@ -133,15 +133,13 @@ def measure_case(preset: str, case: str, steps: int, warmup: int) -> dict:
   jax.block_until_ready((state, metrics))
   seconds = (time.perf_counter() - start) / (steps - warmup)
   stats = jax.local_devices()[0].memory_stats() or {}
-  mem = compiled.memory_analysis()
   return {
       "preset": preset, "case": case, "steps": steps, "warmup": warmup,
       "step_s": seconds,
       "tokens_per_s": cfg.batch_size * cfg.seq_len / seconds,
       "final_loss": float(metrics["train/loss"]),
       "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
-      "compiled_peak": (mem.argument_size_in_bytes + mem.temp_size_in_bytes
-                        + mem.output_size_in_bytes - mem.alias_size_in_bytes),
+      "compiled_peak": _common.compiled_memory(compiled)["peak"],
       "params": model_lib.count_params(state.params),
       "flops_per_token": flops_per_token(programs.model_cfg, cfg.seq_len),
       "batch": cfg.batch_size, "seq_len": cfg.seq_len, "rank": cfg.opt.rank,
@@ -155,10 +153,8 @@ def compiled_peak(preset: str, case: str) -> int:
   programs = _programs(cfg)
   state = jax.eval_shape(programs.init)
   batch = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len + 1), jnp.int32)
-  mem = (jax.jit(programs.train_step, donate_argnums=0).lower(state, batch)
-         .compile().memory_analysis())
-  return (mem.argument_size_in_bytes + mem.temp_size_in_bytes
-          + mem.output_size_in_bytes - mem.alias_size_in_bytes)
+  compiled = jax.jit(programs.train_step, donate_argnums=0).lower(state, batch).compile()
+  return _common.compiled_memory(compiled)["peak"]
 
 
 def _worker(kind: str, preset: str, case: str, args) -> dict:

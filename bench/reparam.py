@@ -172,12 +172,8 @@ def measure(preset: str, time_repeats: int) -> dict:
 
 
 def _analysis(compiled) -> dict[str, float]:
-  mem = compiled.memory_analysis()
-  out = {"argument": mem.argument_size_in_bytes, "temp": mem.temp_size_in_bytes,
-         "output": mem.output_size_in_bytes, "alias": mem.alias_size_in_bytes,
-         "flops": compiled.cost_analysis()["flops"]}
-  out["peak"] = out["argument"] + out["temp"] + out["output"] - out["alias"]
-  return out
+  return {**_common.compiled_memory(compiled),
+          "flops": compiled.cost_analysis()["flops"]}
 
 
 def table(all_results: dict) -> str:

@@ -63,6 +63,12 @@ def test_layer_is_the_merged_kernel_and_its_delta_gradient_is_the_reduced_one(
   reduced = basis.project(subspax.reparam.canonical(g, side))
   np.testing.assert_allclose(grad_delta, reduced, rtol=1e-4, atol=1e-4)
 
+  # dx goes through the effective kernel; the frozen kernel gets no gradient.
+  grad_x, grad_w = jax.grad(lambda x_, w_: jnp.sum(
+      subspax.reparam.dense(x_, w_, delta, basis, side=side) * dy), (0, 1))(x, w)
+  np.testing.assert_allclose(grad_x, dy @ merged.T, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(grad_w, jnp.zeros_like(w))
+
 
 def test_side_resolution_and_delta_shapes():
   assert subspax.reparam.resolve_side(4, 4) == "left"
