@@ -212,8 +212,9 @@ def main() -> None:
   if args.resume and os.path.exists(json_path):
     with open(json_path) as f:
       runs = json.load(f)["runs"]
+  reported = list(dict.fromkeys([r["method"] for r in runs] + methods))
   payload = {"benchmark": args.name, "machine": _common.machine(), "args": vars(args),
-             "methods": methods, "eval_batches": tiny.get_config().eval_batches,
+             "methods": reported, "eval_batches": tiny.get_config().eval_batches,
              "runs": runs}
   os.makedirs(args.out, exist_ok=True)
   # Learning rate outermost: every method gets the default lr before any sweep.
