@@ -48,8 +48,13 @@ def verdict(values: list[float], ok) -> str:
                                          f"met in {n} of {len(values)}")
 
 
-def eval_loss_ratios(result: dict | None, name: str, with_best: bool) -> list[float]:
-  """Final eval loss / AdamW's: at the preset lr (and the best of the sweep)."""
+def eval_loss_ratios(result: dict | None, name: str, sweep: bool) -> list[float]:
+  """Final eval loss ratios to AdamW's.
+
+  Sweep (the short run): at the preset lr to AdamW's at the preset lr, and
+  the best of the sweep to AdamW's best. Otherwise (the long run): at the
+  preset lr to AdamW's best over the lrs it ran at.
+  """
   if not result:
     return []
   runs = result["runs"]
@@ -57,11 +62,10 @@ def eval_loss_ratios(result: dict | None, name: str, with_best: bool) -> list[fl
   at = {(r["method"], r["lr"]): r["final_eval_loss"] for r in runs}
   if (name, lr0) not in at or ("adamw", lr0) not in at:
     return []
-  out = [at[(name, lr0)] / at[("adamw", lr0)]]
-  if with_best:
-    best = lambda m: min(r["final_eval_loss"] for r in runs if r["method"] == m)
-    out.append(best(name) / best("adamw"))
-  return out
+  best = lambda m: min(r["final_eval_loss"] for r in runs if r["method"] == m)
+  if sweep:
+    return [at[(name, lr0)] / at[("adamw", lr0)], best(name) / best("adamw")]
+  return [at[(name, lr0)] / best("adamw")]
 
 
 def targets(out: str) -> str:
@@ -94,8 +98,8 @@ def targets(out: str) -> str:
                 for res in (refresh or {}).get("results", [])
                 if f"{name}/plain" in res["vs_adamw"]]
     loss = []  # long run at the preset lr, then the short sweep: preset / best
-    for result, with_best in ((long_conv, False), (conv, True)):
-      loss += eval_loss_ratios(result, name, with_best)
+    for result, sweep in ((long_conv, False), (conv, True)):
+      loss += eval_loss_ratios(result, name, sweep)
     rows.append([
         name, span(state), ", ".join(peak_cells) or "-",
         ", ".join(peak_o_cells) or "-",
@@ -112,9 +116,9 @@ def targets(out: str) -> str:
       "plain / amortized, median (bench.step_time). Optimizer update: one "
       "non-refresh `tx.update` of one matrix, median, range over the shapes "
       "and ranks of bench.refresh. Eval loss: final eval loss of the long run "
-      "at the preset lr (bench.convergence --name convergence_long, when "
-      "present), then of the short run at the preset lr / best of its lr "
-      "sweep (bench.convergence).", "",
+      "at the preset lr vs AdamW's best lr in that run (bench.convergence "
+      "--name convergence_long, when present), then of the 60-step run at the "
+      "preset lr / best of its lr sweep (bench.convergence).", "",
       _common.markdown_table(
           ["method", "projected state x AdamW", "peak x AdamW",
            "peak x optax_galore", "train step x AdamW (plain / amortized)",
