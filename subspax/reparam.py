@@ -17,7 +17,8 @@ functions move the subspace into the layer instead. A kernel ``W`` (``m x n``,
 
 ``coords``/``embed`` are the basis applied to activations: ``x S`` / ``h S^T``
 for a dense basis (RSO), a scaled column gather / scatter for a row selector
-(GRASS). At ``Delta = 0`` the gradient with respect to ``Delta`` is exactly
+(GRASS). For a row selector the layer is a custom VJP that adds the delta's
+rows into ``W`` before the one matmul, so only the weight gradient shrinks. At ``Delta = 0`` the gradient with respect to ``Delta`` is exactly
 the reduced gradient ``project(G)`` the subspax transformations compute, so
 Adam on ``Delta`` with its moments reset at every refresh is GRASS (reset
 moments, ``alpha = 1``) or RSO; every ``T`` steps :func:`merge` folds
@@ -113,6 +114,9 @@ def _contract(a: jax.Array, b: jax.Array) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _row_linear(side, x, w, delta, index, scale):
+  """GRASS's layer (Muhamed et al., section 3): ``x (W + back(Delta))`` whose
+  backward pass computes only the ``r`` selected rows of the weight gradient.
+  Every array is in the compute dtype; ``w`` gets a zero cotangent (frozen)."""
   return x @ _with_rows(side, w, delta, index, scale)
 
 
