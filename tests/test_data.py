@@ -199,6 +199,7 @@ def test_killed_tokenization_leaves_no_cache(corpus, tmp_path, monkeypatch):
 def test_tfds_corpus_with_own_tokenizer(corpus, tmp_path):
   PseudoEnglishForTest(data_dir=str(tmp_path), file_format="array_record"
                        ).download_and_prepare()
+  _build(corpus)  # trains (or reuses) the corpus's tokenizer: no test order assumed
   model = glob.glob(os.path.join(corpus["dir"], "tokenizers", "*.model"))[0]
   cfg = _cfg(corpus, corpus="tfds", tfds_name="pseudo_english_for_test",
              tfds_data_dir=str(tmp_path), text_key="content", tokenizer=model,
