@@ -6,6 +6,7 @@ includes), and prints the table.
 """
 
 import datetime
+import importlib
 import json
 import os
 import platform
@@ -133,6 +134,22 @@ def write_results(name: str, payload: dict[str, Any], markdown: str,
     f.write(markdown.rstrip() + "\n")
   print(markdown, flush=True)
   print(f"wrote {out_dir}/{name}.json and {name}.md", flush=True)
+
+
+# preset name -> config module
+PRESETS = {"test": "configs.test", "tiny": "configs.tiny",
+           "60m": "configs.llama_60m", "130m": "configs.llama_130m",
+           "350m": "configs.llama_350m", "1b": "configs.llama_1b",
+           "7b": "configs.llama_7b"}
+
+
+def preset_config(preset: str, opt_name: str, mode_flag: str = "") -> ml_collections.ConfigDict:
+  """A preset's full trainer config with `opt.name` (and a mode flag) set."""
+  cfg = importlib.import_module(PRESETS[preset]).get_config()
+  cfg.opt.name = opt_name
+  if mode_flag:
+    cfg.opt[mode_flag] = True
+  return cfg
 
 
 def compiled_memory(compiled: Any) -> dict[str, int]:

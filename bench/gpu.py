@@ -29,7 +29,6 @@ bench/results/gpu.{json,md}.
 """
 
 import argparse
-import importlib
 import json
 import subprocess
 import sys
@@ -44,10 +43,7 @@ from train import reparam
 from train import train as train_lib
 
 NAME = "gpu"
-PRESETS = {"test": "configs.test", "tiny": "configs.tiny",
-           "60m": "configs.llama_60m", "130m": "configs.llama_130m",
-           "350m": "configs.llama_350m", "1b": "configs.llama_1b",
-           "7b": "configs.llama_7b"}
+PRESETS = _common.PRESETS
 # label -> (opt.name, mode flag or "")
 CASES = {"adamw": ("adamw", ""), "subtrack": ("subtrack", ""),
          "grassjump": ("grassjump", ""), "grass": ("grass", ""),
@@ -59,11 +55,7 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "B200": 2250.0,
 
 def config(preset: str, case: str):
   """The preset's config with the case's optimizer (and mode), scanned."""
-  cfg = importlib.import_module(PRESETS[preset]).get_config()
-  name, flag = CASES[case]
-  cfg.opt.name = name
-  if flag:
-    cfg.opt[flag] = True
+  cfg = _common.preset_config(preset, *CASES[case])
   cfg.model.scan = True
   return cfg
 

@@ -39,7 +39,6 @@ above.
 """
 
 import argparse
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -57,15 +56,10 @@ CASES = {  # label -> (opt.name, mode flag or "")
     "rso": ("rso", ""),
     "rso+reparam": ("rso", "reparam"),
 }
-PRESETS = {"tiny": "configs.tiny", "60m": "configs.llama_60m", "350m": "configs.llama_350m",
-           "1b": "configs.llama_1b"}
 
 
 def config(preset: str, name: str, flag: str):
-  cfg = importlib.import_module(PRESETS[preset]).get_config()
-  cfg.opt.name = name
-  if flag:
-    cfg.opt[flag] = True
+  cfg = _common.preset_config(preset, name, flag)
   if name == "rso":  # both RSO forms on the input side (the mode's default)
     cfg.opt.kwargs = "{'side': 'left'}"
   return cfg
