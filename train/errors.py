@@ -1,0 +1,81 @@
+"""User-input errors: what the command line prints as one line and exit status 2.
+
+Raise `UserError` for anything the user can fix (a config field, a data file,
+the mesh, a checkpoint): its message names the field and the fix. The CLI
+(`python -m train`) prints `error: <message>` without a traceback and exits
+with status 2; `--verbose` shows the traceback. `UserError` is a `ValueError`,
+so code that catches `ValueError` keeps working.
+
+Example:
+
+  from train import errors
+
+  if cfg.steps < 1:
+    raise errors.UserError(f"steps must be a positive int, got {cfg.steps!r}")
+
+  with errors.user_input():  # ValueError / FileNotFoundError -> UserError
+    data = data_lib.build_data(...)
+"""
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+EXIT_STATUS = 2  # what the CLI exits with on a UserError (as argparse does)
+
+
+class UserError(ValueError):
+  """Bad user input; the message is one line naming the field and the fix."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+  """A file the user named does not exist."""
+
+
+@contextlib.contextmanager
+def user_input() -> Iterator[None]:
+  """Turns the ValueError / FileNotFoundError raised inside into UserError.
+
+  For code that only checks input (validation, data preparation): its errors
+  are the user's to fix. The original exception is chained (`__cause__`).
+
+  Yields:
+    Nothing.
+  """
+  try:
+    yield
+  except UserError:
+    raise
+  except FileNotFoundError as e:
+    raise MissingFileError(_one_line(e)) from e
+  except ValueError as e:
+    raise UserError(_one_line(e)) from e
+
+
+def gather(*checks: Callable[[], object]) -> None:
+  """Runs independent checks and reports every failure at once.
+
+  Args:
+    *checks: Callables that raise `ValueError` (or `UserError`) on bad input.
+
+  Raises:
+    UserError: the messages of all failed checks, joined by "; ".
+
+  Example:
+    errors.gather(lambda: validate(cfg), lambda: optimizers.validate(cfg.opt))
+  """
+  problems = []
+  for check in checks:
+    try:
+      check()
+    except ValueError as e:
+      problems.append(_one_line(e))
+  if len(problems) == 1:
+    raise UserError(problems[0])
+  if problems:
+    raise UserError(f"{len(problems)} problems: " + "; ".join(problems))
+
+
+def _one_line(error: BaseException) -> str:
+  """The message of `error` on one line (FileNotFoundError's too)."""
+  text = str(error) if error.args else type(error).__name__
+  return " ".join(text.split())
