@@ -4,5 +4,5 @@
 # Any argument is passed to `python -m train`, e.g. --config.opt.name=adamw.
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
-ensure_venv train "subspax, flax, orbax.checkpoint, grain, tensorflow_datasets, sentencepiece, ml_collections, tqdm, matplotlib"
+ensure_venv train "subspax, flax, orbax.checkpoint, grain, tensorflow_datasets, sentencepiece, ml_collections, safetensors, tokenizers, tensorboardX, tqdm, matplotlib"
 exec .venv/bin/python -m train "$@"

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Runs the library tests (subspax's doctests, the optimizer tests and the model
+# test) on the newest releases of jax, optax, flax and orbax-checkpoint, which
+# need Python >= 3.12, in .venv312 (made and upgraded on every run; nothing is
+# locked here). The Python comes from $PYTHON312, else `python3.12`, else pyenv
+# (`PYENV_VERSION=3.12.1 python`). Without a Python 3.12 it fails, unless
+# SUBSPAX_SKIP_NEWEST=1, which skips it with a message.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+find_python312() {
+  local candidate
+  for candidate in "${PYTHON312:-}" python3.12 \
+      "$(command -v pyenv >/dev/null && echo "$(pyenv root)/versions/3.12.1/bin/python")"; do
+    if [ -n "${candidate}" ] && "${candidate}" -c \
+        'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+      echo "${candidate}"
+      return
+    fi
+  done
+  if PYENV_VERSION=3.12.1 python -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+    PYENV_VERSION=3.12.1 python -c 'import sys; print(sys.executable)'
+  fi
+}
+
+python312=$(find_python312)
+if [ -z "${python312}" ]; then
+  if [ "${SUBSPAX_SKIP_NEWEST:-0}" = 1 ]; then
+    echo "SKIPPED: no Python 3.12 found, so the library tests on the newest jax did not run (SUBSPAX_SKIP_NEWEST=1)"
+    exit 0
+  fi
+  echo "error: the newest jax needs Python 3.12 and none was found; install it (e.g. pyenv install 3.12.1), point PYTHON312 at one, or set SUBSPAX_SKIP_NEWEST=1 to skip this leg" >&2
+  exit 1
+fi
+
+if [ ! -x .venv312/bin/python ]; then
+  "${python312}" -m venv .venv312
+fi
+echo "Installing subspax[test] with the newest jax, optax, flax and orbax-checkpoint into .venv312..."
+.venv312/bin/python -m pip install -q --upgrade pip
+.venv312/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
+    ".[test]" jax optax flax orbax-checkpoint
+.venv312/bin/python -m pip check
+.venv312/bin/python -c 'import jax, optax, flax, orbax.checkpoint as ocp; print(
+    f"python {__import__(\"sys\").version.split()[0]}, jax {jax.__version__}, "
+    f"optax {optax.__version__}, flax {flax.__version__}, orbax-checkpoint {ocp.__version__}")'
+# The library tests: every test module that imports neither the trainer nor
+# the benchmarks (they need jax, optax, chex and hypothesis), and the model's
+# (flax).
+mapfile -t library_tests < <(grep -L -E '^(from|import) (train|bench)\b' tests/test_*.py)
+exec .venv312/bin/python -m pytest -q -n 2 -p no:cacheprovider --doctest-modules \
+    subspax "${library_tests[@]}" tests/test_model.py "$@"
