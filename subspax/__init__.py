@@ -4,12 +4,21 @@ Methods (each as ``scale_by_<name>`` and ``<name>(learning_rate, ...)``):
 
 * tracked: :func:`subtrack` (SubTrack++), :func:`galore` (SVD baseline);
 * randomized: :func:`grasswalk`, :func:`grassjump`, :func:`rso`;
-* sparse: :func:`grass` (structured row selection).
+* sparse: :func:`grass` (structured row selection);
+* scaled gradient: :func:`fira` (GaLore plus recovery scaling),
+  :func:`apollo` and :func:`apollo_mini` (the raw gradient scaled by Adam's
+  ratio in a random subspace).
 
 All share one reduced-space Adam core, :func:`scale_by_subspace_adam`, and
 differ only in their :class:`SubspacePolicy`.
 """
 
+from subspax._apollo import apollo
+from subspax._apollo import apollo_mini
+from subspax._apollo import fira
+from subspax._apollo import scale_by_apollo
+from subspax._apollo import scale_by_apollo_mini
+from subspax._apollo import scale_by_fira
 from subspax._bases import DenseBasis
 from subspax._bases import RowBasis
 from subspax._core import ProjectedState
@@ -53,12 +62,18 @@ __all__ = (
     "SubspaceAdamState",
     "SubspacePolicy",
     "SvdSubspace",
+    "apollo",
+    "apollo_mini",
     "default_is_projected",
+    "fira",
     "galore",
     "grass",
     "grassjump",
     "grasswalk",
     "rso",
+    "scale_by_apollo",
+    "scale_by_apollo_mini",
+    "scale_by_fira",
     "scale_by_galore",
     "scale_by_grass",
     "scale_by_grassjump",

@@ -37,6 +37,9 @@ from subspax import _policies
 from subspax import _validation
 
 MOMENTS = ("keep", "reset", "rotate", "overlap")
+OUTPUTS = ("back", "scaled_gradient")
+SCALE_TYPES = ("channel", "tensor")
+LIMITERS = ("corrected", "uncorrected", "off")
 MaskedNode = optax.MaskedNode
 
 KeyLike = Union[int, jax.Array]
@@ -100,10 +103,19 @@ class _Config:
   store_basis: bool
   mu_dtype: Any
   nu_dtype: Any
+  output: str = "back"
+  scale_type: str = "channel"
+  limiter: str = "corrected"
 
   @property
   def stores_basis(self) -> bool:
     return self.store_basis or not self.policy.key_only
+
+  @property
+  def tracks_norm(self) -> bool:
+    """Whether a norm-growth limiter needs the last term's norm."""
+    return self.limiter != "off" and (
+        self.recovery or self.output == "scaled_gradient")
 
 
 def _key_data(key: KeyLike) -> jax.Array:
@@ -131,6 +143,9 @@ def scale_by_subspace_adam(
     key: KeyLike = 0,
     mu_dtype: Optional[jax.typing.DTypeLike] = None,
     nu_dtype: Optional[jax.typing.DTypeLike] = None,
+    output: str = "back",
+    scale_type: str = "channel",
+    limiter: str = "corrected",
 ) -> optax.GradientTransformation:
   """Adam with moments in a reduced subspace chosen by ``policy``.
 
@@ -171,6 +186,17 @@ def scale_by_subspace_adam(
     mu_dtype: dtype of the reduced first moments (and of Adam's ``mu`` for the
       other parameters); float32 by default.
     nu_dtype: dtype of the reduced second moments; float32 by default.
+    output: ``"back"``: the update is ``scale * back(N)`` (plus recovery);
+      ``"scaled_gradient"`` (APOLLO): the raw gradient scaled along its kept
+      side, ``scale * G diag(s)``, ``s_j = ||N_j|| / (||R_j|| + 1e-8)``, with
+      the norm-growth limiter on the whole update and no back-projection.
+    scale_type: ``s`` (and the recovery scales ``phi``) per ``"channel"`` of
+      the kept side, or one ``"tensor"``-wise ratio ``||N||_F / ||R||_F``.
+    limiter: Norm-growth limiter of the recovery or scaled-gradient term:
+      ``"corrected"`` bounds the growth of the bias-corrected term (the one
+      applied); ``"uncorrected"`` bounds it before Adam's bias correction
+      ``sqrt(1 - b2^t) / (1 - b1^t)`` as Fira's and APOLLO's code do;
+      ``"off"`` disables it.
 
   Returns:
     An ``optax.GradientTransformation``. Chain a learning rate after it.
@@ -189,6 +215,15 @@ def scale_by_subspace_adam(
   _validation.choice("moments", moments, MOMENTS)
   _validation.choice("side", side, _layout.SIDES)
   _validation.in_range("recovery_limit", recovery_limit, 1.0, float("inf"))
+  _validation.choice("output", output, OUTPUTS)
+  _validation.choice("scale_type", scale_type, SCALE_TYPES)
+  _validation.choice("limiter", limiter, LIMITERS)
+  if output == "scaled_gradient" and recovery:
+    raise ValueError('output="scaled_gradient" already scales the whole '
+                     'gradient; set recovery=False.')
+  if limiter == "uncorrected" and moments == "overlap":
+    raise ValueError('limiter="uncorrected" needs one step count per matrix; '
+                     'moments="overlap" counts per row. Use "corrected".')
   if moments == "overlap" and not isinstance(policy, _policies.RowSubspace):
     raise ValueError('moments="overlap" needs a row-selection policy '
                      '(subspax.grass); use "rotate" for dense bases.')
@@ -205,7 +240,8 @@ def scale_by_subspace_adam(
       eps=eps, scale=scale, moments=moments, recovery=recovery,
       recovery_limit=recovery_limit, store_basis=store_basis,
       mu_dtype=jnp.float32 if mu_dtype is None else mu_dtype,
-      nu_dtype=jnp.float32 if nu_dtype is None else nu_dtype)
+      nu_dtype=jnp.float32 if nu_dtype is None else nu_dtype,
+      output=output, scale_type=scale_type, limiter=limiter)
   route = _layout.make_router(projected, rank)
 
   def labels(params):
@@ -295,7 +331,7 @@ def _init_matrices(config: _Config, layout: _layout.MatrixLayout
       mu=batched_zeros((r, big_d), config.mu_dtype),
       nu=batched_zeros((r, big_d), config.nu_dtype),
       age=age,
-      last_norm=(batched_zeros((), jnp.float32) if config.recovery
+      last_norm=(batched_zeros((), jnp.float32) if config.tracks_norm
                  else MaskedNode()),
       layout=layout)
 
@@ -351,7 +387,10 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
   g_matrices = layout.to_matrices(g)
   directions, kept_scales, new_fields = jax.vmap(step)(g_matrices, bases,
                                                        flat_fields)
-  if kept_scales is None:
+  if directions is None:
+    updates = jax.vmap(functools.partial(_scale_kept_side, right=right))(
+        kept_scales, g_matrices)
+  elif kept_scales is None:
     updates = jax.vmap(lambda b, x: _oriented(b, right).back(x, layout.d))(
         bases, directions)
   else:
@@ -449,9 +488,12 @@ def _adam_step(config: _Config, g: jax.Array, basis, state: _MatrixState, *,
 
   last_norm, kept_scale = state.last_norm, None
   direction = config.scale * normalized
-  if config.recovery:
+  if config.output == "scaled_gradient":
+    direction, kept_scale, last_norm = _scaled_gradient(
+        config, g, reduced, normalized, last_norm, steps, right=right)
+  elif config.recovery:
     direction, kept_scale, last_norm = _with_recovery(
-        config, basis, g, reduced, normalized, last_norm)
+        config, basis, g, reduced, normalized, last_norm, steps)
   return direction, kept_scale, _MatrixState(state.basis, mu, nu, age, last_norm)
 
 
@@ -482,7 +524,8 @@ def _transition(moments: str, old, new, mu, nu, age):
   return new_mu.astype(mu.dtype), new_nu.astype(nu.dtype), age
 
 
-def _with_recovery(config: _Config, basis, g, reduced, normalized, last_norm):
+def _with_recovery(config: _Config, basis, g, reduced, normalized, last_norm,
+                   steps):
   """Fira recovery scaling with the norm-growth limiter.
 
   ``Lambda = (G - back(R)) diag(phi)``, ``phi_j = ||N_j|| / (||R_j|| + 1e-8)``,
@@ -493,13 +536,70 @@ def _with_recovery(config: _Config, basis, g, reduced, normalized, last_norm):
   Returns:
     ``(scale N - f phi R, f phi, ||Lambda||)``.
   """
-  phi = jnp.linalg.norm(normalized, axis=0) / (
-      jnp.linalg.norm(reduced, axis=0) + 1e-8)
+  phi = _kept_scales(config, reduced, normalized)
   norm = jnp.sqrt(basis.residual_sq_norm(g, reduced, phi))
+  factor, last_norm = _limit_growth(config, norm, last_norm, steps)
+  scaled_phi = factor * phi
+  return (config.scale * normalized - scaled_phi * reduced, scaled_phi,
+          last_norm)
+
+
+def _kept_scales(config: _Config, reduced, normalized) -> jax.Array:
+  """``s_j = ||N_j|| / (||R_j|| + 1e-8)`` per kept column, ``(D,)``.
+
+  ``scale_type="tensor"`` uses one ratio of Frobenius norms for every column.
+  """
+  if config.scale_type == "tensor":
+    ratio = jnp.linalg.norm(normalized) / (jnp.linalg.norm(reduced) + 1e-8)
+    return jnp.full(reduced.shape[-1:], ratio)
+  return jnp.linalg.norm(normalized, axis=0) / (
+      jnp.linalg.norm(reduced, axis=0) + 1e-8)
+
+
+def _limit_growth(config: _Config, norm, last_norm, steps):
+  """The norm-growth limiter: ``norm`` may grow ``recovery_limit``x per step.
+
+  Args:
+    config: ``limiter`` selects the convention (see
+      :func:`scale_by_subspace_adam`).
+    norm: Frobenius norm of this step's (bias-corrected) term.
+    last_norm: The value this returned at the previous step (0 at first).
+    steps: Adam's step count ``t`` of the moments (for ``"uncorrected"``).
+
+  Returns:
+    ``(factor, new_last_norm)``: multiply the term by ``factor``.
+  """
+  if config.limiter == "off":
+    return jnp.ones_like(norm), last_norm
+  if config.limiter == "uncorrected":
+    # The authors limit mu / (sqrt(nu) + eps) before Adam's bias correction.
+    norm = norm * (1 - config.b1**steps) / jnp.sqrt(1 - config.b2**steps)
   limit = config.recovery_limit * last_norm
   too_big = (last_norm > 0) & (norm > limit)
   factor = jnp.where(too_big, limit / jnp.where(norm > 0, norm, 1.0), 1.0)
-  scaled_phi = factor * phi
-  return (config.scale * normalized - scaled_phi * reduced, scaled_phi,
-          norm * factor)
+  return factor, norm * factor
+
+
+def _scaled_gradient(config: _Config, g, reduced, normalized, last_norm,
+                     steps, *, right: bool):
+  """APOLLO's update ``scale * f * G diag(s)`` of one matrix ``g`` as stored.
+
+  ``s`` (:func:`_kept_scales`) scales the kept side of ``g``; ``f`` is the
+  norm-growth limiter's factor for ``||G diag(s)||_F``, computed from the
+  kept columns' norms, so no ``m x n`` buffer besides the output.
+
+  Returns:
+    ``(None, scale * f * s, new_last_norm)``: ``None`` marks "no
+    back-projection" for the caller.
+  """
+  s = _kept_scales(config, reduced, normalized)
+  g_sq = jnp.sum(jnp.square(g), axis=1 if right else 0)
+  norm = jnp.sqrt(jnp.sum(jnp.square(s) * g_sq))
+  factor, last_norm = _limit_growth(config, norm, last_norm, steps)
+  return None, config.scale * factor * s, last_norm
+
+
+def _scale_kept_side(kept_scale, g, *, right: bool) -> jax.Array:
+  """``G diag(s)`` along the kept side of ``g`` as stored."""
+  return (kept_scale[:, None] if right else kept_scale) * g
 
