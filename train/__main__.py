@@ -3,9 +3,11 @@
 Any config field can be overridden, e.g. `--config.opt.name=adamw
 --config.opt.rank=32 --config.steps=500`. `--workdir` defaults to
 `runs/<preset>-<opt.name>`; a run started in a workdir that holds a checkpoint
-resumes from it. For several processes, pass `--coordinator_address`,
-`--num_processes` and `--process_id` (or set JAX_COORDINATOR_ADDRESS,
-JAX_NUM_PROCESSES and JAX_PROCESS_ID).
+resumes from it. `--dry_run` compiles the train step from abstract shapes,
+prints its memory and writes `WORKDIR/memory.json` without allocating the
+model or reading data (train/dry_run.py). For several processes, pass
+`--coordinator_address`, `--num_processes` and `--process_id` (or set
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID).
 """
 
 import os
@@ -21,6 +23,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from train import dry_run
 from train import sharding
 from train import train
 
@@ -50,6 +53,9 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "host:port of process 0 for a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Compile the train step from abstract shapes, print its "
+    "memory and write WORKDIR/memory.json; allocates nothing, reads no data.")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -70,7 +76,10 @@ def main(argv: list[str]) -> None:
   preset = os.path.splitext(os.path.basename(
       config_flags.get_config_filename(flags.FLAGS["config"])))[0]
   workdir = _WORKDIR.value or os.path.join("runs", f"{preset}-{cfg.opt.name}")
-  train.run(cfg, workdir)
+  if _DRY_RUN.value:
+    dry_run.run_dry(cfg, workdir)
+  else:
+    train.run(cfg, workdir)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Run metrics: `metrics.jsonl`, a progress bar, the memory report and a loss plot.
+"""Run metrics: `metrics.jsonl`, a progress bar and a loss plot.
 
 Each `metrics.jsonl` line is one JSON object for one logged step, with
 namespaced keys: `step`, `train/loss`, `lr`, `perf/step_time`,
@@ -69,27 +69,6 @@ class Writer:
     """Closes the progress bar."""
     if self._enabled:
       self._bar.close()
-
-
-def memory_report(memory_analysis: Any, state_bytes: int, param_bytes: int) -> str:
-  """Formats the compiled step's memory estimate next to the exact state sizes.
-
-  Args:
-    memory_analysis: `compiled.memory_analysis()` of the train step.
-    state_bytes: Exact bytes of the optimizer state.
-    param_bytes: Exact bytes of the parameters.
-  """
-  mib = lambda n: f"{n / 2**20:,.2f} MiB"
-  m = memory_analysis
-  return "\n".join([
-      "train step memory, compiler estimate (per device): "
-      f"arguments {mib(m.argument_size_in_bytes)}, outputs "
-      f"{mib(m.output_size_in_bytes)}, aliased (donated) "
-      f"{mib(m.alias_size_in_bytes)}, temporaries {mib(m.temp_size_in_bytes)}; "
-      f"peak ~ {mib(m.argument_size_in_bytes + m.temp_size_in_bytes)}",
-      f"exact (global): params {mib(param_bytes)}, optimizer state "
-      f"{mib(state_bytes)} ({state_bytes:,} bytes)",
-  ])
 
 
 def plot(workdir: str, title: str) -> str:

@@ -24,6 +24,7 @@ from flax import nnx
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 from train import metrics as metrics_lib
+from train import memory as memory_lib
 from train import model as model_lib
 from train import optimizers
 from train import reparam
@@ -55,6 +56,26 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     if cfg.model[key] not in ("float32", "bfloat16"):
       raise ValueError(
           f"model.{key} must be 'float32' or 'bfloat16', got {cfg.model[key]!r}")
+
+
+def check_and_mesh(cfg: ml_collections.ConfigDict
+                   ) -> tuple[jax.sharding.Mesh, dict[str, tuple[str, ...]]]:
+  """Validates a config (all but its data) and builds its mesh.
+
+  Returns:
+    The mesh and the parsed logical-axis rules (`sharding.parse_rules`).
+
+  Raises:
+    ValueError: naming the field, its value and the fix.
+  """
+  validate(cfg)
+  reparam.validate(cfg.opt)
+  optimizers.validate(cfg.opt, model_lib.LlamaConfig.from_config(cfg.model, 1),
+                      cfg.steps)
+  mesh = sharding_lib.make_mesh(cfg.mesh)
+  rules = sharding_lib.parse_rules(cfg.mesh.rules)
+  sharding_lib.check_batch(cfg.batch_size, mesh)
+  return mesh, rules
 
 
 def loss_fn(params: dict, graphdef: nnx.GraphDef, batch_BxL1: jax.Array) -> jax.Array:
@@ -160,6 +181,35 @@ def train_state_shardings(programs: Programs, mesh: jax.sharding.Mesh,
                               reparam.split(param_shardings)[0]))
 
 
+class Jitted(NamedTuple):
+  """The jitted (not yet compiled) programs of a run, placed on its mesh."""
+
+  train_step: Any  # (state, batch) -> (state, metrics), the state donated
+  refresh: Any  # reparam modes: (state, batch) -> state, donated; else None
+  batch: jax.ShapeDtypeStruct  # the global (B, L+1) int32 batch, sharded
+
+
+def jit_programs(programs: Programs, shardings: TrainState, mesh: jax.sharding.Mesh,
+                 cfg: ml_collections.ConfigDict) -> Jitted:
+  """Jits the train step and refresh program with the run's shardings.
+
+  The trainer and its dry run (train/dry_run.py) compile these same programs,
+  so the dry run's memory is the run's.
+  """
+  batch_sharding = sharding_lib.batch_sharding(mesh)
+  train_step = jax.jit(
+      programs.train_step, in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+  refresh = None
+  if programs.refresh is not None:
+    refresh = jax.jit(
+        programs.refresh, in_shardings=(shardings, batch_sharding),
+        out_shardings=shardings, donate_argnums=0)
+  batch = jax.ShapeDtypeStruct(
+      (cfg.batch_size, cfg.seq_len + 1), jnp.int32, sharding=batch_sharding)
+  return Jitted(train_step, refresh, batch)
+
+
 class Result(NamedTuple):
   """What a run ends with."""
 
@@ -182,13 +232,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
     ValueError / FileNotFoundError: on bad input, before any compute.
   """
   # Everything that can be wrong with the input is checked first.
-  validate(cfg)
-  reparam.validate(cfg.opt)
-  optimizers.validate(cfg.opt, model_lib.LlamaConfig.from_config(cfg.model, 1),
-                      cfg.steps)
-  mesh = sharding_lib.make_mesh(cfg.mesh)
-  rules = sharding_lib.parse_rules(cfg.mesh.rules)
-  sharding_lib.check_batch(cfg.batch_size, mesh)
+  mesh, rules = check_and_mesh(cfg)
   if (jax.default_backend() == "cpu" and mesh.size > 1 and cfg.model.scan
       and cfg.opt.name != "adamw"):
     print("warning: jaxlib 0.10's batched CPU LAPACK kernels (the SVD/QR of a "
@@ -216,17 +260,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
       state = checkpointer.restore(start, target, data.train_iter)
       print(f"resumed from step {start} in {workdir}", flush=True)
 
-    train_step = jax.jit(
-        programs.train_step, in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, replicated), donate_argnums=0)
-    batch_shape = jax.ShapeDtypeStruct(
-        (cfg.batch_size, cfg.seq_len + 1), jnp.int32, sharding=batch_sharding)
-    compiled = train_step.lower(state, batch_shape).compile()
-    refresh = None  # the reparametrised modes' merge / new-basis program
-    if programs.refresh is not None:
-      refresh = jax.jit(
-          programs.refresh, in_shardings=(shardings, batch_sharding),
-          out_shardings=shardings, donate_argnums=0)
+    jitted = jit_programs(programs, shardings, mesh, cfg)
+    compiled = jitted.train_step.lower(state, jitted.batch).compile()
+    refresh = jitted.refresh  # the reparametrised modes' merge / new-basis program
     eval_step = jax.jit(lambda p, b: loss_fn(p, programs.graphdef, b),
                         in_shardings=(param_shardings, batch_sharding),
                         out_shardings=replicated)
@@ -241,8 +277,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
       print(f"model: {model_lib.count_params(state.params):,} params, "
             f"vocab {data.vocab_size}; optimizer {cfg.opt.name}{mode}; mesh "
             f"{dict(mesh.shape)}", flush=True)
-      print(metrics_lib.memory_report(compiled.memory_analysis(), state_bytes,
-                                      param_bytes), flush=True)
+      print(memory_lib.report(memory_lib.compiled_memory(compiled), state_bytes,
+                              param_bytes), flush=True)
 
     writer = metrics_lib.Writer(workdir, start=start, total=cfg.steps, enabled=primary)
     timer = _Timer(start, tokens_per_step=cfg.batch_size * cfg.seq_len)

@@ -1,0 +1,79 @@
+"""`python -m train --dry_run`: the train step compiled from abstract shapes.
+
+The dry run must report the memory the trainer reports for the same config,
+allocate nothing (no parameters, no optimizer state) and read no data.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import helpers
+from train import dry_run
+from train import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def printed_bytes(text: str, line_start: str, field: str) -> int:
+  """The `(N bytes)` after `field` on the line that starts with `line_start`."""
+  line = next(l for l in text.splitlines() if l.startswith(line_start))
+  return int(re.search(rf"{field} [\d.,]+ MiB \(([\d,]+) bytes\)", line)
+             .group(1).replace(",", ""))
+
+
+@pytest.mark.slow
+def test_dry_run_peak_is_the_trainers_printed_peak(corpus, tmp_path, capsys):
+  # The dry run is pointed at data that does not exist: it must not read it.
+  missing = {"data.files": str(tmp_path / "no_such.txt"),
+             "data.dir": str(tmp_path / "no_cache")}
+  proc = subprocess.run(
+      [sys.executable, "-m", "train", "--config", "configs/test.py",
+       f"--workdir={tmp_path / 'dry'}", "--config.opt.name=adamw", "--dry_run",
+       *(f"--config.{k}={v}" for k, v in missing.items())],
+      cwd=REPO, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert not os.path.exists(tmp_path / "no_cache")
+  with open(tmp_path / "dry" / "memory.json") as f:
+    record = json.load(f)
+  assert printed_bytes(proc.stdout, "train step memory", "peak") == record["peak_bytes"]
+  assert record["peak_bytes"] == (record["argument_bytes"] + record["temp_bytes"]
+                                  + record["output_bytes"] - record["alias_bytes"])
+  assert record["device_kind"] and record["config"]["opt"]["name"] == "adamw"
+  assert record["vocab_size"] == 320 and record["param_bytes"] == 4 * record["params"]
+
+  train.run(helpers.make_config(corpus, steps=1, opt__name="adamw"),
+            str(tmp_path / "run"))
+  printed = capsys.readouterr().out
+  assert "vocab 320" in printed
+  assert printed_bytes(printed, "train step memory", "peak") == record["peak_bytes"]
+  assert printed_bytes(printed, "exact", "optimizer state") == record["state_bytes"]
+
+
+@pytest.mark.slow
+def test_dry_run_allocates_nothing_even_for_a_model_beyond_host_memory():
+  # ~100 GB of float32 weights (24 layers of d_model 8192, d_ff 32768), in the
+  # RSO reparametrised mode so that the refresh program is compiled as well.
+  cfg = helpers.make_config({}, model__d_model=8192, model__d_ff=32768,
+                            model__n_layers=24, model__n_heads=8,
+                            opt__name="rso", opt__reparam=True)
+  before = {id(x) for x in jax.live_arrays()}
+  record = dry_run.dry_run(cfg)
+  assert {id(x) for x in jax.live_arrays()} <= before
+  assert record["param_bytes"] > 100e9
+  assert record["peak_bytes"] > record["param_bytes"]
+  assert record["refresh_peak_bytes"] > 0
+  assert dry_run.report(record).splitlines()[1].startswith("refresh memory")
+
+
+def test_vocab_size_comes_from_the_config_or_names_a_missing_tokenizer(tmp_path):
+  cfg = helpers.make_config({})
+  assert dry_run.vocab_size(cfg.data) == 320
+  cfg.data.tokenizer = str(tmp_path / "missing.model")
+  with pytest.raises(FileNotFoundError, match="data.tokenizer"):
+    dry_run.vocab_size(cfg.data)

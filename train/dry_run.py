@@ -1,0 +1,140 @@
+"""Dry run: compile a config's programs from abstract shapes and report memory.
+
+`python -m train --config configs/<preset>.py --dry_run` validates the config,
+builds the mesh, the model (`nnx.eval_shape`), the optimizer and the train
+state as `jax.ShapeDtypeStruct`s carrying the run's shardings, and compiles
+the train step (and the refresh program of the reparametrised layer modes)
+exactly as `train.run` does. Nothing is allocated on the device and no data is
+read: the vocabulary size comes from `data.tokenizer` (the SentencePiece file,
+if given) or `data.vocab_size`. It prints the trainer's memory report and
+writes `WORKDIR/memory.json`.
+
+Peaks follow `train/memory.py`: argument + temp + output - alias, per device.
+"""
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import sentencepiece as spm
+import subspax
+
+from train import checkpoint as checkpoint_lib
+from train import memory as memory_lib
+from train import model as model_lib
+from train import train as train_lib
+
+MEMORY_FILE = "memory.json"
+
+
+def vocab_size(data_cfg: ml_collections.ConfigDict) -> int:
+  """The vocabulary size a run of `data_cfg` would have, reading no corpus.
+
+  Raises:
+    FileNotFoundError: `data.tokenizer` names a file that does not exist.
+  """
+  if not data_cfg.tokenizer:
+    return data_cfg.vocab_size  # the BPE the trainer trains has exactly this size
+  if not os.path.isfile(data_cfg.tokenizer):
+    raise FileNotFoundError(
+        f"data.tokenizer: no such file {data_cfg.tokenizer!r}; give the path of a "
+        'SentencePiece .model, or "" to size the vocabulary by data.vocab_size')
+  return spm.SentencePieceProcessor(model_file=data_cfg.tokenizer).vocab_size()
+
+
+def _byte_fields(prefix: str, mem: dict[str, int]) -> dict[str, int]:
+  return {f"{prefix}{k}_bytes": v for k, v in mem.items()}
+
+
+def dry_run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Compiles the programs of `cfg` from abstract shapes; allocates nothing.
+
+  Examples:
+    >>> from configs import test
+    >>> report = dry_run(test.get_config())  # doctest: +SKIP
+    >>> report["peak_bytes"] > report["state_bytes"]  # doctest: +SKIP
+    True
+
+  Args:
+    cfg: A full trainer config (configs/base.py).
+
+  Returns:
+    The memory record `run_dry` writes: `peak_bytes`, `argument_bytes`,
+    `temp_bytes`, `output_bytes`, `alias_bytes` of the compiled train step
+    (per device; the same with a `refresh_` prefix for the refresh program of
+    the reparametrised modes), `state_bytes` and `param_bytes` (exact, global),
+    `params`, `vocab_size`, the device kind and count, the mesh, the compile
+    seconds and the config.
+
+  Raises:
+    ValueError / FileNotFoundError: on bad input, as `train.run` would.
+  """
+  mesh, rules = train_lib.check_and_mesh(cfg)
+  vocab = vocab_size(cfg.data)
+  start = time.perf_counter()
+  programs = train_lib.build_programs(cfg, vocab)
+  shardings = train_lib.train_state_shardings(programs, mesh, rules)
+  with jax.set_mesh(mesh):
+    state = checkpoint_lib.abstract(jax.eval_shape(programs.init), shardings)
+    jitted = train_lib.jit_programs(programs, shardings, mesh, cfg)
+    step_mem = memory_lib.compiled_memory(
+        jitted.train_step.lower(state, jitted.batch).compile())
+    refresh_mem = None
+    if jitted.refresh is not None:
+      refresh_mem = memory_lib.compiled_memory(
+          jitted.refresh.lower(state, jitted.batch).compile())
+  compile_s = time.perf_counter() - start
+  device = jax.devices()[0]
+  record = {
+      **_byte_fields("", step_mem),
+      **(_byte_fields("refresh_", refresh_mem) if refresh_mem else {}),
+      "state_bytes": subspax.state_bytes(state.opt_state),
+      "param_bytes": subspax.state_bytes(state.params),
+      "params": int(model_lib.count_params(state.params)),
+      "vocab_size": vocab,
+      "device_kind": device.device_kind,
+      "platform": device.platform,
+      "device_count": mesh.size,
+      "mesh": {k: int(v) for k, v in mesh.shape.items()},
+      "compile_s": round(compile_s, 3),
+      "jax_version": jax.__version__,
+      "config": cfg.to_dict(),
+  }
+  return record
+
+
+def report(record: dict[str, Any]) -> str:
+  """The trainer's memory report for a `dry_run` record."""
+  strip = lambda prefix: {k: record[f"{prefix}{k}_bytes"]
+                          for k in (*memory_lib.SIZES, "peak")}
+  refresh = strip("refresh_") if "refresh_peak_bytes" in record else None
+  return memory_lib.report(strip(""), record["state_bytes"], record["param_bytes"],
+                           refresh)
+
+
+def run_dry(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """`dry_run`, then prints the memory report and writes `workdir/memory.json`.
+
+  Args:
+    cfg: A full trainer config.
+    workdir: Where memory.json goes (created if missing).
+
+  Returns:
+    The record written.
+  """
+  record = dry_run(cfg)
+  if jax.process_index() == 0:
+    print(f"dry run: {record['params']:,} params, vocab {record['vocab_size']}; "
+          f"optimizer {cfg.opt.name}; mesh {record['mesh']} of "
+          f"{record['device_kind']}; compiled in {record['compile_s']:.1f} s",
+          flush=True)
+    print(report(record), flush=True)
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, MEMORY_FILE)
+    with open(path, "w") as f:
+      json.dump(record, f, indent=1)
+    print(f"wrote {path}", flush=True)
+  return record
