@@ -20,6 +20,9 @@ import ml_collections
 
 from configs import base
 from train import optimizers
+# One definition of peak (argument + temp + output - alias) for the trainer,
+# its dry run and every benchmark.
+from train.memory import compiled_memory  # pylint: disable=unused-import
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ("adamw", "galore", "subtrack", "grasswalk", "grassjump", "rso", "grass",
@@ -140,7 +143,7 @@ def write_results(name: str, payload: dict[str, Any], markdown: str,
 PRESETS = {"test": "configs.test", "tiny": "configs.tiny",
            "60m": "configs.llama_60m", "130m": "configs.llama_130m",
            "350m": "configs.llama_350m", "1b": "configs.llama_1b",
-           "7b": "configs.llama_7b"}
+           "7b": "configs.llama_7b", "13b": "configs.llama_13b"}
 
 
 def preset_config(preset: str, opt_name: str, mode_flag: str = "") -> ml_collections.ConfigDict:
@@ -150,18 +153,6 @@ def preset_config(preset: str, opt_name: str, mode_flag: str = "") -> ml_collect
   if mode_flag:
     cfg.opt[mode_flag] = True
   return cfg
-
-
-def compiled_memory(compiled: Any) -> dict[str, int]:
-  """A compiled program's `memory_analysis()` in bytes, with its peak.
-
-  peak = argument + temp + output - alias (what donation lets XLA reuse).
-  """
-  mem = compiled.memory_analysis()
-  out = {"argument": mem.argument_size_in_bytes, "temp": mem.temp_size_in_bytes,
-         "output": mem.output_size_in_bytes, "alias": mem.alias_size_in_bytes}
-  out["peak"] = out["argument"] + out["temp"] + out["output"] - out["alias"]
-  return out
 
 
 def mib(n: float) -> float:

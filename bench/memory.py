@@ -1,67 +1,73 @@
-"""Memory: exact optimizer-state bytes and the compiled train step's memory.
+"""Memory: exact optimizer-state bytes, the compiled train step, what fits.
 
-What it measures, for the LLaMA 60M / 130M / 350M / 1B shapes of
+What it measures, for the LLaMA 60M / 130M / 350M / 1B / 7B / 13B shapes of
 configs/llama_*.py (vocab 32000, bf16 compute on float32 master weights,
 rematerialised blocks) and each method at the preset's rank (128 / 256 / 256 /
-512) and refresh interval, every optimizer built by the trainer's registry
-(train/optimizers.py, paper defaults):
+512 / 1024 / 1024) and refresh interval, every optimizer built by the
+trainer's registry (train/optimizers.py, paper defaults):
 
 * state bytes, exact: `subspax.state_bytes(jax.eval_shape(tx.init, params))`,
   for all parameters and for the projected matrices only (the same
   `tx.init` on a parameter tree holding only the leaves the default routing
   projects: the attention and MLP kernels; AdamW's row is then its m and v of
   those same matrices);
-* the compiled train step: `train.train.make_train_step` under
-  `jax.jit(..., donate_argnums=0)`, lowered with abstract inputs
-  (`jax.ShapeDtypeStruct`; nothing is allocated) and a batch of 1 x 256 tokens,
-  and its `compiled.memory_analysis()`: argument, temp, output and alias
-  (donated) sizes. Peak = argument + temp + (output - alias): the inputs stay
-  live, the compiler's scratch is `temp`, and only outputs that are not written
-  into a donated input buffer need new memory. (`argument + temp`, what the
-  trainer prints, is in the JSON too.)
+* the compiled train step, through the trainer's dry run
+  (`train.dry_run.dry_run`: the train step `python -m train` compiles, jitted
+  with the state donated and lowered from abstract shapes, so nothing is
+  allocated) on one device with a batch of 1 x 256 tokens, and its
+  `memory_analysis()`: argument, temp, output and alias (donated) sizes.
+  Peak = argument + temp + output - alias (`train.memory.compiled_memory`,
+  the definition the trainer prints too): the inputs stay live, the
+  compiler's scratch is `temp`, and only outputs that are not written into a
+  donated input buffer need new memory;
 * an analytic floor per size: weights (f32) + gradients (f32) + the reduced
   optimizer state of SubTrack++ (exact bytes) + activations, with activations
   estimated for remat'd blocks at batch B, sequence S:
   2 L B S D (each block's bf16 input, saved by remat)
   + 2 B S (6 D + 3 F) (one block recomputed in the backward pass, bf16)
   + 4 B H S^2 (its float32 attention probabilities)
-  + 8 B S V (float32 logits and their gradient).
+  + 8 B S V (float32 logits and their gradient);
+* what fits (`--fits`, default 24, 40 and 80 GiB): for AdamW and every
+  subspax method, the largest preset whose compiled step (scanned layers,
+  same batch) has a peak within each budget. bench/readme.py renders it.
 
 Layouts: unrolled layers (`model.scan=False`, what the trainer needs for
 optax.contrib.galore, which cannot project scanned (L, in, out) kernels) and
 the presets' own scanned layers (`SIZE:scan`; optax_galore skipped there).
 Unrolled compiles of a subspax method are slow on this 2-core CPU: 20-85 s
 each at 60M/130M and about 2 minutes at 350M/1B on an idle machine, 2-4x that
-under load, while AdamW, optax_galore and every scanned compile take seconds.
-So by default (about 15 minutes on an idle machine): 60M and 130M unrolled with every method (the only sizes where
-every method sits next to optax_galore in one layout); 350M and 1B unrolled
-with AdamW, optax_galore and SubTrack++ only, and scanned with AdamW and every
-subspax method. Ratios are to AdamW of the same size and layout and, for
-peaks, to optax_galore of the same size and layout (hence '-' in scanned
-tables).
+under load, while AdamW, optax_galore and every scanned compile take seconds
+(7B and 13B scanned: 15-40 s each). So by default: 60M and 130M unrolled with
+every method (the only sizes where every method sits next to optax_galore in
+one layout); 350M and 1B unrolled with AdamW, optax_galore and SubTrack++
+only, and scanned with AdamW and every subspax method; 7B scanned with every
+method; and the what-fits table. Ratios are to AdamW of the same size and
+layout and, for peaks, to optax_galore of the same size and layout (hence '-'
+in scanned tables).
 
   python -m bench.memory                          # the default set above
-  python -m bench.memory --sizes 60m --methods adamw,subtrack
+  python -m bench.memory --sizes 60m --methods adamw,subtrack --fits ''
+  python -m bench.memory --sizes 7b:scan,13b:scan --merge   # re-measure the big
+      # presets and the fits table, keep the other sizes of bench/results/memory.json
 """
 
 import argparse
 import importlib
 import json
 import os
-import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import subspax
 
 from bench import _common
+from train import dry_run
 from train import model as model_lib
 from train import optimizers
-from train import train as train_lib
 
 NAME = "memory"
-SIZES = ("60m", "130m", "350m", "1b")
+SIZES = ("60m", "130m", "350m", "1b", "7b", "13b")  # configs/llama_<size>.py, growing
+FIT_METHODS = ("adamw", "galore", "subtrack", "grasswalk", "grassjump", "rso", "grass")
 
 
 def preset(size: str):
@@ -101,20 +107,56 @@ def parse_spec(spec: str, methods: list[str]) -> tuple[str, bool, list[str]]:
   return size, layout == "scan", [m for m in chosen if m in methods]
 
 
+def compile_case(size: str, scan: bool, name: str, args) -> dict:
+  """One method's train step at one size and layout, through the trainer's dry
+  run (train/dry_run.py: abstract shapes, nothing allocated)."""
+  cfg = preset(size)
+  cfg.opt.name = name
+  cfg.model.scan = scan
+  cfg.batch_size, cfg.seq_len = args.batch, args.seq
+  cfg.mesh.data = 1  # one device: the per-device peak of an unsharded run
+  record = dry_run.dry_run(cfg)
+  mem = {k: record[f"{k}_bytes"] for k in ("argument", "output", "alias", "temp",
+                                           "peak")}
+  mem["argument_plus_temp"] = mem["argument"] + mem["temp"]
+  model_cfg = model_lib.LlamaConfig.from_config(cfg.model, record["vocab_size"])
+  proj = projected_only(model_lib.abstract_model(model_cfg)[1], cfg.opt.rank)
+  tx = optimizers.build(cfg.opt, cfg.steps, cfg.seed)
+  return {"state_bytes": record["state_bytes"],
+          "projected_state_bytes": subspax.state_bytes(jax.eval_shape(tx.init, proj)),
+          "compiled": mem, "compile_s": record["compile_s"]}
+
+
+def cached_case(size: str, scan: bool, name: str, args, partial: dict,
+                save: callable) -> dict:
+  """`compile_case`, or its earlier result in `partial` (saved after each)."""
+  key = f"{size}|{'scan' if scan else 'unrolled'}|{name}|{args.batch}x{args.seq}"
+  if key in partial:
+    print(f"{key}: from the partial results", flush=True)
+    return partial[key]
+  case = partial[key] = compile_case(size, scan, name, args)
+  save()
+  print(f"{key}: state {_common.mib(case['state_bytes']):.1f} MiB, peak "
+        f"{_common.mib(case['compiled']['peak']):.1f} MiB, temp "
+        f"{_common.mib(case['compiled']['temp']):.1f} MiB (compile "
+        f"{case['compile_s']:.1f} s)", flush=True)
+  return case
+
+
 def measure(spec: str, methods: list[str], args, partial: dict,
             save: callable) -> dict:
   size, scan, methods = parse_spec(spec, methods)
   cfg = preset(size)
   cfg.model.scan = scan
   model_cfg = model_lib.LlamaConfig.from_config(cfg.model, cfg.data.vocab_size)
-  graphdef, params, _ = model_lib.abstract_model(model_cfg)
+  params = model_lib.abstract_model(model_cfg)[1]
   rank, interval = cfg.opt.rank, cfg.opt.update_interval
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   proj = projected_only(params, rank)
   n_proj = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(proj))
-  batch = jax.ShapeDtypeStruct((args.batch, args.seq + 1), jnp.int32)
   out = {"size": size, "rank": rank, "update_interval": interval,
          "scan": cfg.model.scan, "params": n_params, "projected_params": n_proj,
+         "measured": _common.machine()["date"],
          "model": {k: getattr(model_cfg, k) for k in (
              "vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "dtype",
              "param_dtype", "remat", "scan")},
@@ -123,36 +165,7 @@ def measure(spec: str, methods: list[str], args, partial: dict,
     if name == "optax_galore" and cfg.model.scan:
       print(f"{size} {name}: skipped (scanned layers)", flush=True)
       continue
-    key = f"{size}|{'scan' if scan else 'unrolled'}|{name}|{args.batch}x{args.seq}"
-    if key in partial:
-      out["methods"][name] = partial[key]
-      print(f"{key}: from the partial results", flush=True)
-      continue
-    opt_cfg = _common.opt_config(name, rank=rank, update_interval=interval)
-    tx = optimizers.build(opt_cfg, cfg.steps, cfg.seed)
-    lr = optimizers.schedule(opt_cfg, cfg.steps)
-    opt_state = jax.eval_shape(tx.init, params)
-    state = train_lib.TrainState(jax.ShapeDtypeStruct((), jnp.int32), params,
-                                 opt_state)
-    step = jax.jit(train_lib.make_train_step(graphdef, tx, lr), donate_argnums=0)
-    start = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
-    compile_s = time.perf_counter() - start
-    ma = compiled.memory_analysis()
-    mem = {k: int(getattr(ma, f"{k}_size_in_bytes"))
-           for k in ("argument", "output", "alias", "temp")}
-    mem["peak"] = mem["argument"] + mem["temp"] + mem["output"] - mem["alias"]
-    mem["argument_plus_temp"] = mem["argument"] + mem["temp"]
-    out["methods"][name] = partial[key] = {
-        "state_bytes": subspax.state_bytes(opt_state),
-        "projected_state_bytes": subspax.state_bytes(jax.eval_shape(tx.init, proj)),
-        "compiled": mem, "compile_s": compile_s,
-    }
-    save()
-    print(f"{key}: state {_common.mib(out['methods'][name]['state_bytes']):.1f}"
-          f" MiB, peak {_common.mib(mem['peak']):.1f} MiB, temp "
-          f"{_common.mib(mem['temp']):.1f} MiB (compile {compile_s:.1f} s)",
-          flush=True)
+    out["methods"][name] = cached_case(size, scan, name, args, partial, save)
   act = activation_bytes(model_cfg, args.batch, args.seq)
   reduced = out["methods"].get("subtrack", {}).get("state_bytes")
   if reduced is None:  # floor needs SubTrack++'s state even if not compiled
@@ -203,7 +216,8 @@ def table(results: list[dict], args) -> str:
         f"**LLaMA {res['size']}** ({res['params'] / 1e6:.0f}M params, "
         f"{res['projected_params'] / 1e6:.0f}M in projected matrices; rank "
         f"{res['rank']}, refresh every {res['update_interval']}; "
-        f"{'scanned' if res['scan'] else 'unrolled'} layers)", "",
+        f"{'scanned' if res['scan'] else 'unrolled'} layers"
+        + (f"; measured {res['measured']}" if res.get("measured") else "") + ")", "",
         _common.markdown_table(
             ["method", "state", "x AdamW", "projected state", "x AdamW",
              "argument", "temp", "output-alias", "peak", "peak x AdamW",
@@ -218,8 +232,55 @@ def table(results: list[dict], args) -> str:
   return "\n".join(lines)
 
 
+def what_fits(budgets_gib: list[float], methods: list[str], args, partial: dict,
+              save: callable) -> dict:
+  """Per method and budget, the largest preset whose compiled step fits.
+
+  Scanned layers (the presets' layout). For each budget the presets are tried
+  from the largest down, compiling only what the answer needs (a preset's peak
+  grows with its size); every compile is cached in `partial`, so the table
+  rows of the same run are reused.
+
+  Returns:
+    {'budgets_gib', 'sizes', 'batch', 'seq', 'measured', 'peaks': {method:
+    {size: peak bytes}}, 'largest': {method: {budget: size or None}}}.
+  """
+  peaks, largest = {}, {}
+  for name in methods:
+    peaks[name], largest[name] = {}, {}
+    for gib in budgets_gib:
+      largest[name][str(gib)] = None
+      for size in reversed(SIZES):
+        if size not in peaks[name]:
+          case = cached_case(size, True, name, args, partial, save)
+          peaks[name][size] = case["compiled"]["peak"]
+        if peaks[name][size] <= gib * 2**30:
+          largest[name][str(gib)] = size
+          break
+  return {"budgets_gib": budgets_gib, "sizes": list(SIZES), "batch": args.batch,
+          "seq": args.seq, "measured": _common.machine()["date"],
+          "peaks": {n: {s: p[s] for s in SIZES if s in p} for n, p in peaks.items()},
+          "largest": largest}
+
+
+def merge(earlier: dict, results: list[dict], fits: dict | None, args) -> tuple:
+  """This run's results over an earlier memory.json's: entries of a size and
+  layout measured now replace the earlier ones, the others are kept (with
+  their measurement date), in size order."""
+  if (earlier["args"]["batch"], earlier["args"]["seq"]) != (args.batch, args.seq):
+    raise ValueError(
+        f"--merge: {NAME}.json was measured at batch {earlier['args']['batch']} x "
+        f"seq {earlier['args']['seq']}, this run at {args.batch} x {args.seq}; "
+        "use the same --batch and --seq, or drop --merge")
+  new = {(r["size"], r["scan"]) for r in results}
+  kept = [dict(r, measured=r.get("measured", earlier["machine"]["date"]))
+          for r in earlier["results"] if (r["size"], r["scan"]) not in new]
+  order = lambda r: (SIZES.index(r["size"]) if r["size"] in SIZES else -1, r["scan"])
+  return sorted(kept + results, key=order), fits or earlier.get("fits")
+
+
 DEFAULT_SIZES = ("60m,130m,350m@adamw+optax_galore+subtrack,350m:scan,"
-                 "1b@adamw+optax_galore+subtrack,1b:scan")
+                 "1b@adamw+optax_galore+subtrack,1b:scan,7b:scan")
 
 
 def main() -> None:
@@ -237,6 +298,12 @@ def main() -> None:
   parser.add_argument("--compare", default="",
                       help="a partial JSON of an earlier run: record in the "
                            "results how this run's fresh compiles compare")
+  parser.add_argument("--fits", default="24,40,80",
+                      help="comma-separated device memory budgets in GiB for the "
+                           "'what fits' table; '' skips it")
+  parser.add_argument("--merge", action="store_true",
+                      help=f"keep the sizes and layouts of <out>/{NAME}.json that "
+                           "this run does not measure (and its fits if --fits='')")
   args = parser.parse_args()
   methods = args.methods.split(",")
   info = _common.machine()
@@ -253,9 +320,19 @@ def main() -> None:
       json.dump(partial, f, indent=1)
 
   results = [measure(spec, methods, args, partial, save)
-             for spec in args.sizes.split(",")]
-  payload = {"benchmark": NAME, "machine": info, "args": vars(args),
+             for spec in args.sizes.split(",") if spec]
+  fits = None
+  if args.fits:
+    fits = what_fits([float(b) if "." in b else int(b) for b in args.fits.split(",")],
+                     [m for m in FIT_METHODS if m in methods], args, partial, save)
+  if args.merge and os.path.exists(os.path.join(args.out, f"{NAME}.json")):
+    with open(os.path.join(args.out, f"{NAME}.json")) as f:
+      results, fits = merge(json.load(f), results, fits, args)
+  payload = {"benchmark": NAME, "machine": info,
+             "args": dict(vars(args), out=os.path.relpath(args.out)),
              "results": results}
+  if fits:
+    payload["fits"] = fits
   if args.compare:
     with open(args.compare) as f:
       earlier = json.load(f)

@@ -9,7 +9,9 @@ Reads the JSON results of the other benchmarks (nothing is measured here) and
   within 2% of AdamW), every figure computed from the result files;
 * replaces, in README.md, the text between each pair of markers
   `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` with
-  `bench/results/NAME.md`, so the README's tables are the generated ones.
+  `bench/results/NAME.md`, so the README's tables are the generated ones;
+* writes `bench/results/memory_fits.md`, the "what fits" table of
+  `memory.json` (bench.memory --fits), before splicing.
 
   python -m bench.readme
 """
@@ -145,6 +147,39 @@ def targets(out: str) -> str:
   return "\n".join(lines)
 
 
+def fits_table(out: str) -> str | None:
+  """The 'what fits' table of memory.json (bench.memory --fits), or None.
+
+  Per method and device-memory budget: the largest LLaMA preset whose
+  compiled train step fits, with its peak; then every peak that was compiled
+  to find it.
+  """
+  fits = (load(out, "memory") or {}).get("fits")
+  if not fits:
+    return None
+  gib = lambda b: f"{b / 2**30:.1f}"
+  label = lambda size: size.upper()
+  rows, peak_rows = [], []
+  for name, largest in fits["largest"].items():
+    peaks = fits["peaks"][name]
+    rows.append([name] + [
+        f"{label(largest[str(b)])} ({gib(peaks[largest[str(b)]])})"
+        if largest[str(b)] else "none" for b in fits["budgets_gib"]])
+    peak_rows.append([name] + [gib(peaks[s]) if s in peaks else "-"
+                               for s in fits["sizes"]])
+  budgets = [f"{b} GiB" for b in fits["budgets_gib"]]
+  return "\n".join([
+      f"Largest LLaMA preset whose compiled train step fits each device memory "
+      f"budget, and its peak in GiB (batch {fits['batch']} x seq {fits['seq']}, "
+      f"float32 weights and optimizer states, bf16 compute, remat, scanned "
+      f"layers, one device; peak = argument + temp + output - alias of XLA's "
+      f"`memory_analysis()` on the CPU; measured {fits['measured']}).", "",
+      _common.markdown_table(["method", *budgets], rows), "",
+      "Compiled peaks in GiB ('-': not needed for the answer, not compiled):", "",
+      _common.markdown_table(["method", *map(label, fits["sizes"])], peak_rows),
+  ])
+
+
 def splice(readme: str, out: str) -> str:
   def replace(match):
     name = match.group(1)
@@ -165,6 +200,10 @@ def main() -> None:
   args = parser.parse_args()
   with open(os.path.join(args.out, "targets.md"), "w") as f:
     f.write(targets(args.out) + "\n")
+  fits = fits_table(args.out)
+  if fits:
+    with open(os.path.join(args.out, "memory_fits.md"), "w") as f:
+      f.write(fits + "\n")
   with open(args.readme) as f:
     text = f.read()
   new = splice(text, args.out)

@@ -6,8 +6,9 @@ the state donated and reports, per method:
 
 * the exact optimizer-state bytes (``subspax.state_bytes``);
 * XLA's ``memory_analysis()`` of the compiled update: arguments, temp, output,
-  alias, and the peak estimate ``arguments + temp`` (donated state is reused
-  for the output, so it is counted once, in the arguments);
+  alias, and the peak ``arguments + temp + output - alias``
+  (``train.memory.compiled_memory``: the donated state is reused for the new
+  state, so only the updates are new output);
 * each as a ratio to ``optax.adam``.
 
 Nothing is timed: the figures are exact sizes from the compiler, so they are
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 import subspax
+from train import memory
 
 METHODS = ("galore", "subtrack", "grasswalk", "grassjump", "rso", "grass")
 
@@ -45,16 +47,11 @@ def measure(tx, m: int, n: int) -> dict[str, int]:
   """State bytes and compiled memory of one update of an ``m x n`` weight."""
   params = {"w": jax.ShapeDtypeStruct((m, n), jnp.float32)}
   state = jax.eval_shape(tx.init, params)
-  stats = jax.jit(tx.update, donate_argnums=1).lower(
-      params, state, params).compile().memory_analysis()
-  return {
-      "state": subspax.state_bytes(state),
-      "arguments": stats.argument_size_in_bytes,
-      "temp": stats.temp_size_in_bytes,
-      "output": stats.output_size_in_bytes,
-      "alias": stats.alias_size_in_bytes,
-      "peak": stats.argument_size_in_bytes + stats.temp_size_in_bytes,
-  }
+  mem = memory.compiled_memory(
+      jax.jit(tx.update, donate_argnums=1).lower(params, state, params).compile())
+  return {"state": subspax.state_bytes(state), "arguments": mem["argument"],
+          "temp": mem["temp"], "output": mem["output"], "alias": mem["alias"],
+          "peak": mem["peak"]}
 
 
 def markdown(rows: dict[str, dict[str, int]], m: int, n: int, rank: int

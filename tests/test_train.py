@@ -53,7 +53,7 @@ def cli_args(corpus, workdir, *extra):
 
 @pytest.mark.parametrize("preset, millions", [
     ("tiny", 7.4), ("llama_60m", 58), ("llama_130m", 134), ("llama_350m", 368),
-    ("llama_1b", 1339), ("llama_7b", 6738)])
+    ("llama_1b", 1339), ("llama_7b", 6738), ("llama_13b", 13016)])
 def test_presets_load_and_have_the_paper_sizes(preset, millions):
   cfg = importlib.import_module(f"configs.{preset}").get_config()
   train.validate(cfg)

@@ -1,0 +1,80 @@
+"""bench.memory's "what fits" search and --merge, and the table bench.readme
+renders from them; compiles are replaced by known peaks, so nothing compiles."""
+
+import argparse
+import json
+
+import pytest
+
+from bench import memory
+from bench import readme
+
+GIB = 2**30
+# Peaks (GiB) that grow with the preset, as compiled peaks do.
+PEAKS = {"adamw": dict(zip(memory.SIZES, (1, 2, 6, 20, 100, 200))),
+         "subtrack": dict(zip(memory.SIZES, (1, 2, 5, 15, 70, 130)))}
+
+
+@pytest.fixture
+def compiles(monkeypatch):
+  """Replaces compile_case by PEAKS; returns the list of cases compiled."""
+  done = []
+
+  def fake(size, scan, name, args):
+    done.append((size, scan, name))
+    return {"state_bytes": 1, "projected_state_bytes": 1, "compile_s": 0.0,
+            "compiled": {"peak": PEAKS[name][size] * GIB, "temp": 0}}
+
+  monkeypatch.setattr(memory, "compile_case", fake)
+  return done
+
+
+def args(**kw):
+  return argparse.Namespace(**{"batch": 1, "seq": 256, **kw})
+
+
+def test_what_fits_finds_the_largest_preset_and_compiles_only_what_it_needs(
+    compiles):
+  partial = {}
+  fits = memory.what_fits([24, 40, 80], ["adamw", "subtrack"], args(), partial,
+                          lambda: None)
+  assert fits["largest"] == {"adamw": {"24": "1b", "40": "1b", "80": "1b"},
+                             "subtrack": {"24": "1b", "40": "1b", "80": "7b"}}
+  # From 13B down to the first preset that fits 24 GiB; each compiled once.
+  assert sorted(compiles) == sorted(
+      (s, True, n) for n in ("adamw", "subtrack") for s in ("13b", "7b", "1b"))
+  assert fits["peaks"]["subtrack"] == {"1b": 15 * GIB, "7b": 70 * GIB,
+                                       "13b": 130 * GIB}
+  # A second search reuses the cache.
+  memory.what_fits([24], ["adamw"], args(), partial, lambda: None)
+  assert len(compiles) == 6
+  assert memory.what_fits([0.5], ["adamw"], args(), partial,
+                          lambda: None)["largest"]["adamw"] == {"0.5": None}
+
+
+def test_merge_keeps_other_sizes_in_order_and_refuses_another_batch():
+  earlier = {"args": {"batch": 1, "seq": 256}, "machine": {"date": "then"},
+             "fits": {"old": True},
+             "results": [{"size": "60m", "scan": False},
+                         {"size": "7b", "scan": True, "measured": "old"}]}
+  now = [{"size": "7b", "scan": True, "measured": "now"},
+         {"size": "1b", "scan": True, "measured": "now"}]
+  results, fits = memory.merge(earlier, now, None, args())
+  assert [(r["size"], r["measured"]) for r in results] == [
+      ("60m", "then"), ("1b", "now"), ("7b", "now")]
+  assert fits == {"old": True}
+  assert memory.merge(earlier, now, {"new": True}, args())[1] == {"new": True}
+  with pytest.raises(ValueError, match="--batch"):
+    memory.merge(earlier, now, None, args(batch=8))
+
+
+def test_readme_renders_the_fits_table(compiles, tmp_path):
+  fits = memory.what_fits([24, 80], ["adamw", "subtrack"], args(), {},
+                          lambda: None)
+  with open(tmp_path / "memory.json", "w") as f:
+    json.dump({"fits": fits}, f)
+  lines = readme.fits_table(str(tmp_path)).splitlines()
+  assert "| adamw | 1B (20.0) | 1B (20.0) |" in lines
+  assert "| subtrack | 1B (15.0) | 7B (70.0) |" in lines
+  assert "| subtrack | - | - | - | 15.0 | 70.0 | 130.0 |" in lines
+  assert readme.fits_table(str(tmp_path / "none")) is None
