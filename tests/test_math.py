@@ -173,8 +173,10 @@ def _growing_residual(rng, s, shape, side, t):
 @pytest.mark.parametrize("name, shape", [
     ("grassjump", (12, 20)), ("grassjump", (20, 12)),
     ("grassjump", (2, 12, 20)), ("subtrack", (12, 20)),
-    ("grasswalk", (20, 12))], ids=["jump-left", "jump-right", "jump-stack",
-                                   "subtrack-left", "walk-right"])
+    ("grasswalk", (20, 12)), ("grassjump", (128, 136)),
+    ("subtrack", (136, 128))], ids=[
+        "jump-left", "jump-right", "jump-stack", "subtrack-left", "walk-right",
+        "jump-left-128", "subtrack-right-128"])
 def test_recovery_update_in_closed_form_with_the_limiter_firing(name, shape):
   """The emitted update is ``alpha S N + Lambda`` with the limiter applied to
   Lambda itself (not only to the stored norm), per stacked matrix."""
@@ -203,6 +205,21 @@ def test_recovery_update_in_closed_form_with_the_limiter_firing(name, shape):
       np.testing.assert_allclose(after["last_norm"][b], norm, rtol=2e-4)
   num = len(fired) // 5
   assert not any(fired[:num]) and all(fired[2 * num:]), fired
+
+
+def test_stacked_matrices_get_their_own_random_subspaces():
+  """Each matrix of a ``(3, m, n)`` stack draws its own subspace, even when
+  the three gradients are equal (per-matrix keys, ALGORITHMS.md section 0)."""
+  tx = subspax.scale_by_grassjump(rank=3, update_interval=4, key=2)
+  state = tx.init({"w": jnp.zeros((3, 12, 16))})
+  g = jnp.broadcast_to(jax.random.normal(jax.random.key(0), (12, 16)),
+                       (3, 12, 16))
+  u, state = tx.update({"w": g}, state)
+  s = _snapshot(_matrices(state)["w"])["s"]
+  for i, j in [(0, 1), (0, 2), (1, 2)]:
+    overlap = np.linalg.svd(s[i].T @ s[j], compute_uv=False)
+    assert overlap.min() < 0.99, (i, j, overlap)
+    assert np.abs(u["w"][i] - u["w"][j]).max() > 1e-3
 
 
 def _teacher_problem(key):
@@ -254,7 +271,7 @@ GOLDEN = {
 
 def _golden_numbers(name):
   """The two golden sums of ``name`` (see ``GOLDEN``)."""
-  extra = {"step": "normalized"} if name == "subtrack" else {}
+  extra = {"step": "normalized", "eta": 10.0} if name == "subtrack" else {}
   tx = helpers.make_tx(name, learning_rate=1.0, rank=3, update_interval=3,
                        **extra)
   params = helpers.random_params(jax.random.key(0))
