@@ -15,6 +15,8 @@ import pytest
 
 import helpers
 from train import dry_run
+from train import errors
+from train import tokenizer
 from train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,9 +73,14 @@ def test_dry_run_allocates_nothing_even_for_a_model_beyond_host_memory():
   assert dry_run.report(record).splitlines()[1].startswith("refresh memory")
 
 
-def test_vocab_size_comes_from_the_config_or_names_a_missing_tokenizer(tmp_path):
+def test_vocab_size_comes_from_the_config_or_the_tokenizer_file(tmp_path):
   cfg = helpers.make_config({})
   assert dry_run.vocab_size(cfg.data) == 320
+  lines = [f"line {i} of the {w} text" for i in range(300)
+           for w in ("sweet", "king", "night")]
+  (tmp_path / "own.model").write_bytes(tokenizer.train_bpe(lines, 300))
+  cfg.data.tokenizer = str(tmp_path / "own.model")
+  assert dry_run.vocab_size(cfg.data) == 300
   cfg.data.tokenizer = str(tmp_path / "missing.model")
-  with pytest.raises(FileNotFoundError, match="data.tokenizer"):
+  with pytest.raises(errors.UserError, match="^data.tokenizer: no such file"):
     dry_run.vocab_size(cfg.data)

@@ -23,6 +23,7 @@ import sentencepiece as spm
 import subspax
 
 from train import checkpoint as checkpoint_lib
+from train import errors
 from train import memory as memory_lib
 from train import model as model_lib
 from train import train as train_lib
@@ -34,12 +35,13 @@ def vocab_size(data_cfg: ml_collections.ConfigDict) -> int:
   """The vocabulary size a run of `data_cfg` would have, reading no corpus.
 
   Raises:
-    FileNotFoundError: `data.tokenizer` names a file that does not exist.
+    errors.MissingFileError: `data.tokenizer` names a file that does not exist
+      (a FileNotFoundError and a UserError).
   """
   if not data_cfg.tokenizer:
     return data_cfg.vocab_size  # the BPE the trainer trains has exactly this size
   if not os.path.isfile(data_cfg.tokenizer):
-    raise FileNotFoundError(
+    raise errors.MissingFileError(
         f"data.tokenizer: no such file {data_cfg.tokenizer!r}; give the path of a "
         'SentencePiece .model, or "" to size the vocabulary by data.vocab_size')
   return spm.SentencePieceProcessor(model_file=data_cfg.tokenizer).vocab_size()
