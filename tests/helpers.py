@@ -22,12 +22,17 @@ METHODS = {
                                            "keep_overlap": True}),
     "grass_uniform_replacement": (subspax.grass, {"selection": "uniform",
                                                   "replacement": True}),
+    "fira": (subspax.fira, {}),
+    "apollo": (subspax.apollo, {}),
+    "apollo_tensor_stored": (subspax.apollo, {"scale_type": "tensor",
+                                              "store_basis": True}),
+    "apollo_mini": (subspax.apollo_mini, {}),
 }
 
 
 # The main variant of each method: the heavier generic checks run over these.
 CORE = ("galore", "subtrack", "grasswalk", "grassjump", "grassjump_keyed",
-        "rso", "grass")
+        "rso", "grass", "fira", "apollo", "apollo_mini")
 
 
 def make_tx(name, learning_rate=1e-2, rank=4, update_interval=5, **extra):

@@ -134,7 +134,7 @@ def test_state_bytes_match_the_documented_formula(name):
   adam_bias = subspax.state_bytes(optax.scale_by_adam().init(params["b"])) - 4
   d, big_d = min(m, n), max(m, n)
   moments = 2 * r * big_d * 4
-  basis = {"grass": 2 * r * 4, "keyed": 0}.get(
+  basis = {"grass": 2 * r * 4, "keyed": 0, "apollo": 0}.get(
       "keyed" if name == "grassjump_keyed" else name.split("_")[0], d * r * 4)
   extra = subspax.state_bytes(state) - moments - basis - adam_bias
   assert 0 <= extra <= 64 + 4 * r, extra  # counts, keys, ages, last norm
@@ -157,7 +157,7 @@ def test_compiled_peak_is_below_adam_and_optax_galore():
   adam = peak(optax.adam(1e-3))
   contrib = peak(optax.contrib.galore(1e-3, rank=128))
   for name in ALL:
-    if name.startswith("galore"):
+    if name.startswith("galore") or name == "fira":  # an SVD in the step
       continue
     assert peak(helpers.make_tx(name, rank=128, update_interval=200)) < min(
         adam, contrib), name
