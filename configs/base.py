@@ -25,11 +25,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.stop_after = 0  # stop (with a checkpoint) after this step; 0: run all steps
 
   cfg.opt = ml_collections.ConfigDict()
-  cfg.opt.name = "subtrack"  # adamw | galore | subtrack | grasswalk | grassjump | rso | grass | optax_galore
+  cfg.opt.name = "subtrack"  # adamw | galore | subtrack | grasswalk | grassjump | rso | grass | fira | apollo | apollo_mini | optax_galore
   cfg.opt.learning_rate = 3e-3  # peak learning rate, reached after warmup
   cfg.opt.warmup_steps = 20  # linear warmup from 0, then cosine decay
   cfg.opt.min_lr_ratio = 0.1  # the cosine ends at this fraction of the peak
-  cfg.opt.rank = 64  # subspace rank r (ignored by adamw)
+  cfg.opt.rank = 64  # subspace rank r (ignored by adamw; apollo_mini is rank 1)
   cfg.opt.update_interval = 50  # subspace refresh every T steps (ignored by adamw)
   cfg.opt.weight_decay = 0.0  # decoupled weight decay
   cfg.opt.decay_matrices_only = False  # True: no weight decay on 1-D params (norms)

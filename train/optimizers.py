@@ -1,7 +1,8 @@
 """Optimizer registry: a config's `opt` section -> an optax GradientTransformation.
 
 Names: `adamw` (optax), the subspax methods `galore`, `subtrack`, `grasswalk`,
-`grassjump`, `rso`, `grass`, and `optax_galore` (optax.contrib.galore, the
+`grassjump`, `rso`, `grass`, `fira`, `apollo`, `apollo_mini` (rank 1 by
+definition: it ignores opt.rank), and `optax_galore` (optax.contrib.galore, the
 reference GaLore, as a peer). Every optimizer gets the same learning-rate
 schedule: linear warmup, then cosine decay to `opt.min_lr_ratio` x the peak.
 """
@@ -16,7 +17,10 @@ import subspax
 
 from train import model as model_lib
 
-SUBSPAX = ("galore", "subtrack", "grasswalk", "grassjump", "rso", "grass")
+SUBSPAX = ("galore", "subtrack", "grasswalk", "grassjump", "rso", "grass",
+           "fira", "apollo", "apollo_mini")
+# Methods whose subspace needs no random key (an exact SVD).
+_KEYLESS = ("galore", "fira")
 NAMES = ("adamw", *SUBSPAX, "optax_galore")
 
 
@@ -121,9 +125,10 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
         base_optimizer=optax.scale_by_adam(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps),
         weight_decay=opt_cfg.weight_decay, mask=mask,
         weight_dimension_numbers=_galore_dims(opt_cfg.rank), **kwargs)
-  if opt_cfg.name != "galore":  # GaLore's exact SVD needs no random key
+  if opt_cfg.name not in _KEYLESS:
     kwargs["key"] = seed
   factory = getattr(subspax, opt_cfg.name)
-  return factory(lr, rank=opt_cfg.rank, update_interval=opt_cfg.update_interval,
+  rank = 1 if opt_cfg.name == "apollo_mini" else opt_cfg.rank
+  return factory(lr, rank=rank, update_interval=opt_cfg.update_interval,
                  weight_decay=opt_cfg.weight_decay, mask=mask, b1=opt_cfg.b1,
                  b2=opt_cfg.b2, eps=opt_cfg.eps, **kwargs)
