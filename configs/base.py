@@ -23,6 +23,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.checkpoint_every = 100  # save a checkpoint every N steps and at the end
   cfg.keep_checkpoints = 2  # keep the latest K checkpoints
   cfg.stop_after = 0  # stop (with a checkpoint) after this step; 0: run all steps
+  cfg.init_from = ""  # a Hugging Face LLaMA directory to fine-tune (its config sets `model`; train/hf.py)
+  cfg.profile_steps = ""  # "a,b": a jax.profiler trace of steps a..b in WORKDIR/tensorboard
 
   cfg.opt = ml_collections.ConfigDict()
   cfg.opt.name = "subtrack"  # adamw | galore | subtrack | grasswalk | grassjump | rso | grass | fira | apollo | apollo_mini | optax_galore

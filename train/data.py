@@ -79,7 +79,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Cache directory for the corpus, the tokenizer and the token arrays.
   cfg.dir = "data/"
   # "": train a SentencePiece BPE on the corpus (cached in `dir`); or the path of
-  # your own SentencePiece `.model`.
+  # your own SentencePiece `.model` or Hugging Face `tokenizer.json`.
   cfg.tokenizer = ""
   # Vocabulary size of the trained tokenizer (ignored with your own `.model`).
   cfg.vocab_size = 8192
@@ -377,7 +377,7 @@ def _tokenizer(cfg: ml_collections.ConfigDict, corpus: _Corpus,
       raise FileNotFoundError(
           f"data.tokenizer: no such file {cfg.tokenizer!r}; give the path of a "
           'SentencePiece .model, or "" to train one on the corpus')
-    return spm.SentencePieceProcessor(model_file=cfg.tokenizer)
+    return tokenizer_lib.load(cfg.tokenizer)
   path = cache / "tokenizers" / f"{corpus.key}-bpe{cfg.vocab_size}.model"
   if not path.exists():
     source = corpus.prepare()

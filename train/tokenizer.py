@@ -1,5 +1,7 @@
 """SentencePiece BPE: training on a corpus and encoding it into one token stream.
 
+`load` also reads a Hugging Face `tokenizer.json` (`JsonTokenizer`).
+
 The trained tokenizer keeps text exactly (identity normalization, no dummy prefix,
 spaces kept) and falls back to bytes, so `decode(encode(text)) == text`. Text is
 encoded line by line, which is much faster than whole documents; a newline becomes
@@ -9,6 +11,8 @@ the byte token <0x0A> and each document ends with the end-of-sequence token.
 from __future__ import annotations
 
 import io
+import json
+import os
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -96,3 +100,74 @@ def text_lines(records: Iterable[tuple[str, bool]]) -> Iterator[str]:
   """
   for text, _ in records:
     yield from (line for line in text.split("\n") if line.strip())
+
+
+class JsonTokenizer:
+  """A Hugging Face `tokenizer.json`, with the SentencePiece methods the data
+  pipeline calls (`encode`, `decode`, `vocab_size`, `piece_to_id`, `unk_id`,
+  `eos_id`, `serialized_model_proto`).
+
+  Text is encoded without special tokens; the end-of-sequence token is the
+  `eos_token` of a `tokenizer_config.json` beside the file, else the first of
+  </s>, <|end_of_text|>, <|endoftext|>, <eos> the vocabulary has. A line break
+  is the `<0x0A>` byte token if there is one, else whatever single token "\\n"
+  encodes to.
+
+  Example:
+    tok = JsonTokenizer("llama-dir/tokenizer.json")
+    ids = tok.encode(["Hello there."])[0]
+  """
+
+  _EOS_NAMES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>")
+
+  def __init__(self, path: str):
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    with open(path, "rb") as f:
+      self._json = f.read()
+    self._tok = tokenizers.Tokenizer.from_str(self._json.decode())
+    self._eos = self._find_eos(os.path.join(os.path.dirname(path),
+                                            "tokenizer_config.json"))
+
+  def _find_eos(self, config_path: str) -> int:
+    names = list(self._EOS_NAMES)
+    if os.path.isfile(config_path):
+      with open(config_path) as f:
+        eos = json.load(f).get("eos_token")
+      if isinstance(eos, dict):
+        eos = eos.get("content")
+      if eos:
+        names.insert(0, eos)
+    ids = [self._tok.token_to_id(name) for name in names]
+    return next((i for i in ids if i is not None), -1)
+
+  def encode(self, lines: list[str]) -> list[list[int]]:
+    return [e.ids for e in self._tok.encode_batch(lines, add_special_tokens=False)]
+
+  def decode(self, ids: list[int]) -> str:
+    return self._tok.decode(list(ids))
+
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  def piece_to_id(self, piece: str) -> int:
+    found = self._tok.token_to_id(piece)
+    if found is None and piece == "<0x0A>":
+      ids = self._tok.encode("\n", add_special_tokens=False).ids
+      found = ids[0] if len(ids) == 1 else None
+    return self.unk_id() if found is None else found
+
+  def unk_id(self) -> int:
+    return -1
+
+  def eos_id(self) -> int:
+    return self._eos
+
+  def serialized_model_proto(self) -> bytes:
+    return self._json
+
+
+def load(path: str) -> spm.SentencePieceProcessor | JsonTokenizer:
+  """A tokenizer file: a SentencePiece `.model`, or a Hugging Face `.json`."""
+  if path.endswith(".json"):
+    return JsonTokenizer(path)
+  return spm.SentencePieceProcessor(model_file=path)

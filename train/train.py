@@ -23,6 +23,7 @@ from flax import nnx
 
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
+from train import hf
 from train import metrics as metrics_lib
 from train import memory as memory_lib
 from train import model as model_lib
@@ -169,6 +170,19 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
                   make_train_step(graphdef, tx, lr), refresh)
 
 
+def initial_state(cfg: ml_collections.ConfigDict, programs: Programs,
+                  shardings: TrainState) -> TrainState:
+  """The step-0 state, placed with `shardings`: a random init, or the weights
+  of the Hugging Face checkpoint `cfg.init_from` (train/hf.py)."""
+  if not cfg.get("init_from"):
+    return jax.jit(programs.init, out_shardings=shardings)()
+  params = hf.load_params(cfg.init_from, programs.model_cfg,
+                          programs.param_shapes, shardings.params)
+  init = lambda params: TrainState(jnp.zeros((), jnp.int32), params,
+                                   programs.tx.init(reparam.split(params)[0]))
+  return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
+
+
 def train_state_shardings(programs: Programs, mesh: jax.sharding.Mesh,
                           rules: dict[str, tuple[str, ...]]) -> TrainState:
   """NamedShardings of the train state: parameters by their logical names,
@@ -231,8 +245,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
   Raises:
     ValueError / FileNotFoundError: on bad input, before any compute.
   """
+  cfg = hf.configure(cfg)  # init_from: the checkpoint's model and tokenizer
   # Everything that can be wrong with the input is checked first.
   mesh, rules = check_and_mesh(cfg)
+  profiler = metrics_lib.Profiler(cfg.profile_steps, workdir)  # checks profile_steps
   if (jax.default_backend() == "cpu" and mesh.size > 1 and cfg.model.scan
       and cfg.opt.name != "adamw"):
     print("warning: jaxlib 0.10's batched CPU LAPACK kernels (the SVD/QR of a "
@@ -242,8 +258,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
       cfg.data, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
       seed=cfg.seed, process_index=jax.process_index(),
       process_count=jax.process_count())
-  programs = build_programs(cfg, data.vocab_size)
+  programs = build_programs(cfg, hf.vocab_size(cfg, data.vocab_size))
   shardings = train_state_shardings(programs, mesh, rules)
+  if jax.process_index() == 0:
+    hf.write_run_info(workdir, programs.model_cfg, cfg)  # for train.export
   param_shardings, init = shardings.params, programs.init
   replicated = sharding_lib.replicated(mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
@@ -254,7 +272,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
   with jax.set_mesh(mesh):
     if start is None:
       start = 0
-      state = jax.jit(init, out_shardings=shardings)()
+      state = initial_state(cfg, programs, shardings)
     else:
       target = checkpoint_lib.abstract(jax.eval_shape(init), shardings)
       state = checkpointer.restore(start, target, data.train_iter)
@@ -285,10 +303,12 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
     pending = None  # (record, device metrics) of the last logged step dispatched
     end = min(cfg.stop_after or cfg.steps, cfg.steps)
     for step in range(start + 1, end + 1):
+      profiler.before(step)
       batch = to_global(next(data.train_iter))
       if refresh is not None and (step - 1) % cfg.opt.update_interval == 0:
         state = refresh(state, batch)
       state, step_metrics = compiled(state, batch)
+      profiler.after(step, step_metrics)
       if pending is not None:  # read step t-1's metrics after dispatching step t
         writer.write(timer.finish(*pending))
         pending = None
@@ -305,6 +325,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
         pending = (record, step_metrics)
     if pending is not None:
       writer.write(timer.finish(*pending))
+    profiler.close()
     writer.close()
     checkpointer.close()
 
