@@ -29,7 +29,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.opt = ml_collections.ConfigDict()
   cfg.opt.name = "subtrack"  # adamw | galore | subtrack | grasswalk | grassjump | rso | grass | fira | apollo | apollo_mini | optax_galore
   cfg.opt.learning_rate = 3e-3  # peak learning rate, reached after warmup
-  cfg.opt.warmup_steps = 20  # linear warmup from 0, then cosine decay
+  cfg.opt.warmup_fraction = 0.1  # linear warmup from 0 over this fraction of steps, then cosine decay
+  cfg.opt.warmup_steps = -1  # warmup length in steps instead (>= 0); -1, or not shorter than the run: warmup_fraction
   cfg.opt.min_lr_ratio = 0.1  # the cosine ends at this fraction of the peak
   cfg.opt.rank = 64  # subspace rank r (ignored by adamw; apollo_mini is rank 1)
   cfg.opt.update_interval = 50  # subspace refresh every T steps (ignored by adamw)
@@ -90,7 +91,6 @@ def llama_config(*, d_model: int, n_layers: int, n_heads: int, d_ff: int, rank: 
   cfg.eval_batches = 16
   cfg.checkpoint_every = 1000
   cfg.opt.learning_rate = learning_rate
-  cfg.opt.warmup_steps = steps // 10
   cfg.opt.rank = rank
   cfg.opt.update_interval = update_interval
   cfg.model.d_model = d_model

@@ -226,7 +226,7 @@ def test_tfds_corpus_with_own_tokenizer(corpus, tmp_path):
     ({"eval_fraction": 1.5}, {}, ValueError, "data.eval_fraction"),
     ({}, {"global_batch_size": 6, "process_count": 4}, ValueError, "process_count"),
     ({}, {"seq_len": 100_000}, ValueError, "too small"),
-    ({"eval_fraction": 1e-4}, {}, ValueError, "eval split"),
+    ({"eval_fraction": 0.9999}, {}, ValueError, "lower data.eval_fraction"),
     ({"vocab_size": 300}, {}, ValueError, "data.vocab_size=300"),
 ])
 def test_bad_input_is_a_clear_error(corpus, overrides, kwargs, error, match):
@@ -248,3 +248,11 @@ def test_tokenizer_round_trips_text_exactly(corpus):
   tokens = tokenizer_lib.encode_documents(sp, [(text, True)])
   assert tokens[-1] == sp.eos_id()
   assert sp.decode(tokens.tolist()) == text
+
+
+def test_eval_split_of_no_window_grows_to_one_batch(corpus, capsys):
+  data = _build(corpus, cfg=_cfg(corpus, eval_fraction=1e-4))
+  assert "holding out 33 (" in capsys.readouterr().out  # one window: SEQ_LEN + 1
+  batches = list(data.eval_batches())
+  assert len(batches) == 1 and batches[0].shape == (8, SEQ_LEN + 1)
+  assert len({row.tobytes() for row in batches[0]}) == 1  # the one window, repeated

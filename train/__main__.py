@@ -8,7 +8,20 @@ prints its memory and writes `WORKDIR/memory.json` without allocating the
 model or reading data (train/dry_run.py). For several processes, pass
 `--coordinator_address`, `--num_processes` and `--process_id` (or set
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID).
+
+`--config` takes a preset file; a path that does not exist names the packaged
+preset of the same name (`--config configs/test.py` or `--config test` work
+from any directory). Relative paths (`--workdir`, `data.files`, `data.dir`)
+are relative to the directory the command runs in.
+
+An input error (config, data, mesh, checkpoint) prints one line, `error: ...`,
+and exits with status 2; `--verbose` shows its traceback. SIGINT (Ctrl-C) and
+SIGTERM finish the current step, save a checkpoint and exit with status 130
+and 143 (train/preemption.py); the same command then resumes.
 """
+
+import contextlib
+import glob
 
 import os
 import sys
@@ -23,7 +36,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+import configs
 from train import dry_run
+from train import errors
+from train import preemption
 from train import sharding
 from train import train
 
@@ -37,13 +53,49 @@ def _exit_on_unknown_key(error: Exception) -> None:
   key = key.strip("'\"")
   bad = [a for a in sys.argv[1:]
          if a.startswith("--config.") and key in a.split("=")[0].split(".")]
-  sys.exit(f"error: unknown config key {key!r} in {' '.join(bad) or sys.argv[1:]}"
-           + (f" ({hint[0]})" if hint else "") + "; see configs/base.py for the fields")
+  _fail(f"unknown config key {key!r} in {' '.join(bad) or sys.argv[1:]}"
+        + (f" ({hint[0]})" if hint else "") + "; see configs/base.py for the fields")
+
+
+def _fail(message: str) -> None:
+  """Prints `error: <message>` as one line to stderr and exits with status 2."""
+  print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+  sys.exit(errors.EXIT_STATUS)
+
+
+_PRESETS = os.path.dirname(os.path.abspath(configs.__file__))
+
+
+def _preset_path(value: str) -> str:
+  """`--config`'s file: the path itself, else the packaged preset of that name."""
+  path, _, rest = value.partition(":")  # config_flags' "file.py:arg" form
+  if os.path.isfile(path):
+    return value
+  name = os.path.basename(path)
+  packaged = os.path.join(_PRESETS, name if name.endswith(".py") else f"{name}.py")
+  if os.path.isfile(packaged) and name != "__init__.py":
+    return packaged + (f":{rest}" if rest else "")
+  presets = sorted(os.path.basename(p)[:-3] for p in glob.glob(
+      os.path.join(_PRESETS, "*.py")) if not p.endswith(("__init__.py", "base.py")))
+  _fail(f"--config: no preset file {path!r}; give a path, or one of the packaged "
+        f"presets {', '.join(presets)} (e.g. --config configs/tiny.py)")
+
+
+def _with_preset_paths(argv: list[str]) -> list[str]:
+  """argv with `--config`'s value resolved by `_preset_path`."""
+  argv = list(argv)
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      argv[i] = "--config=" + _preset_path(arg.split("=", 1)[1])
+    elif arg == "--config" and i + 1 < len(argv):
+      argv[i + 1] = _preset_path(argv[i + 1])
+  return argv
 
 
 try:
   _CONFIG = config_flags.DEFINE_config_file(
-      "config", "configs/tiny.py", "Preset file, configs/<name>.py.",
+      "config", os.path.join(_PRESETS, "tiny.py"),
+      "Preset file, configs/<name>.py (or a packaged preset's name).",
       lock_config=True)
 except (AttributeError, KeyError) as e:
   _exit_on_unknown_key(e)
@@ -53,6 +105,8 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "host:port of process 0 for a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Show the traceback of an input error, not just its line.")
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Compile the train step from abstract shapes, print its "
     "memory and write WORKDIR/memory.json; allocates nothing, reads no data.")
@@ -60,12 +114,39 @@ _DRY_RUN = flags.DEFINE_bool(
 
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
-    return flags.FLAGS(argv)
+    return flags.FLAGS(_with_preset_paths(argv))
   except (AttributeError, KeyError) as e:
     _exit_on_unknown_key(e)
+  except (flags.Error, OSError) as e:  # a bad flag value; a preset that fails to load
+    if "--verbose" in argv:
+      raise
+    _fail(str(e).split("\n", 1)[0] if isinstance(e, flags.Error) else str(e))
+
+
+@contextlib.contextmanager
+def _reporting():
+  """Turns input errors and signals into one line and an exit status."""
+  try:
+    yield
+  except errors.UserError as e:
+    if _VERBOSE.value:
+      raise
+    _fail(str(e))
+  except preemption.Interrupted as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(e.exit_status)
+  except KeyboardInterrupt:
+    print("stopped by SIGINT before training started; nothing to save",
+          file=sys.stderr, flush=True)
+    sys.exit(128 + 2)
 
 
 def main(argv: list[str]) -> None:
+  with _reporting():
+    _main(argv)
+
+
+def _main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO

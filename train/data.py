@@ -46,6 +46,7 @@ import numpy as np
 import sentencepiece as spm
 import tensorflow_datasets as tfds
 
+from train import errors
 from train import text_builder
 from train import tokenizer as tokenizer_lib
 
@@ -142,9 +143,9 @@ def build_data(cfg: ml_collections.ConfigDict, *, seq_len: int,
     windows.
 
   Raises:
-    ValueError: a bad config value or argument, or a corpus too small for one
+    UserError: a bad config value or argument, or a corpus too small for one
       batch; the message names the field and the fix.
-    FileNotFoundError: a data file or tokenizer file does not exist.
+    MissingFileError: a data file or tokenizer file does not exist.
   """
   local_batch = _local_batch_size(global_batch_size, process_index, process_count)
   _check_config(cfg, seq_len)
@@ -152,16 +153,17 @@ def build_data(cfg: ml_collections.ConfigDict, *, seq_len: int,
   corpus = _corpus(cfg, cache)
   sp = _tokenizer(cfg, corpus, cache)
   tokens = _tokens(corpus, sp, cache)
-  n_eval = int(len(tokens) * cfg.eval_fraction)
+  n_eval = _eval_tokens(cfg, len(tokens), seq_len, process_count)
   n_train = len(tokens) - n_eval
   train_tokens, eval_tokens = tokens[:n_train], tokens[n_train:]
   shard = dict(seq_len=seq_len, process_index=process_index,
                process_count=process_count)
   train_windows = _window_indices(train_tokens, **shard)
-  eval_windows = _window_indices(eval_tokens, **shard)
-  _check_sizes(cfg, len(train_windows), len(eval_windows), seq_len, local_batch)
+  eval_windows = _fill_batch(_window_indices(eval_tokens, **shard), local_batch,
+                             "eval")
   print(f"data: {len(tokens):,} tokens ({n_train:,} train, {n_eval:,} "
         f"eval), {len(train_windows):,} train windows per process", flush=True)
+  _fill_batch(train_windows, local_batch, "train")  # the note; batches span epochs
   if cfg.shuffle:
     train_windows = train_windows.shuffle(seed)  # reshuffled every epoch
   # Batches span epochs, so no window is ever dropped.
@@ -179,11 +181,11 @@ def build_data(cfg: ml_collections.ConfigDict, *, seq_len: int,
 def _local_batch_size(global_batch_size: int, process_index: int,
                       process_count: int) -> int:
   if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(
+    raise errors.UserError(
         f"process_index must be in [0, process_count), got process_index="
         f"{process_index}, process_count={process_count}")
   if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(
+    raise errors.UserError(
         f"global_batch_size must be a positive multiple of process_count="
         f"{process_count}, got {global_batch_size}; change the batch size")
   return global_batch_size // process_count
@@ -191,29 +193,64 @@ def _local_batch_size(global_batch_size: int, process_index: int,
 
 def _check_config(cfg: ml_collections.ConfigDict, seq_len: int) -> None:
   if cfg.corpus not in CORPORA:
-    raise ValueError(
+    raise errors.UserError(
         f"unknown data.corpus {cfg.corpus!r}; use one of {', '.join(CORPORA)}")
   if seq_len < 1:
-    raise ValueError(f"seq_len must be a positive int, got {seq_len}")
+    raise errors.UserError(f"seq_len must be a positive int, got {seq_len}")
   if not 0 <= cfg.eval_fraction < 1:
-    raise ValueError(
+    raise errors.UserError(
         f"data.eval_fraction must be in [0, 1), got {cfg.eval_fraction}")
 
 
-def _check_sizes(cfg: ml_collections.ConfigDict, train_windows: int,
-                 eval_windows: int, seq_len: int, local_batch: int) -> None:
-  batch = f"one batch of {local_batch} windows of seq_len + 1 = {seq_len + 1} tokens"
-  if train_windows < local_batch:
-    raise ValueError(
-        f"data: the corpus is too small: its train split has {train_windows} "
-        f"windows per process, fewer than {batch}; add text, or lower seq_len, "
-        "global_batch_size or data.eval_fraction")
-  if cfg.eval_fraction > 0 and eval_windows < local_batch:
-    raise ValueError(
-        f"data: the eval split (data.eval_fraction={cfg.eval_fraction}) has "
-        f"{eval_windows} windows per process, fewer than {batch}; raise "
-        "data.eval_fraction, lower seq_len or global_batch_size, or set "
-        "data.eval_fraction=0 to skip eval")
+def _eval_tokens(cfg: ml_collections.ConfigDict, n_tokens: int, seq_len: int,
+                 process_count: int) -> int:
+  """How many tokens at the end of the stream are held out for evaluation.
+
+  `data.eval_fraction` of them, grown to one window per process (with a note)
+  when that holds none, so that a small corpus still evaluates.
+
+  Raises:
+    UserError: the corpus cannot give every process a train window (and an
+      eval window unless `data.eval_fraction` is 0); it lists every setting
+      that fixes it.
+  """
+  window = seq_len * process_count + 1  # tokens for one window per process
+  n_eval = int(n_tokens * cfg.eval_fraction)
+  splits = 2 if cfg.eval_fraction > 0 else 1  # train (and eval) need a window each
+  if n_tokens < splits * window:
+    max_seq_len = (n_tokens // splits - 1) // process_count
+    fixes = ["add text"]
+    if max_seq_len >= 1:
+      fixes.append(f"lower seq_len to at most {max_seq_len}")
+    if splits == 2:
+      fixes.append("set data.eval_fraction=0 to skip evaluation")
+    raise errors.UserError(
+        f"data: the corpus is too small: {n_tokens:,} tokens, fewer than "
+        f"{splits * window:,} for {'a train and an eval' if splits == 2 else 'a'} "
+        f"window of seq_len + 1 = {seq_len + 1} tokens per process; "
+        + ", or ".join(fixes))
+  if cfg.eval_fraction > 0 and n_eval < window:
+    print(f"note: data.eval_fraction={cfg.eval_fraction} holds out {n_eval:,} tokens, "
+          f"less than one window of seq_len + 1 = {seq_len + 1} tokens per process; "
+          f"holding out {window:,} ({window / n_tokens:.0%} of the corpus)", flush=True)
+    n_eval = window
+  if n_tokens - n_eval < window:
+    raise errors.UserError(
+        f"data.eval_fraction={cfg.eval_fraction} leaves {n_tokens - n_eval:,} train "
+        f"tokens, fewer than one window of seq_len + 1 = {seq_len + 1} tokens per "
+        "process; lower data.eval_fraction")
+  return n_eval
+
+
+def _fill_batch(windows: grain.MapDataset, local_batch: int,
+                split: str) -> grain.MapDataset:
+  """Repeats a split of fewer windows than a batch to fill one, with a note."""
+  if not len(windows) or len(windows) >= local_batch:  # pylint: disable=g-explicit-length-test
+    return windows
+  print(f"note: the {split} split has {len(windows)} windows per process, fewer "
+        f"than one batch of {local_batch}; its batches repeat windows (add text, or "
+        "lower seq_len or batch_size, to avoid it)", flush=True)
+  return windows.repeat(-(-local_batch // len(windows)))
 
 
 # ---------------------------------------------------------------- corpora
@@ -265,7 +302,7 @@ def _corpus(cfg: ml_collections.ConfigDict, cache: Path) -> _Corpus:
     files = _resolve_files(cfg.files)
     return _text_corpus(f"files_{_files_digest(files)}", lambda: files, cache)
   if not cfg.tfds_name:
-    raise ValueError('data.tfds_name is empty; set it for data.corpus="tfds"')
+    raise errors.UserError('data.tfds_name is empty; set it for data.corpus="tfds"')
   key = re.sub(r"[^A-Za-z0-9.]+", "_",
                f"tfds_{cfg.tfds_name}_{cfg.tfds_split}_{cfg.text_key}")
   return _Corpus(key, functools.cache(lambda: _tfds_source(cfg)))
@@ -288,7 +325,7 @@ def _tfds_source(cfg: ml_collections.ConfigDict) -> _Source:
   source = tfds.data_source(cfg.tfds_name, split=cfg.tfds_split,
                             data_dir=cfg.tfds_data_dir or None)
   if len(source) and cfg.text_key not in source[0]:
-    raise ValueError(
+    raise errors.UserError(
         f"data.text_key {cfg.text_key!r} is not a feature of {cfg.tfds_name}; "
         f"its features are {sorted(source[0])}")
   return _Source(source, cfg.text_key, None)
@@ -298,19 +335,19 @@ def _resolve_files(spec: str) -> list[str]:
   """The files named by `data.files`: comma-separated paths or globs, in order."""
   items = [item.strip() for item in spec.split(",") if item.strip()]
   if not items:
-    raise ValueError('data.files is empty; for data.corpus="text_files" set it to '
+    raise errors.UserError('data.files is empty; for data.corpus="text_files" set it to '
                      'text files, e.g. --config.data.files="books/*.txt"')
   files = []
   for item in items:
     paths = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
     matches = [path for path in paths if os.path.isfile(path)]
     if not matches:
-      raise FileNotFoundError(
+      raise errors.MissingFileError(
           f"data.files: {item!r} names no file; fix the path or the glob")
     files.extend(matches)
   for path in files:
     if os.path.getsize(path) == 0:
-      raise ValueError(f"data.files: {path} is empty; remove it from data.files")
+      raise errors.UserError(f"data.files: {path} is empty; remove it from data.files")
   return files
 
 
@@ -374,7 +411,7 @@ def _tokenizer(cfg: ml_collections.ConfigDict, corpus: _Corpus,
   """Loads `data.tokenizer`, or the BPE trained on the corpus (training it once)."""
   if cfg.tokenizer:
     if not os.path.isfile(cfg.tokenizer):
-      raise FileNotFoundError(
+      raise errors.MissingFileError(
           f"data.tokenizer: no such file {cfg.tokenizer!r}; give the path of a "
           'SentencePiece .model, or "" to train one on the corpus')
     return tokenizer_lib.load(cfg.tokenizer)
@@ -383,14 +420,31 @@ def _tokenizer(cfg: ml_collections.ConfigDict, corpus: _Corpus,
     source = corpus.prepare()
     message = f"training a BPE tokenizer (vocab {cfg.vocab_size})"
     with _step(message), _atomic(path) as tmp:
-      lines = tokenizer_lib.text_lines(source.records())
-      try:
-        tmp.write_bytes(tokenizer_lib.train_bpe(lines, cfg.vocab_size))
-      except RuntimeError as e:  # e.g. fewer pieces than the corpus's characters
-        raise ValueError(
-            f"data.vocab_size={cfg.vocab_size}: sentencepiece cannot train on this "
-            f"corpus: {e}") from e
-  return spm.SentencePieceProcessor(model_file=str(path))
+      tmp.write_bytes(_train_bpe(source, cfg.vocab_size))
+  sp = spm.SentencePieceProcessor(model_file=str(path))
+  if sp.vocab_size() < cfg.vocab_size:
+    print(f"note: data.vocab_size={cfg.vocab_size} is more than this corpus "
+          f"supports; using {sp.vocab_size()}", flush=True)
+  return sp
+
+
+def _train_bpe(source: _Source, vocab_size: int) -> bytes:
+  """Trains the BPE, capping the vocabulary at what the corpus supports.
+
+  Raises:
+    UserError: sentencepiece cannot train with `vocab_size` otherwise (e.g.
+      fewer pieces than the corpus's characters and the byte tokens).
+  """
+  try:
+    return tokenizer_lib.train_bpe(tokenizer_lib.text_lines(source.records()),
+                                   vocab_size)
+  except RuntimeError as e:
+    most = re.search(r"too high .*<= (\d+)", str(e))
+    if most and 0 < int(most.group(1)) < vocab_size:
+      return _train_bpe(source, int(most.group(1)))
+    raise errors.UserError(
+        f"data.vocab_size={vocab_size}: sentencepiece cannot train on this "
+        f"corpus: {e}") from e
 
 
 def _tokens(corpus: _Corpus, sp: spm.SentencePieceProcessor, cache: Path) -> np.ndarray:

@@ -68,11 +68,13 @@ def gather(*checks: Callable[[], object]) -> None:
     try:
       check()
     except ValueError as e:
-      problems.append(_one_line(e))
+      problems.extend(getattr(e, "problems", None) or [_one_line(e)])
   if len(problems) == 1:
     raise UserError(problems[0])
   if problems:
-    raise UserError(f"{len(problems)} problems: " + "; ".join(problems))
+    error = UserError(f"{len(problems)} problems: " + "; ".join(problems))
+    error.problems = problems  # a gather of gathers lists each problem once
+    raise error
 
 
 def _one_line(error: BaseException) -> str:

@@ -15,6 +15,7 @@ import jax
 import optax
 import subspax
 
+from train import errors
 from train import model as model_lib
 
 SUBSPAX = ("galore", "subtrack", "grasswalk", "grassjump", "rso", "grass",
@@ -24,11 +25,34 @@ _KEYLESS = ("galore", "fira")
 NAMES = ("adamw", *SUBSPAX, "optax_galore")
 
 
+def warmup_steps(opt_cfg: Any, steps: int) -> int:
+  """The warmup length of a run of `steps` steps.
+
+  `opt.warmup_steps` if it is set (>= 0) and shorter than the run, else
+  `opt.warmup_fraction` of the run, so that a run of any length works.
+
+  Example:
+    warmup_steps(cfg.opt, 8)  # 0 with the defaults (warmup_fraction 0.1)
+  """
+  if 0 <= opt_cfg.warmup_steps < steps:
+    return opt_cfg.warmup_steps
+  return int(opt_cfg.warmup_fraction * steps)
+
+
+def warmup_note(opt_cfg: Any, steps: int) -> str | None:
+  """A one-line note when an explicit opt.warmup_steps does not fit the run."""
+  if opt_cfg.warmup_steps >= steps:
+    return (f"note: opt.warmup_steps={opt_cfg.warmup_steps} is not shorter than "
+            f"steps={steps}; warming up for {warmup_steps(opt_cfg, steps)} steps "
+            f"instead (opt.warmup_fraction={opt_cfg.warmup_fraction} of the run)")
+  return None
+
+
 def schedule(opt_cfg: Any, steps: int) -> optax.Schedule:
   """Warmup from 0 to opt.learning_rate, then cosine to min_lr_ratio x peak."""
   peak = opt_cfg.learning_rate
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=peak, warmup_steps=opt_cfg.warmup_steps,
+      init_value=0.0, peak_value=peak, warmup_steps=warmup_steps(opt_cfg, steps),
       decay_steps=steps, end_value=peak * opt_cfg.min_lr_ratio)
 
 
@@ -61,7 +85,7 @@ def _kwargs(opt_cfg: Any) -> dict[str, Any]:
   except (ValueError, SyntaxError):
     kwargs = None
   if not isinstance(kwargs, dict):
-    raise ValueError(
+    raise errors.UserError(
         f"opt.kwargs must be a Python dict literal such as \"{{'eta': 5.0}}\", got "
         f"{opt_cfg.kwargs!r}")
   return kwargs
@@ -71,34 +95,51 @@ def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int) -> None
   """Rejects a bad `opt` section before anything is computed.
 
   Raises:
-    ValueError: unknown name, a rank no smaller than the smallest projected
-      dimension, warmup not shorter than the run, optax_galore on scanned
-      layers (it cannot treat the layer axis as a batch axis), or opt.kwargs
+    UserError: unknown name, a learning rate or schedule field out of range,
+      a rank no smaller than the smallest projected dimension, or opt.kwargs
       the method does not accept.
   """
-  if opt_cfg.name not in NAMES:
-    raise ValueError(
-        f"unknown optimizer opt.name={opt_cfg.name!r}; choose one of {', '.join(NAMES)}")
-  if not 0 <= opt_cfg.warmup_steps < steps:
-    raise ValueError(
-        f"opt.warmup_steps={opt_cfg.warmup_steps} must be in [0, steps={steps})")
+  errors.gather(lambda: _check_name(opt_cfg), lambda: _check_schedule(opt_cfg))
   if opt_cfg.name != "adamw":
     dims = model_cfg.projected_dims()
     where, (d_in, d_out) = min(dims.items(), key=lambda kv: min(kv[1]))
     if not 0 < opt_cfg.rank < min(d_in, d_out):
-      raise ValueError(
+      raise errors.UserError(
           f"opt.rank={opt_cfg.rank} must be positive and smaller than the model's "
           f"smallest projected dimension {min(d_in, d_out)} ({where} kernel is "
           f"({d_in}, {d_out})); lower opt.rank or widen the model")
   if opt_cfg.name == "optax_galore" and model_cfg.scan:
-    raise ValueError(
+    raise errors.UserError(
         "opt.name='optax_galore' cannot project scanned (L, in, out) kernels per "
         "layer; set model.scan=False or use opt.name='galore'")
   try:
     build(opt_cfg, steps, seed=0)
   except TypeError as e:
-    raise ValueError(f"opt.kwargs={opt_cfg.kwargs!r} do not fit opt.name="
+    raise errors.UserError(f"opt.kwargs={opt_cfg.kwargs!r} do not fit opt.name="
                      f"{opt_cfg.name!r}: {e}") from e
+
+
+def _check_name(opt_cfg: Any) -> None:
+  if opt_cfg.name not in NAMES:
+    raise errors.UserError(
+        f"unknown optimizer opt.name={opt_cfg.name!r}; choose one of {', '.join(NAMES)}")
+
+
+def _check_schedule(opt_cfg: Any) -> None:
+  """Rejects a learning-rate schedule that cannot train."""
+  if not opt_cfg.learning_rate > 0:
+    raise errors.UserError(
+        f"opt.learning_rate must be positive, got {opt_cfg.learning_rate!r}; a "
+        "zero or negative rate does not descend (e.g. --config.opt.learning_rate=3e-3)")
+  if not 0 <= opt_cfg.warmup_fraction < 1:
+    raise errors.UserError(
+        f"opt.warmup_fraction must be in [0, 1), got {opt_cfg.warmup_fraction!r}")
+  if opt_cfg.warmup_steps < -1:
+    raise errors.UserError(f"opt.warmup_steps must be >= 0 (or -1: use "
+                           f"opt.warmup_fraction), got {opt_cfg.warmup_steps!r}")
+  if not 0 <= opt_cfg.min_lr_ratio <= 1:
+    raise errors.UserError(
+        f"opt.min_lr_ratio must be in [0, 1], got {opt_cfg.min_lr_ratio!r}")
 
 
 def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:

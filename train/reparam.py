@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import optax
 import subspax
 
+from train import errors
 from train import optimizers
 
 # opt.name -> (the config flag that turns the mode on, model.reparam kind)
@@ -58,30 +59,30 @@ def validate(opt_cfg: Any) -> None:
   """Rejects a mode flag on the wrong method and options the modes lack.
 
   Raises:
-    ValueError: naming the field and the fix.
+    UserError: naming the field and the fix.
   """
   for name, (flag, _) in MODES.items():
     if opt_cfg.get(flag, False) and opt_cfg.name != name:
-      raise ValueError(
+      raise errors.UserError(
           f"opt.{flag}=True is a mode of opt.name='{name}', not "
           f"{opt_cfg.name!r}; set opt.name='{name}' or opt.{flag}=False")
   if opt_cfg.get("prox", 0.0) and not kind(opt_cfg) == "dense":
-    raise ValueError(
+    raise errors.UserError(
         f"opt.prox={opt_cfg.prox} is RSO's proximal term; it needs "
         "opt.name='rso' and opt.reparam=True (or set opt.prox=0)")
   if not kind(opt_cfg):
     return
   if opt_cfg.prox < 0:
-    raise ValueError(f"opt.prox must be >= 0 (1 / eta_k), got {opt_cfg.prox}")
+    raise errors.UserError(f"opt.prox must be >= 0 (1 / eta_k), got {opt_cfg.prox}")
   if opt_cfg.weight_decay:
-    raise ValueError(
+    raise errors.UserError(
         f"opt.weight_decay={opt_cfg.weight_decay}: the {opt_cfg.name} "
         "reparametrised mode keeps kernels frozen between refreshes, so it "
         "cannot decay them every step; set opt.weight_decay=0 (the papers' "
         "setting) or turn the mode off")
   unknown = set(_method_kwargs(opt_cfg)) - set(_KWARGS[opt_cfg.name])
   if unknown:
-    raise ValueError(
+    raise errors.UserError(
         f"opt.kwargs {sorted(unknown)} are not supported by the {opt_cfg.name} "
         f"reparametrised mode (it takes {sorted(_KWARGS[opt_cfg.name])})")
 

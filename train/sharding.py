@@ -18,6 +18,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from train import errors
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -44,7 +46,7 @@ def maybe_initialize_distributed(coordinator_address: str = "",
   if not coordinator_address and num_processes == 1:
     return
   if not coordinator_address or num_processes < 2:
-    raise ValueError(
+    raise errors.UserError(
         "a multi-process run needs both a coordinator address and a process count "
         f"> 1, got coordinator_address={coordinator_address!r}, "
         f"num_processes={num_processes}")
@@ -63,16 +65,16 @@ def mesh_shape(mesh_cfg: Any, n_devices: int) -> tuple[int, int, int]:
     size is -1).
 
   Raises:
-    ValueError: if more than one size is -1, a size is not positive, or the
+    UserError: if more than one size is -1, a size is not positive, or the
       sizes do not divide the device count.
   """
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   named = ", ".join(f"mesh.{a}={s}" for a, s in zip(MESH_AXES, sizes))
   if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh sizes must be positive with at most one -1, got {named}")
+    raise errors.UserError(f"mesh sizes must be positive with at most one -1, got {named}")
   fixed = math.prod(s for s in sizes if s != -1)
   if n_devices % fixed:
-    raise ValueError(
+    raise errors.UserError(
         f"the mesh ({named}) does not divide the {n_devices} available devices: "
         "choose sizes whose product divides the device count")
   if -1 in sizes:
@@ -89,7 +91,7 @@ def make_mesh(mesh_cfg: Any) -> Mesh:
   shape = mesh_shape(mesh_cfg, jax.device_count())
   n = math.prod(shape)
   if n < jax.device_count() and jax.process_count() > 1:
-    raise ValueError(
+    raise errors.UserError(
         f"a multi-process mesh must use all {jax.device_count()} devices, got "
         f"{dict(zip(MESH_AXES, shape))}")
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3,
@@ -103,7 +105,7 @@ def parse_rules(rules_cfg: Mapping[str, str]) -> dict[str, tuple[str, ...]]:
     parsed = tuple(a for a in axes.split(",") if a)
     unknown = [a for a in parsed if a not in MESH_AXES]
     if unknown:
-      raise ValueError(
+      raise errors.UserError(
           f"mesh.rules.{logical}={axes!r} names unknown mesh axes {unknown}; "
           f"use a comma-separated subset of {MESH_AXES} or '' (replicated)")
     rules[logical] = parsed
@@ -117,7 +119,7 @@ def logical_to_spec(names: P, rules: Mapping[str, tuple[str, ...]]) -> P:
     if name is None:
       spec.append(None)
     elif name not in rules:
-      raise ValueError(f"no mesh.rules entry for logical axis {name!r}")
+      raise errors.UserError(f"no mesh.rules entry for logical axis {name!r}")
     else:
       axes = rules[name]
       spec.append(axes[0] if len(axes) == 1 else (axes or None))
@@ -138,7 +140,7 @@ def param_shardings(mesh: Mesh, shapes: Any, names: Any,
     A matching pytree of `NamedSharding`s.
 
   Raises:
-    ValueError: if a parameter dimension is not divisible by its mesh axes.
+    UserError: if a parameter dimension is not divisible by its mesh axes.
   """
   def one(path, shape, logical):
     spec = logical_to_spec(logical, rules)
@@ -146,7 +148,7 @@ def param_shardings(mesh: Mesh, shapes: Any, names: Any,
       axes = (axes,) if isinstance(axes, str) else (axes or ())
       size = math.prod(mesh.shape[a] for a in axes)
       if dim % size:
-        raise ValueError(
+        raise errors.UserError(
             f"parameter {jax.tree_util.keystr(path)} {shape.shape} cannot be split "
             f"evenly: dimension {dim} over mesh axes {axes} of size {size}; change "
             "the mesh or mesh.rules")
@@ -169,17 +171,17 @@ def check_batch(batch_size: int, mesh: Mesh) -> int:
   """Validates the global batch against the mesh and returns the local batch.
 
   Raises:
-    ValueError: if batch_size is not divisible by data * fsdp, or by the
+    UserError: if batch_size is not divisible by data * fsdp, or by the
       process count.
   """
   ways = mesh.shape["data"] * mesh.shape["fsdp"]
   if batch_size % ways:
-    raise ValueError(
+    raise errors.UserError(
         f"batch_size={batch_size} is not divisible by the data axes "
         f"(mesh.data * mesh.fsdp = {mesh.shape['data']} * {mesh.shape['fsdp']} = "
         f"{ways}); choose a multiple of {ways}")
   if batch_size % jax.process_count():
-    raise ValueError(
+    raise errors.UserError(
         f"batch_size={batch_size} is not divisible by the {jax.process_count()} "
         "processes")
   return batch_size // jax.process_count()

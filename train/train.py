@@ -23,12 +23,15 @@ from flax import nnx
 
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
+from train import errors
 from train import hf
 from train import metrics as metrics_lib
 from train import memory as memory_lib
 from train import model as model_lib
 from train import optimizers
+from train import preemption
 from train import reparam
+from train import resume
 from train import sharding as sharding_lib
 
 
@@ -41,22 +44,37 @@ class TrainState(NamedTuple):
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-  """Checks the scalar fields that nothing else checks.
+  """Checks the config's fields and its `opt` section, all in one pass.
 
   Raises:
-    ValueError: naming the field, its value and the fix.
+    UserError: naming each bad field, its value and the fix ("; "-separated
+      when several are wrong).
   """
-  for key in ("steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
-              "keep_checkpoints"):
-    if not isinstance(cfg[key], int) or cfg[key] < 1:
-      raise ValueError(f"{key} must be a positive int, got {cfg[key]!r}")
-  for key in ("eval_every", "eval_batches", "stop_after"):
-    if not isinstance(cfg[key], int) or cfg[key] < 0:
-      raise ValueError(f"{key} must be a non-negative int, got {cfg[key]!r}")
-  for key in ("dtype", "param_dtype"):
-    if cfg.model[key] not in ("float32", "bfloat16"):
-      raise ValueError(
-          f"model.{key} must be 'float32' or 'bfloat16', got {cfg.model[key]!r}")
+  def at_least(key, low, what):
+    def check():
+      if not isinstance(cfg[key], int) or cfg[key] < low:
+        raise errors.UserError(f"{key} must be a {what} int, got {cfg[key]!r}")
+    return check
+
+  def dtype(key):
+    def check():
+      if cfg.model[key] not in ("float32", "bfloat16"):
+        raise errors.UserError(
+            f"model.{key} must be 'float32' or 'bfloat16', got {cfg.model[key]!r}")
+    return check
+
+  steps_ok = isinstance(cfg.steps, int) and cfg.steps >= 1
+  errors.gather(
+      *(at_least(key, 1, "positive") for key in (
+          "steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
+          "keep_checkpoints")),
+      *(at_least(key, 0, "non-negative") for key in (
+          "eval_every", "eval_batches", "stop_after")),
+      dtype("dtype"), dtype("param_dtype"),
+      lambda: reparam.validate(cfg.opt),
+      lambda: optimizers.validate(
+          cfg.opt, model_lib.LlamaConfig.from_config(cfg.model, 1),
+          cfg.steps if steps_ok else 1))
 
 
 def check_and_mesh(cfg: ml_collections.ConfigDict
@@ -246,6 +264,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
     ValueError / FileNotFoundError: on bad input, before any compute.
   """
   cfg = hf.configure(cfg)  # init_from: the checkpoint's model and tokenizer
+  cfg = resume.adapt(cfg)  # e.g. optax_galore unrolls scanned layers (a note)
   # Everything that can be wrong with the input is checked first.
   mesh, rules = check_and_mesh(cfg)
   profiler = metrics_lib.Profiler(cfg.profile_steps, workdir)  # checks profile_steps
@@ -267,16 +286,23 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
   batch_sharding = sharding_lib.batch_sharding(mesh)
   to_global = lambda b: sharding_lib.global_batch(b, batch_sharding)
 
-  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=cfg.keep_checkpoints)
-  start = checkpointer.latest_step()
-  with jax.set_mesh(mesh):
-    if start is None:
+  checkpointer = checkpoint_lib.Checkpointer(
+      workdir, keep=cfg.keep_checkpoints, config=resume.to_json(cfg))
+  resume.check_config(checkpointer.saved_config(), cfg)
+  end = min(cfg.stop_after or cfg.steps, cfg.steps)
+  with jax.set_mesh(mesh), preemption.watch() as stop:
+    # The newest checkpoint that restores; damaged newer ones are moved aside.
+    restored = checkpointer.restore_latest(
+        checkpoint_lib.abstract(jax.eval_shape(init), shardings), data.train_iter)
+    if restored is None:
       start = 0
       state = initial_state(cfg, programs, shardings)
     else:
-      target = checkpoint_lib.abstract(jax.eval_shape(init), shardings)
-      state = checkpointer.restore(start, target, data.train_iter)
+      start, state = restored
       print(f"resumed from step {start} in {workdir}", flush=True)
+    if start >= end:  # nothing to train: no compile, no progress bar
+      checkpointer.close()
+      return _finished(cfg, workdir, start, state)
 
     jitted = jit_programs(programs, shardings, mesh, cfg)
     compiled = jitted.train_step.lower(state, jitted.batch).compile()
@@ -301,7 +327,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
     writer = metrics_lib.Writer(workdir, start=start, total=cfg.steps, enabled=primary)
     timer = _Timer(start, tokens_per_step=cfg.batch_size * cfg.seq_len)
     pending = None  # (record, device metrics) of the last logged step dispatched
-    end = min(cfg.stop_after or cfg.steps, cfg.steps)
+    stop.arm()  # a signal from here on finishes the step and saves it
     for step in range(start + 1, end + 1):
       profiler.before(step)
       batch = to_global(next(data.train_iter))
@@ -313,7 +339,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
         writer.write(timer.finish(*pending))
         pending = None
       record = {"step": step, "opt/state_bytes": state_bytes}
-      last = step == end
+      last = step == end or stop.signum is not None  # SIGINT / SIGTERM: save, stop
       if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
         jax.block_until_ready(step_metrics)  # this step's time is not eval time
         with timer.excluded():
@@ -323,16 +349,33 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
         checkpointer.save(step, state, data.train_iter)
       if last or step % cfg.log_every == 0 or "eval/loss" in record:
         pending = (record, step_metrics)
+      if last:
+        break
     if pending is not None:
       writer.write(timer.finish(*pending))
     profiler.close()
     writer.close()
     checkpointer.close()
+    stop.raise_if_stopped(f"saved a checkpoint at step {step} in {workdir}")
 
   if not primary:
     return Result(state, {})
   print(f"wrote {metrics_lib.plot(workdir, f'{cfg.opt.name}, {workdir}')}", flush=True)
   return Result(state, metrics_lib.read(workdir)[-1])
+
+
+def _finished(cfg: ml_collections.ConfigDict, workdir: str, step: int,
+              state: TrainState) -> Result:
+  """The result of a run whose checkpoint is already at its last step."""
+  records = metrics_lib.read(workdir) if jax.process_index() == 0 else []
+  if jax.process_index() == 0:
+    until = (f"stop_after={cfg.stop_after}" if cfg.stop_after and cfg.stop_after < cfg.steps
+             else f"steps={cfg.steps}")
+    print(f"{workdir} holds a finished run (its checkpoint is at step {step}, "
+          f"{until}); nothing to train: raise --config.steps to train further (the "
+          "learning-rate schedule then changes for the new steps), or pass a new "
+          "--workdir", flush=True)
+  return Result(state, records[-1] if records else {})
 
 
 class _Timer:

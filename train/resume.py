@@ -1,0 +1,116 @@
+"""What a (re)start decides before it builds anything: config adaptations and
+whether the checkpoints in the workdir belong to this config.
+
+A run stores its config with every checkpoint (train/checkpoint.py). A restart
+compares it with its own:
+
+* fields that change the parameters' or optimizer state's shapes, the optimizer
+  or the data order (`RESUME_FIXED`) must be equal, or the restart is refused
+  with every differing field listed;
+* a changed `steps` is allowed and explained: the learning-rate schedule
+  (warmup and cosine) is recomputed for the new length, so the remaining steps
+  follow a different schedule than the trained ones did;
+* every other field (logging, evaluation, checkpointing, the mesh, cache
+  directories) may change freely.
+
+Example:
+
+  cfg = resume.adapt(cfg)  # prints a note per adapted field
+  resume.check_config(checkpointer.saved_config(), cfg)
+"""
+
+import json
+from typing import Any
+
+import ml_collections
+
+from train import errors
+from train import optimizers
+
+# Fields a restart may not change (a dotted prefix covers a whole section).
+RESUME_FIXED = ("seed", "batch_size", "seq_len", "model.", "opt.", "data.")
+# Fields under those prefixes that may change anyway.
+RESUME_FREE = ("model.remat", "data.dir", "data.tfds_data_dir")
+
+
+def adapt(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adapts fields that cannot work as set, printing a one-line note for each.
+
+  * `opt.name="optax_galore"` on scanned layers: optax.contrib.galore projects
+    2-D kernels only, so the model is unrolled (`model.scan=False`).
+  * `opt.warmup_steps` not shorter than the run: `opt.warmup_fraction` of it
+    (optimizers.warmup_steps).
+
+  Args:
+    cfg: A full config (not modified).
+
+  Returns:
+    The config to train with.
+  """
+  cfg = ml_collections.ConfigDict(cfg.to_dict())  # an unlocked copy
+  if cfg.opt.name == "optax_galore" and cfg.model.scan:
+    print("note: opt.name='optax_galore' projects 2-D kernels only; unrolling the "
+          "layers (model.scan=False)", flush=True)
+    cfg.model.scan = False
+  if isinstance(cfg.steps, int) and cfg.steps > 0:
+    note = optimizers.warmup_note(cfg.opt, cfg.steps)
+    if note:
+      print(note, flush=True)
+  return cfg
+
+
+def check_config(saved: tuple[int, dict] | None,
+                 cfg: ml_collections.ConfigDict) -> None:
+  """Refuses a restart whose config does not fit the workdir's checkpoints.
+
+  Args:
+    saved: (step, config dict) from `Checkpointer.saved_config`, or None (no
+      checkpoint, or one saved without a config: nothing to compare).
+    cfg: This run's config, after `adapt`.
+
+  Raises:
+    UserError: listing each fixed field that differs, old -> new.
+  """
+  if saved is None:
+    return
+  step, old = saved
+  new = _flatten(to_json(cfg))
+  old = _flatten(old)
+  changed = [key for key in sorted(old.keys() & new.keys())
+             if old[key] != new[key] and _fixed(key)]
+  if changed:
+    listed = ", ".join(f"{key} {old[key]!r} -> {new[key]!r}" for key in changed)
+    raise errors.UserError(
+        f"the checkpoints in this workdir were trained with another config "
+        f"({listed}); restore those values to resume from step {step}, or pass a "
+        "new --workdir to start a new run")
+  old_steps = old.get("steps")
+  if isinstance(old_steps, int) and old_steps > 0 and old_steps != cfg.steps:
+    lr_new = float(optimizers.schedule(cfg.opt, cfg.steps)(step))
+    lr_old = float(optimizers.schedule(cfg.opt, old_steps)(step))
+    print(f"note: steps changed from {old_steps} to {cfg.steps} since the "
+          f"checkpoint at step {step}: the learning-rate schedule (warmup, cosine "
+          f"decay) now spans {cfg.steps} steps, so step {step + 1} trains at lr "
+          f"{lr_new:.3g} instead of {lr_old:.3g}; steps 1-{step} keep the "
+          f"{old_steps}-step schedule they were trained with", flush=True)
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as stored with the checkpoints (JSON types: lists, not tuples)."""
+  return json.loads(cfg.to_json())
+
+
+def _fixed(key: str) -> bool:
+  if key in RESUME_FREE:
+    return False
+  return any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_FIXED)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
