@@ -5,12 +5,17 @@ machine and the date) and `bench/results/<name>.md` (the table the README
 includes), and prints the table.
 """
 
+import argparse
 import datetime
 import importlib
 import json
 import os
 import platform
+import re
+import shlex
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,7 +29,8 @@ from train import optimizers
 # its dry run and every benchmark.
 from train.memory import compiled_memory  # pylint: disable=unused-import
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "results")
 METHODS = ("adamw", "galore", "subtrack", "grasswalk", "grassjump", "rso", "grass",
            "optax_galore")
 
@@ -47,9 +53,69 @@ def machine() -> dict[str, Any]:
       "cpu": cpu,
       "cpu_count": os.cpu_count(),
       "jax_devices": [str(d) for d in jax.devices()],
+      "device_kind": jax.devices()[0].device_kind,
       "versions": {"jax": jax.__version__, "flax": flax.__version__,
                    "optax": optax.__version__, "python": platform.python_version()},
   }
+
+
+def portable(value: Any) -> Any:
+  """``value`` with this checkout's root written ``.`` and the temporary
+  directory ``$TMPDIR`` (in strings, lists and dicts): results are committed,
+  and a path on the machine that ran them means nothing elsewhere."""
+  if isinstance(value, str):
+    for path, name in ((ROOT, "."), (tempfile.gettempdir(), "$TMPDIR")):
+      value = re.sub(re.escape(path) + r"(?![\w.-])", name, value)
+    return value
+  if isinstance(value, (list, tuple)):
+    return [portable(v) for v in value]
+  if isinstance(value, dict):
+    return {k: portable(v) for k, v in value.items()}
+  return value
+
+
+def call_record(args: Any = None, argv: Sequence[str] | None = None,
+                **facts: Any) -> dict[str, Any]:
+  """Everything needed to rerun one benchmark invocation.
+
+  Examples:
+    >>> import argparse
+    >>> record = call_record(argparse.Namespace(steps=2), ["--steps", "2"],
+    ...                      batch=8, seq_len=256)
+    >>> record["command"], record["batch"], record["args"]
+    ('python -m bench --steps 2', 8, {'steps': 2})
+
+  Args:
+    args: The parsed arguments (an ``argparse.Namespace`` or a dict).
+    argv: The command-line arguments after the program (default
+      ``sys.argv[1:]``).
+    **facts: What the arguments leave implicit, e.g. ``batch`` and
+      ``seq_len`` taken from a preset.
+
+  Returns:
+    ``{"command", "args", **facts, "machine"}``: the command as
+    ``python -m bench.<name> ...``, the full argument set, the facts and
+    :func:`machine` (CPU or device kind, cores, versions, date); paths made
+    :func:`portable`.
+  """
+  argv = sys.argv[1:] if argv is None else list(argv)
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  module = spec.name if spec is not None and spec.name.startswith("bench") \
+      else "bench"
+  args = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+  return portable({"command": shlex.join(["python", "-m", module, *argv]),
+                   "args": args, **facts, "machine": machine()})
+
+
+def with_call(payload: dict[str, Any], earlier: dict[str, Any] | None,
+              record: dict[str, Any]) -> dict[str, Any]:
+  """``payload`` with ``calls``: the earlier payload's calls, then ``record``.
+
+  A benchmark that merges into its previous results (``--resume``) keeps
+  every call that produced them, so each row can be rerun.
+  """
+  calls = list((earlier or {}).get("calls", []))
+  return {**payload, "calls": calls + [record]}
 
 
 def machine_line(info: dict[str, Any]) -> str:

@@ -18,7 +18,9 @@ not what is measured.
 project scanned (L, in, out) kernels; the math is the same either way.
 
 Writes bench/results/convergence.{json,md,png}; the JSON is updated after every
-run, and `--resume` skips runs already in it.
+run, and `--resume` skips runs already in it. The JSON's `calls` lists every
+invocation that contributed runs (command line, arguments, batch, sequence
+length, machine, date, versions); each run's `call` indexes it.
 
   python -m bench.convergence                       # the full sweep (~1.5 h here)
   python -m bench.convergence --steps 20 --methods adamw,subtrack --lrs 3e-3
@@ -185,7 +187,7 @@ def plot(payload: dict, path: str) -> None:
   plt.close(fig)
 
 
-def main() -> None:
+def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--methods", default=",".join(_common.METHODS))
   parser.add_argument("--lrs", default="3e-3,1e-3,1e-2",
@@ -203,19 +205,26 @@ def main() -> None:
   parser.add_argument("--out", default=_common.RESULTS)
   parser.add_argument("--resume", action="store_true",
                       help="keep the runs already in the JSON and skip them")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   methods = args.methods.split(",")
   lrs = [float(x) for x in args.lrs.split(",")]
   args.default_lr = tiny.get_config().opt.learning_rate
   json_path = os.path.join(args.out, f"{args.name}.json")
-  runs = []
+  earlier = None
   if args.resume and os.path.exists(json_path):
     with open(json_path) as f:
-      runs = json.load(f)["runs"]
+      earlier = json.load(f)
+  runs = earlier["runs"] if earlier else []
   reported = list(dict.fromkeys([r["method"] for r in runs] + methods))
-  payload = {"benchmark": args.name, "machine": _common.machine(), "args": vars(args),
-             "methods": reported, "eval_batches": tiny.get_config().eval_batches,
-             "runs": runs}
+  preset = tiny.get_config()
+  record = _common.call_record(
+      args, argv, batch=args.batch_size or preset.batch_size,
+      seq_len=args.seq_len or preset.seq_len)
+  payload = _common.with_call(
+      {"benchmark": args.name, "machine": record["machine"],
+       "args": record["args"], "methods": reported,
+       "eval_batches": preset.eval_batches, "runs": runs}, earlier, record)
+  call = len(payload["calls"]) - 1  # each new run names the call that made it
   os.makedirs(args.out, exist_ok=True)
   # Learning rate outermost: every method gets the default lr before any sweep.
   for lr in lrs:
@@ -224,7 +233,7 @@ def main() -> None:
              for r in runs):
         continue
       print(f"=== {method} lr {lr:g}", flush=True)
-      runs.append(run_one(method, lr, args))
+      runs.append({**run_one(method, lr, args), "call": call})
       print(f"=== {method} lr {lr:g}: eval loss {runs[-1]['final_eval_loss']:.4f}, "
             f"wall {runs[-1]['wall_s']:.0f} s", flush=True)
       with open(json_path, "w") as f:

@@ -267,7 +267,9 @@ def main(argv=None) -> int:
     return 0
   stats = device.memory_stats() or {}
   limit = int(args.memory_gb * 2**30) or stats.get("bytes_limit")
-  payload = {"benchmark": NAME, "machine": _common.machine(), "args": vars(args),
+  record = _common.call_record(args, argv)
+  payload = {"benchmark": NAME, "machine": record["machine"],
+             "args": record["args"], "calls": [record],
              "device": getattr(device, "device_kind", device.platform),
              "peak_tflops": peak_tflops(device, args.peak_tflops),
              "memory_limit": limit, "throughput": [], "fits": []}

@@ -326,12 +326,16 @@ def main() -> None:
   if args.fits:
     fits = what_fits([float(b) if "." in b else int(b) for b in args.fits.split(",")],
                      [m for m in FIT_METHODS if m in methods], args, partial, save)
+  merged_from = None
   if args.merge and os.path.exists(os.path.join(args.out, f"{NAME}.json")):
     with open(os.path.join(args.out, f"{NAME}.json")) as f:
-      results, fits = merge(json.load(f), results, fits, args)
-  payload = {"benchmark": NAME, "machine": info,
-             "args": dict(vars(args), out=os.path.relpath(args.out)),
-             "results": results}
+      merged_from = json.load(f)
+    results, fits = merge(merged_from, results, fits, args)
+  record = _common.call_record(args, batch=args.batch, seq_len=args.seq)
+  payload = _common.with_call(
+      {"benchmark": NAME, "machine": info,
+       "args": dict(vars(args), out=os.path.relpath(args.out)),
+       "results": results}, merged_from, record)
   if fits:
     payload["fits"] = fits
   if args.compare:

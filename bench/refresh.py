@@ -203,8 +203,10 @@ def main() -> None:
         with open(partial_path, "w") as f:
           json.dump(partial, f, indent=1)
       results.append(partial[key])
-  payload = {"benchmark": NAME, "machine": info, "args": vars(args),
-             "results": results}
+  record = _common.call_record(args)
+  payload = _common.with_call({"benchmark": NAME, "machine": info,
+                               "args": record["args"], "results": results},
+                              None, record)
   _common.write_results(NAME, payload, table(results, args, info), args.out)
   os.remove(partial_path)
 

@@ -233,8 +233,11 @@ def main() -> None:
   all_results = {p: measure(p, args.repeats if p in timed else 0)
                  for p in args.presets.split(",")}
   markdown = table(all_results) + "\n\n" + _common.machine_line(info)
-  _common.write_results(NAME, {"machine": info, "results": all_results}, markdown,
-                        args.out)
+  record = _common.call_record(args)
+  payload = _common.with_call({"benchmark": NAME, "machine": info,
+                               "args": record["args"], "results": all_results},
+                              None, record)
+  _common.write_results(NAME, payload, markdown, args.out)
 
 
 if __name__ == "__main__":

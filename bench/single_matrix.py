@@ -12,7 +12,9 @@ the state donated and reports, per method:
 * each as a ratio to ``optax.adam``.
 
 Nothing is timed: the figures are exact sizes from the compiler, so they are
-the same on every run of the same versions.
+the same on every run of the same versions. The JSON records them under
+``results`` with the call that produced them (command, arguments, machine,
+date, versions; no batch or sequence length: the gradient is an input).
 
 Usage:
   python -m bench.single_matrix [--m 1024 --n 1024 --rank 128]
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import optax
 
 import subspax
+from bench import _common
 from train import memory
 
 METHODS = ("galore", "subtrack", "grasswalk", "grassjump", "rso", "grass")
@@ -70,20 +73,26 @@ def markdown(rows: dict[str, dict[str, int]], m: int, n: int, rank: int
   return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--m", type=int, default=1024)
   parser.add_argument("--n", type=int, default=1024)
   parser.add_argument("--rank", type=int, default=128)
   parser.add_argument("--out", default="bench/results")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   rows = {name: measure(tx, args.m, args.n)
           for name, tx in optimizers(args.rank).items()}
   table = markdown(rows, args.m, args.n, args.rank)
   print(table)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "single_matrix.json").write_text(json.dumps(rows, indent=1))
+  # One weight and its gradient, no model: batch and sequence length do not
+  # apply (recorded as None so every results file has the fields).
+  record = _common.call_record(args, argv, batch=None, seq_len=None)
+  payload = _common.with_call(
+      {"benchmark": "single_matrix", "machine": record["machine"],
+       "args": record["args"], "results": rows}, None, record)
+  (out / "single_matrix.json").write_text(json.dumps(payload, indent=1))
   (out / "single_matrix.md").write_text(table + "\n")
 
 

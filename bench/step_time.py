@@ -175,8 +175,12 @@ def main() -> None:
       with open(partial_path, "w") as f:
         json.dump(partial, f, indent=1)
     results.append(partial[preset])
-  payload = {"benchmark": NAME, "machine": info, "args": vars(args),
-             "results": results}
+  record = _common.call_record(args, presets={
+      r["preset"]: {"batch": r["batch"], "seq_len": r["seq_len"]}
+      for r in results})
+  payload = _common.with_call({"benchmark": NAME, "machine": info,
+                               "args": record["args"], "results": results},
+                              None, record)
   _common.write_results(NAME, payload, table(results, args, info), args.out)
   os.remove(partial_path)
 

@@ -107,6 +107,123 @@ MUTANTS = [
         "stack = matrix.write_update(direction)",
         (MATH, "-k", "recovery_update"),
         "the recovery term left out of the update"),
+    # The core.
+    Mutant(
+        "adam-mu-not-bias-corrected", "subspax/_core.py",
+        "mu_hat = mu / (1 - config.b1**steps)", "mu_hat = mu",
+        (MATH, "-k", "recovery_update"),
+        "Adam's first-moment bias correction dropped"),
+    Mutant(
+        "rotate-c-transposed", "subspax/_core.py",
+        "new_mu = c @ mu32", "new_mu = c.T @ mu32",
+        (MATH, "-k", "rotates"),
+        "moments rotated by C^T = S_old^T S_new instead of C"),
+    Mutant(
+        "rotate-against-new-basis", "subspax/_core.py",
+        "_transition(config.moments, old, new,",
+        "_transition(config.moments, new, new,",
+        (MATH, "-k", "rotates"),
+        "rotation against the new basis (C = I: the moments never move)"),
+    Mutant(
+        "reset-keeps-age", "subspax/_core.py",
+        "return jnp.zeros_like(mu), jnp.zeros_like(nu), jnp.zeros_like(age)",
+        "return jnp.zeros_like(mu), jnp.zeros_like(nu), age",
+        (MATH, "-k", "golden and rso"),
+        "moments reset without restarting their bias correction"),
+    Mutant(
+        "refresh-every-step", "subspax/_core.py",
+        "count % config.update_interval == 0,",
+        "count >= 0,",
+        (MATH, "-k", "golden and galore"),
+        "the subspace refreshed at every step instead of every T steps"),
+    Mutant(
+        "recovery-residual-leaks-alpha", "subspax/_blocks.py",
+        "return g - self._back(reduced, start)",
+        "return g - 0.25 * self._back(reduced, start)",
+        (MATH, "-k", "recovery_update"),
+        "the reference code's residual G - alpha S S^T G"),
+    # One per policy.
+    Mutant(
+        "galore-bottom-singular-vectors", "subspax/_linalg.py",
+        "return u[:, :r]", "return u[:, -r:]",
+        (PROPS, "-k", "galore_matches"),
+        "GaLore takes the last r singular vectors"),
+    Mutant(
+        "subtrack-ascent", "subspax/_policies.py",
+        "return -2.0 * (g @ a.T - s @ (a @ a.T))",
+        "return 2.0 * (g @ a.T - s @ (a @ a.T))",
+        (MATH, "-k", "golden and subtrack"),
+        "SubTrack++'s tangent with the wrong sign (ascent, fixed-angle rules)"),
+    Mutant(
+        "grasswalk-tangent-not-horizontal", "subspax/_policies.py",
+        "return z - s @ (s.T @ z)", "return z",
+        (MATH, "-k", "golden and grasswalk"),
+        "GrassWalk's random tangent not projected off span(S)"),
+    Mutant(
+        "grassjump-same-subspace", "subspax/_policies.py",
+        "return self.sample(key, g.shape[0], r)",
+        "return self.sample(jax.random.key(0), g.shape[0], r)",
+        (MATH, "-k", "rotates and grassjump"),
+        "GrassJump ignores the refresh key: it never jumps"),
+    Mutant(
+        "rso-keeps-moments", "subspax/_methods.py",
+        'scale=scale, moments="reset", recovery=False,',
+        'scale=scale, moments="keep", recovery=False,',
+        (MATH, "-k", "golden and rso"),
+        'RSO with moments="keep" instead of "reset"'),
+    Mutant(
+        "grass-squared-row-norms", "subspax/_policies.py",
+        "norms = jnp.linalg.norm(g, axis=1)",
+        "norms = jnp.sum(jnp.square(g), axis=1)",
+        (MATH, "-k", "golden and grass"),
+        "GRASS samples rows by squared norms (not the variance-optimal q)"),
+    Mutant(
+        "grass-row-scale-dropped", "subspax/_bases.py",
+        "return self.scale[:, None] * g[self.index]",
+        "return g[self.index]",
+        (PROPS, "-k", "grass_multinomial_with_replacement_is_unbiased"),
+        "GRASS's unbiasing row scales left out of the projection"),
+    # The layout: side and stacked leaves.
+    Mutant(
+        "side-projects-larger", "subspax/_layout.py",
+        'side = "left" if m <= n else "right"',
+        'side = "left" if m >= n else "right"',
+        (MATH, "-k", "rotates and right and grassjump"),
+        "side auto projects the larger dimension"),
+    Mutant(
+        "stack-shares-keys", "subspax/_core.py",
+        "keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num))",
+        "keys = jax.vmap(lambda i: jax.random.fold_in(key, 0 * i))("
+        "jnp.arange(num))",
+        (MATH, "-k", "stacked"),
+        "every matrix of a stack gets the same key (the same random subspace)"),
+    # The layer modes.
+    Mutant(
+        "layer-row-scale-dropped-right", "subspax/reparam.py",
+        "d_delta = _contract(_bases.RowBasis(index, scale).coords(dy), saved)",
+        "d_delta = _contract(_bases.RowBasis(index, jnp.ones_like(scale))"
+        ".coords(dy), saved)",
+        (REPARAM, "-k", "layer_is_the_merged"),
+        "GRASS layer's delta gradient without the row scales (side right)"),
+    Mutant(
+        "layer-dense-delta-halved", "subspax/reparam.py",
+        "return y + basis.coords(x) @ delta",
+        "return y + basis.coords(x) @ (0.5 * delta)",
+        (REPARAM, "-k", "layer_is_the_merged"),
+        "RSO layer applies half its delta (side left)"),
+    Mutant(
+        "mode-merge-keeps-delta", "train/reparam.py",
+        '"delta": jnp.zeros_like(delta)}',
+        '"delta": delta}',
+        (REPARAM, "-k", "mode_reproduces and rso"),
+        "the refresh merges the delta into W but does not zero it"),
+    Mutant(
+        "mode-moments-not-reset", "train/reparam.py",
+        "opt_state = _reset_delta_moments(tx, state.opt_state, "
+        "split(params)[0])",
+        "opt_state = state.opt_state",
+        (REPARAM, "-k", "mode_reproduces and grass and False"),
+        "the refresh keeps the deltas' Adam moments"),
 ]
 
 
@@ -182,6 +299,24 @@ def check(mutant: Mutant, src: str, timeout: float) -> Result:
   return Result(mutant, "killed", detail, seconds)
 
 
+def baseline(mutants: list[Mutant], src: str, timeout: float) -> list[str]:
+  """Runs every distinct test selection on an unmutated copy of ``src``.
+
+  Returns:
+    The selections that fail without any mutation (a mutant "killed" by one
+    of those proves nothing).
+  """
+  failing = []
+  with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as root:
+    _copy_repo(src, root)
+    for tests in dict.fromkeys(m.tests for m in mutants):
+      code, output = _run_tests(root, tests, timeout)
+      if code != 0:
+        failing.append(f"{' '.join(tests)}: pytest exit {code}\n"
+                       f"{output[-2000:]}")
+  return failing
+
+
 def _table(results: list[Result]) -> str:
   rows = [("mutant", "result", "killing test / note", "s")]
   rows += [(r.mutant.name, r.status, r.detail, f"{r.seconds:.0f}")
@@ -207,6 +342,9 @@ def main(argv=None) -> int:
                       help="mutants run in parallel (default 1)")
   parser.add_argument("--timeout", type=float, default=900,
                       help="seconds per mutant before it counts as killed")
+  parser.add_argument("--baseline", action="store_true",
+                      help="first run each test selection without a mutation "
+                           "and stop if one fails")
   args = parser.parse_args(argv)
 
   mutants = MUTANTS
@@ -225,6 +363,13 @@ def main(argv=None) -> int:
   src = os.path.abspath(args.src)
 
   start = time.time()
+  if args.baseline:
+    failing = baseline(mutants, src, args.timeout)
+    if failing:
+      print("Tests fail without any mutation:\n" + "\n".join(failing))
+      return 2
+    print(f"baseline: every selection passes ({time.time() - start:.0f} s)",
+          file=sys.stderr, flush=True)
   with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
     futures = [pool.submit(check, m, src, args.timeout) for m in mutants]
     results = []

@@ -1,0 +1,122 @@
+"""Benchmarks record what is needed to rerun them (bench._common.call_record).
+
+The long benchmarks are not run here: the convergence script runs with its
+training run replaced by a stub, single_matrix on an 8 x 8 weight.
+"""
+
+import argparse
+import json
+import os
+import tempfile
+from unittest import mock
+
+import optax
+
+import subspax
+from bench import _common
+from bench import convergence
+from bench import readme
+from bench import single_matrix
+
+
+def _assert_rerunnable(record, command_start):
+  assert record["command"].startswith(command_start), record["command"]
+  machine = record["machine"]
+  for field in ("date", "cpu", "cpu_count", "device_kind", "versions"):
+    assert machine[field], field
+  assert {"jax", "flax", "optax", "python"} <= set(machine["versions"])
+  text = json.dumps(record)
+  assert _common.ROOT not in text and tempfile.gettempdir() not in text
+
+
+def test_call_record_holds_command_args_facts_and_machine_with_portable_paths():
+  args = argparse.Namespace(steps=2, out=_common.RESULTS,
+                            workdir=os.path.join(tempfile.gettempdir(), "w"))
+  record = _common.call_record(args, ["--steps", "2", "--out", _common.RESULTS],
+                               batch=8, seq_len=256)
+  _assert_rerunnable(record, "python -m bench")
+  assert record["command"].endswith("--steps 2 --out ./bench/results")
+  assert record["args"] == {"steps": 2, "out": "./bench/results",
+                            "workdir": "$TMPDIR/w"}
+  assert (record["batch"], record["seq_len"]) == (8, 256)
+
+
+def test_with_call_appends_to_the_earlier_calls():
+  first = _common.with_call({"runs": [1]}, None, {"command": "a"})
+  second = _common.with_call({"runs": [1, 2]}, first, {"command": "b"})
+  assert [c["command"] for c in second["calls"]] == ["a", "b"]
+  assert second["runs"] == [1, 2]
+
+
+def _fake_run(method, lr, args):
+  cfg = convergence.make_config(method, lr, args)
+  tokens = cfg.batch_size * cfg.seq_len
+  return {"method": method, "lr": lr, "steps": cfg.steps,
+          "tokens": cfg.steps * tokens, "eval": [(tokens, 6.0)],
+          "train_loss": [(tokens, 6.5)], "final_eval_loss": 6.0 - lr,
+          "state_bytes": 1000, "wall_s": 1.0, "step_time_s_sum": 1.0,
+          "rank": cfg.opt.rank, "update_interval": cfg.opt.update_interval,
+          "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
+
+
+def test_convergence_resume_keeps_every_call_and_names_it_in_each_run(tmp_path):
+  common = ["--name", "conv", "--steps", "4", "--seq-len", "32",
+            "--out", str(tmp_path), "--workdir", str(tmp_path / "w")]
+  with mock.patch.object(convergence, "run_one", _fake_run):
+    convergence.main(common + ["--methods", "adamw,subtrack", "--lrs", "3e-3"])
+    convergence.main(common + ["--resume", "--methods", "adamw",
+                               "--lrs", "1e-3"])
+  payload = json.loads((tmp_path / "conv.json").read_text())
+  calls = payload["calls"]
+  assert len(calls) == 2
+  assert calls[0]["args"]["methods"] == "adamw,subtrack"
+  assert calls[1]["args"]["lrs"] == "1e-3" and calls[1]["args"]["resume"]
+  for call in calls:
+    _assert_rerunnable(call, "python -m bench")
+    assert (call["batch"], call["seq_len"]) == (8, 32)
+    assert "--seq-len 32" in call["command"]
+  assert [(r["method"], r["lr"], r["call"]) for r in payload["runs"]] == [
+      ("adamw", 3e-3, 0), ("subtrack", 3e-3, 0), ("adamw", 1e-3, 1)]
+
+
+def test_single_matrix_json_records_its_call(tmp_path):
+  txs = {"optax.adam": optax.adam(1e-3),
+         "grassjump": subspax.grassjump(1e-3, rank=2, update_interval=200)}
+  with mock.patch.object(single_matrix, "optimizers", lambda rank: txs):
+    single_matrix.main(["--m", "8", "--n", "8", "--rank", "2",
+                        "--out", str(tmp_path)])
+  payload = json.loads((tmp_path / "single_matrix.json").read_text())
+  assert set(payload["results"]) == set(txs)
+  (call,) = payload["calls"]
+  _assert_rerunnable(call, "python -m bench")
+  assert call["args"]["m"] == 8 and call["batch"] is None
+
+
+def test_refresh_target_reports_policy_and_whole_update_ratios():
+  seconds = lambda *xs: {"all": list(xs)}
+  result = {"results": [{
+      "shape": [64, 32], "rank": 4, "svd_over_geodesic": {"median": 20.0},
+      "vs_adamw": {},
+      "seconds": {"galore/refresh": seconds(9.0, 8.0, 30.0),
+                  "subtrack/refresh": seconds(1.0, 1.0, 2.0)}}]}
+  (case,) = readme.refresh_ratios(result)
+  assert case == {"case": "64x32 r4", "policy": 20.0, "update": 9.0}
+  with mock.patch.object(readme, "load", lambda out, name: (
+      result if name == "refresh" else None)):
+    text = readme.targets("unused")
+  assert "the policies alone" in text and "64x32 r4 20.0x" in text
+  assert "whole `tx.update` at a refresh step" in text
+  assert "64x32 r4 9.0x" in text
+
+
+def test_committed_results_record_their_calls():
+  for name in ("convergence", "convergence_long", "single_matrix"):
+    with open(os.path.join(_common.RESULTS, f"{name}.json")) as f:
+      payload = json.load(f)
+    assert payload["calls"], name
+    for call in payload["calls"]:
+      assert call["command"].startswith(f"python -m bench.{name.split('_long')[0]}")
+      assert "batch" in call and "seq_len" in call and call["machine"]
+    runs = payload.get("runs", [])
+    assert all(r["call"] < len(payload["calls"]) and r["batch_size"]
+               for r in runs), name
