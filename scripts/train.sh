@@ -2,7 +2,11 @@
 # Pretrains the default preset (configs/tiny.py: a small LLaMA with SubTrack++
 # on Shakespeare and Milton) on CPU. Installs everything into .venv first.
 # Any argument is passed to `python -m train`, e.g. --config.opt.name=adamw.
+# Relative paths (--workdir, --config.data.files, ...) are relative to the
+# directory you run this from, not to the repository.
 set -euo pipefail
-source "$(dirname "$0")/_venv.sh"
-ensure_venv train "subspax, flax, orbax.checkpoint, grain, tensorflow_datasets, sentencepiece, ml_collections, safetensors, tokenizers, tensorboardX, tqdm, matplotlib"
-exec .venv/bin/python -m train "$@"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+# ensure_venv works in the repository root: a subshell keeps the caller's directory.
+(source "${root}/scripts/_venv.sh"
+ ensure_venv train "subspax, flax, orbax.checkpoint, grain, tensorflow_datasets, sentencepiece, ml_collections, safetensors, tokenizers, tensorboardX, tqdm, matplotlib")
+PYTHONPATH="${root}${PYTHONPATH:+:${PYTHONPATH}}" exec "${root}/.venv/bin/python" -m train "$@"
