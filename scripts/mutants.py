@@ -128,13 +128,13 @@ MUTANTS = [
         "reset-keeps-age", "subspax/_core.py",
         "return jnp.zeros_like(mu), jnp.zeros_like(nu), jnp.zeros_like(age)",
         "return jnp.zeros_like(mu), jnp.zeros_like(nu), age",
-        (MATH, "-k", "golden and rso"),
+        (MATH, "-k", "reset_restarts"),
         "moments reset without restarting their bias correction"),
     Mutant(
         "refresh-every-step", "subspax/_core.py",
         "count % config.update_interval == 0,",
         "count >= 0,",
-        (MATH, "-k", "golden and galore"),
+        (MATH, "-k", "only_at_refresh"),
         "the subspace refreshed at every step instead of every T steps"),
     Mutant(
         "recovery-residual-leaks-alpha", "subspax/_blocks.py",
@@ -152,12 +152,12 @@ MUTANTS = [
         "subtrack-ascent", "subspax/_policies.py",
         "return -2.0 * (g @ a.T - s @ (a @ a.T))",
         "return 2.0 * (g @ a.T - s @ (a @ a.T))",
-        (MATH, "-k", "golden and subtrack"),
+        (MATH, "-k", "projection_error"),
         "SubTrack++'s tangent with the wrong sign (ascent, fixed-angle rules)"),
     Mutant(
         "grasswalk-tangent-not-horizontal", "subspax/_policies.py",
         "return z - s @ (s.T @ z)", "return z",
-        (MATH, "-k", "golden and grasswalk"),
+        (MATH, "-k", "turns_one_direction"),
         "GrassWalk's random tangent not projected off span(S)"),
     Mutant(
         "grassjump-same-subspace", "subspax/_policies.py",
@@ -169,13 +169,13 @@ MUTANTS = [
         "rso-keeps-moments", "subspax/_methods.py",
         'scale=scale, moments="reset", recovery=False,',
         'scale=scale, moments="keep", recovery=False,',
-        (MATH, "-k", "golden and rso"),
+        (MATH, "-k", "reset_restarts and rso"),
         'RSO with moments="keep" instead of "reset"'),
     Mutant(
         "grass-squared-row-norms", "subspax/_policies.py",
         "norms = jnp.linalg.norm(g, axis=1)",
         "norms = jnp.sum(jnp.square(g), axis=1)",
-        (MATH, "-k", "golden and grass"),
+        (MATH, "-k", "multinomial_scales"),
         "GRASS samples rows by squared norms (not the variance-optimal q)"),
     Mutant(
         "grass-row-scale-dropped", "subspax/_bases.py",

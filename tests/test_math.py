@@ -291,3 +291,100 @@ def _golden_numbers(name):
 @pytest.mark.parametrize("name", sorted(GOLDEN))
 def test_golden_updates_across_refreshes(name):
   np.testing.assert_allclose(_golden_numbers(name), GOLDEN[name], rtol=1e-4)
+
+
+def _refresh_pair(tx, shape, steps=3, update_interval=2):
+  """``(basis before, basis after, canonical G)`` at the refresh at step
+  ``update_interval``, through the public API."""
+  state = tx.init({"w": jnp.zeros(shape)})
+  update = jax.jit(tx.update)
+  for step, g in enumerate(_gradients(shape, steps, seed=7)):
+    before = _matrices(state)["w"].basis
+    _, state = update({"w": g}, state)
+    if step == update_interval:
+      return before, _matrices(state)["w"].basis, g
+  raise AssertionError("no refresh")
+
+
+def _projection_error(s, g):
+  return np.sum(np.square(g - s @ (s.T @ g)))
+
+
+@pytest.mark.parametrize("step, eta", [("normalized", 0.05), ("raw", 1e-3),
+                                       ("angle", 0.05)])
+def test_subtrack_refresh_lowers_the_projection_error(step, eta):
+  """A small step along SubTrack++'s tangent descends ``F(S) = ||G - S S^T
+  G||^2`` for the gradient of the refresh step (each step rule)."""
+  tx = subspax.scale_by_subtrack(rank=3, update_interval=2, step=step, eta=eta)
+  before, after, g = _refresh_pair(tx, (12, 20))
+  s_old, s_new = np.asarray(before.s, np.float64), np.asarray(after.s,
+                                                              np.float64)
+  g = np.asarray(g, np.float64)
+  assert np.abs(s_new - s_old).max() > 1e-4
+  assert _projection_error(s_new, g) < _projection_error(s_old, g)
+
+
+def test_grasswalk_refresh_turns_one_direction_by_eta():
+  """GrassWalk moves along a horizontal geodesic: exactly one principal angle
+  between the old and the new subspace is ``eta``, the others are 0."""
+  eta = 0.3
+  tx = subspax.scale_by_grasswalk(rank=3, update_interval=2, eta=eta)
+  before, after, _ = _refresh_pair(tx, (12, 20))
+  cosines = np.linalg.svd(np.asarray(before.s, np.float64).T @ np.asarray(
+      after.s, np.float64), compute_uv=False)
+  np.testing.assert_allclose(np.sort(cosines), [np.cos(eta), 1.0, 1.0],
+                             atol=1e-5)
+
+
+def test_grass_multinomial_scales_are_those_of_norm_proportional_sampling():
+  """With replacement, row ``i`` is drawn with ``q_i = ||G_i|| / sum ||G_j||``
+  and scaled by ``1 / sqrt(r q_i)`` (ALGORITHMS.md 2.6)."""
+  r = 4
+  tx = subspax.scale_by_grass(rank=r, update_interval=2, replacement=True)
+  _, after, g = _refresh_pair(tx, (12, 20))
+  norms = np.linalg.norm(np.asarray(g, np.float64), axis=1)
+  q = norms / norms.sum()
+  index = np.asarray(after.index)
+  np.testing.assert_allclose(after.scale, 1 / np.sqrt(r * q[index]),
+                             rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["rso", "grass"])
+def test_a_reset_restarts_the_moments_and_their_bias_correction(name):
+  """After a refresh with ``moments="reset"`` the moments hold only the new
+  gradient, and the update is Adam's first step on it: ``alpha S N`` with
+  ``N = R / (|R| + eps)`` (both bias corrections restart)."""
+  tx = helpers.make_tx(name, learning_rate=1.0, rank=3, update_interval=2)
+  shape = (12, 20)
+  state = tx.init({"w": jnp.zeros(shape)})
+  update = jax.jit(tx.update)
+  for g in _gradients(shape, 3, seed=8):  # steps 0, 1, then a refresh
+    u, state = update({"w": g}, state, {"w": jnp.zeros(shape)})
+  leaf = state[0].inner_states["subspace"].inner_state.matrices["w"]
+  basis = subspax.DenseBasis(leaf.basis.s) if name == "rso" else leaf.basis
+  reduced = np.asarray(basis.project(g), np.float64)
+  np.testing.assert_allclose(leaf.mu, (1 - B1) * reduced, rtol=1e-5,
+                             atol=1e-7)
+  np.testing.assert_allclose(leaf.nu, (1 - B2) * reduced**2, rtol=1e-5,
+                             atol=1e-9)
+  expected = basis.back(jnp.asarray(reduced / (np.abs(reduced) + EPS),
+                                    jnp.float32), shape[0])
+  # The alias chains the learning rate 1: the parameter moves by -U.
+  np.testing.assert_allclose(-u["w"], expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["galore", "subtrack", "grasswalk",
+                                  "grassjump", "rso", "grass"])
+def test_the_basis_changes_only_at_refresh_steps(name):
+  tx = helpers.make_tx(name, rank=3, update_interval=3)
+  shape = (12, 20)
+  state = tx.init({"w": jnp.zeros(shape)})
+  update = jax.jit(tx.update)
+  changed = []
+  for g in _gradients(shape, 7, seed=9):
+    before = state[0].inner_states["subspace"].inner_state.matrices["w"].basis
+    _, state = update({"w": g}, state, {"w": jnp.zeros(shape)})
+    after = state[0].inner_states["subspace"].inner_state.matrices["w"].basis
+    changed.append(any(bool(jnp.any(a != b)) for a, b in zip(
+        jax.tree.leaves(before), jax.tree.leaves(after))))
+  assert changed == [True, False, False, True, False, False, True], changed
