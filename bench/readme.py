@@ -3,7 +3,7 @@
 Reads the JSON results of the other benchmarks (nothing is measured here) and
 
 * writes `bench/results/targets.md`: per method, where it stands against the
-  targets of issue 5 (projected-matrix state <= 0.35x AdamW, compiled peak
+  project's targets (projected-matrix state <= 0.35x AdamW, compiled peak
   below AdamW and optax.contrib.galore, non-refresh step <= 1.05x AdamW,
   SubTrack++ refresh >= 10x cheaper than the SVD refresh, final eval loss
   within 2% of AdamW), every figure computed from the result files;
@@ -125,7 +125,7 @@ def targets(out: str) -> str:
           ["method", "projected state x AdamW", "peak x AdamW",
            "peak x optax_galore", "train step x AdamW (plain / amortized)",
            "optimizer update x AdamW", "eval loss x AdamW"], rows), "",
-      "Targets (issue 5), computed from the same files:", ""]
+      "Targets, computed from the same files:", ""]
   for name, state, peak_a, peak_o, whole, opt_only, loss in notes:
     parts = [
         f"state <= 0.35x: {verdict(state, lambda v: v <= 0.35)}",

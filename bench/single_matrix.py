@@ -1,7 +1,7 @@
 """Memory of one optimizer update on a single weight matrix, per method.
 
 For a ``--m x --n`` float32 weight at ``--rank`` (default 1024 x 1024, rank
-128, the case issue 3 names), compiles ``tx.update(grads, state, params)`` with
+128, the single-matrix case of the memory targets), compiles ``tx.update(grads, state, params)`` with
 the state donated and reports, per method:
 
 * the exact optimizer-state bytes (``subspax.state_bytes``);

@@ -144,7 +144,7 @@ def test_state_bytes_match_the_documented_formula(name):
 
 
 def test_compiled_peak_is_below_adam_and_optax_galore():
-  """1024 x 1024 at rank 128 (issue 3): the peak of train.memory, state donated."""
+  """1024 x 1024 at rank 128 (the single-matrix case): the peak of train.memory, state donated."""
   params = {"w": jnp.zeros((1024, 1024))}
   grads = {"w": jax.random.normal(jax.random.key(0), (1024, 1024))}
 

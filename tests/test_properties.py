@@ -215,7 +215,7 @@ def test_identity_basis_reproduces_adam(tx):
 @pytest.mark.parametrize("shape, side, steps", [((32, 24), "left", 8),
                                                 ((16, 40), "right", 3)])
 def test_galore_matches_optax_contrib_galore(shape, side, steps):
-  """Same side, rank, gap, scale and Adam constants (issue 3).
+  """Same side, rank, gap, scale and Adam constants.
 
   optax always takes the SVD of ``G``; on the right side subspax takes it of
   ``G^T`` (its canonical form). The singular vectors then agree up to sign,
