@@ -247,10 +247,11 @@ def _fill_batch(windows: grain.MapDataset, local_batch: int,
   """Repeats a split of fewer windows than a batch to fill one, with a note."""
   if not len(windows) or len(windows) >= local_batch:  # pylint: disable=g-explicit-length-test
     return windows
-  print(f"note: the {split} split has {len(windows)} windows per process, fewer "
+  n = len(windows)
+  print(f"note: the {split} split has {n} window{'s' * (n != 1)} per process, fewer "
         f"than one batch of {local_batch}; its batches repeat windows (add text, or "
         "lower seq_len or batch_size, to avoid it)", flush=True)
-  return windows.repeat(-(-local_batch // len(windows)))
+  return windows.repeat(-(-local_batch // n))
 
 
 # ---------------------------------------------------------------- corpora

@@ -1,0 +1,238 @@
+"""The trainer's command line as a user meets it: short runs, small corpora,
+relative paths, input errors, damaged checkpoints, restarts and preemption.
+
+Every test runs `python -m train` in a subprocess on the test preset
+(configs/test.py), from a temporary working directory, with one CPU device.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import helpers
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ,
+       "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+       "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+TIMEOUT = 600
+
+
+def start(cwd, *args):
+  """Starts `python -m train ARGS` in `cwd`; stdout and stderr together."""
+  return subprocess.Popen([sys.executable, "-m", "train", *map(str, args)], cwd=cwd,
+                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def run(cwd, *args):
+  """Runs `python -m train ARGS` in `cwd`; returns (exit status, output)."""
+  proc = start(cwd, *args)
+  out, _ = proc.communicate(timeout=TIMEOUT)
+  return proc.returncode, out
+
+
+def preset_args(corpus, workdir, *extra):
+  """The test preset on the generated corpus (tests/conftest.py)."""
+  return ["--config", "configs/test.py", f"--workdir={workdir}",
+          *(f"--config.{k}={v}" for k, v in corpus.items()), *extra]
+
+
+def losses(workdir):
+  """(step, train/loss, eval/loss) of every metrics.jsonl record."""
+  return [(s, r["train/loss"], r.get("eval/loss"))
+          for s, r in sorted(helpers.records(workdir).items())]
+
+
+def assert_one_line_error(status, out, *fragments):
+  lines = [line for line in out.splitlines() if line.strip()]
+  assert status == 2, out
+  assert "Traceback" not in out, out
+  assert lines[-1].startswith("error: "), out
+  assert sum(line.startswith("error") for line in lines) == 1, out
+  for fragment in fragments:
+    assert fragment in lines[-1], (fragment, out)
+
+
+# ---------------------------------------------------------------- new users
+
+
+def test_small_corpus_short_run_relative_paths(tmp_path):
+  """A 3 KB text, one step and relative paths, as typed in the user's directory."""
+  words = ("the", "king", "and", "lord")
+  lines, size = [], 0
+  for i in range(1000):
+    line = " ".join(words[(i * 7 + j * 3) % 4] for j in range(5 + i % 7)).capitalize()
+    lines.append(line + ".")
+    size += len(line) + 2
+    if size > 3000:
+      break
+  (tmp_path / "small.txt").write_text("\n".join(lines) + "\n")
+  status, out = run(tmp_path, "--config", "configs/test.py", "--workdir", "myrun",
+                    "--config.data.files=small.txt", "--config.steps=1")
+  assert status == 0, out
+  assert "note: data.vocab_size=320 is more than this corpus supports" in out
+  assert "note: the eval split has 1 window per process, fewer than one batch" in out
+  assert "note: opt.warmup_steps=1 is not shorter than steps=1" in out
+  assert (tmp_path / "myrun" / "checkpoints" / "1").is_dir()
+  assert (tmp_path / "data" / "tokenizers").is_dir()  # data.dir="data/", relative
+  assert not os.path.exists(os.path.join(REPO, "myrun"))
+  assert helpers.records(tmp_path / "myrun")[1]["eval/loss"] > 0
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--config.steps=0", "--config.opt.learning_rate=-0.01", "--config.opt.name=sgd"],
+     ["3 problems", "steps must be a positive int, got 0", "opt.name='sgd'",
+      "opt.learning_rate must be positive, got -0.01"]),
+    (["--config.data.files=missing.txt"], ["data.files: 'missing.txt' names no file"]),
+    (["--config.steps=ten"], ["--config.steps=ten"]),
+    (["--config=configs/nonexistent.py"], ["no preset file", "tiny"]),
+])
+def test_input_errors_are_one_line_with_status_2(tmp_path, args, fragments):
+  status, out = run(tmp_path, "--config", "configs/test.py", "--workdir=run", *args)
+  assert_one_line_error(status, out, *fragments)
+  assert not (tmp_path / "run").exists()
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+  status, out = run(tmp_path, "--config", "configs/test.py", "--workdir=run",
+                    "--config.steps=0", "--verbose")
+  assert status != 0 and "Traceback" in out and "steps must be a positive int" in out
+
+
+# ---------------------------------------------------------------- restarts
+
+
+@pytest.fixture(scope="module")
+def finished(corpus, tmp_path_factory):
+  """A finished 5-step optax_galore run (scanned layers) with a checkpoint per step."""
+  root = tmp_path_factory.mktemp("finished")
+  args = preset_args(corpus, "run", "--config.opt.name=optax_galore",
+                     "--config.steps=5", "--config.checkpoint_every=1",
+                     "--config.keep_checkpoints=5", "--config.eval_every=0")
+  status, out = run(root, *args)
+  assert status == 0, out
+  assert "note: opt.name='optax_galore' projects 2-D kernels only" in out
+  return root, args
+
+
+def _copy(finished, tmp_path):
+  root, args = finished
+  shutil.copytree(root / "run", tmp_path / "run")
+  return args
+
+
+def _damage(step_dir, kind):
+  if kind == "truncated array file":
+    files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir / "state") for f in fs
+             if os.sep + "d" + os.sep in os.path.join(d, f)]
+    largest = max(files, key=os.path.getsize)
+    os.truncate(largest, os.path.getsize(largest) // 2)
+  else:
+    os.remove(step_dir / kind)
+
+
+DAMAGES = {5: "truncated array file", 4: "state/_METADATA",
+           3: "state/manifest.ocdbt", 2: "data/process_0-of-1.json"}
+
+
+def test_damaged_checkpoints_fall_back_to_the_newest_good_one(finished, tmp_path):
+  args = _copy(finished, tmp_path)
+  before = losses(tmp_path / "run")
+  for step, kind in DAMAGES.items():
+    _damage(tmp_path / "run" / "checkpoints" / str(step), kind)
+  status, out = run(tmp_path, *args)
+  assert status == 0, out
+  warnings = [line for line in out.splitlines() if line.startswith("warning: the checkpoint")]
+  assert len(warnings) == 4, out
+  for line, (step, kind) in zip(warnings, DAMAGES.items()):
+    assert line.startswith(f"warning: the checkpoint at step {step} is damaged ("), line
+    what = "its arrays do not read back" if step == 5 else f"{kind} is missing"
+    assert what in line and "checkpoints.damaged" in line, line
+  assert "resumed from step 1 in run" in out
+  assert sorted(os.listdir(tmp_path / "run" / "checkpoints.damaged")) == ["2", "3", "4", "5"]
+  assert losses(tmp_path / "run") == before  # steps 2-5 trained again, bit for bit
+
+  # No good checkpoint left: nothing is moved, and the error says how to start fresh.
+  shutil.copytree(tmp_path / "run" / "checkpoints.damaged" / "5",
+                  tmp_path / "bad" / "checkpoints" / "5")
+  status, out = run(tmp_path, *args, "--workdir=bad")
+  assert_one_line_error(status, out, "no checkpoint in", "step 5: its arrays do not "
+                        "read back", "to start fresh")
+  assert os.listdir(tmp_path / "bad" / "checkpoints") == ["5"]
+
+
+def test_restarts_of_a_finished_run(finished, tmp_path):
+  args = _copy(finished, tmp_path)
+  before = losses(tmp_path / "run")
+  status, out = run(tmp_path, *args)
+  assert status == 0, out
+  assert "run holds a finished run (its checkpoint is at step 5, steps=5)" in out
+  assert "train step memory" not in out and "step/s" not in out  # no compile, no bar
+
+  status, out = run(tmp_path, *args, "--config.opt.rank=4", "--config.seed=1",
+                    "--config.log_every=2")
+  assert_one_line_error(status, out, "opt.rank 8 -> 4", "seed 0 -> 1", "--workdir")
+  assert "log_every" not in out  # free to change
+
+  status, out = run(tmp_path, *args, "--config.steps=7")
+  assert status == 0, out
+  assert "note: steps changed from 5 to 7 since the checkpoint at step 5" in out
+  after = losses(tmp_path / "run")
+  assert after[:5] == before and [s for s, *_ in after] == list(range(1, 8))
+
+
+# ---------------------------------------------------------------- preemption
+
+
+def _interrupt(cwd, args, signals, workdir):
+  """Starts a run, sends `signals` once it trained 3 steps; returns (status, out)."""
+  done = len(helpers.records(workdir)) if (workdir / "metrics.jsonl").exists() else 0
+  proc = start(cwd, *args)
+  deadline = time.time() + TIMEOUT
+  while proc.poll() is None and time.time() < deadline:
+    if (workdir / "metrics.jsonl").exists():
+      with open(workdir / "metrics.jsonl") as f:
+        if sum(1 for _ in f) >= done + 3:
+          break
+    time.sleep(0.02)
+  for sig in signals:
+    proc.send_signal(sig)
+  out, _ = proc.communicate(timeout=TIMEOUT)
+  return proc.returncode, out
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigint_then_restart_equal_an_uninterrupted_run(corpus, tmp_path):
+  args = preset_args(corpus, "{}", "--config.opt.name=adamw", "--config.steps=150",
+                     "--config.eval_every=0", "--config.checkpoint_every=1000")
+  with_workdir = lambda name: [a.format(name) if a.startswith("--workdir") else a
+                               for a in args]
+  status, out = run(tmp_path, *with_workdir("straight"))
+  assert status == 0, out
+  workdir, split = tmp_path / "split", with_workdir("split")
+  saved = []
+  for signals, expected in (([signal.SIGTERM], 143), ([signal.SIGINT], 130)):
+    status, out = _interrupt(tmp_path, split, signals, workdir)
+    assert status == expected, out
+    last = out.strip().splitlines()[-1]
+    name = signal.Signals(signals[0]).name
+    assert last.startswith(f"stopped by {name}: saved a checkpoint at step "), out
+    assert last.endswith("run the same command to resume"), last
+    saved.append(int(last.split("at step ")[1].split()[0]))
+    assert str(saved[-1]) in os.listdir(workdir / "checkpoints")
+  assert 0 < saved[0] < saved[1] < 150
+  # Two signals in a row: out at once, the newest complete checkpoint intact.
+  status, out = _interrupt(tmp_path, split, [signal.SIGINT, signal.SIGTERM], workdir)
+  assert status in (130, 143) and "again: quitting without saving" in out, out
+  status, out = run(tmp_path, *split)
+  assert status == 0, out
+  assert "damaged" not in out and "resumed from step " in out
+  assert losses(workdir) == losses(tmp_path / "straight")
+  final = [json.loads(line) for line in open(workdir / "metrics.jsonl")][-1]
+  assert final["step"] == 150 and final["eval/loss"] > 0
