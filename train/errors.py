@@ -12,13 +12,9 @@ Example:
 
   if cfg.steps < 1:
     raise errors.UserError(f"steps must be a positive int, got {cfg.steps!r}")
-
-  with errors.user_input():  # ValueError / FileNotFoundError -> UserError
-    data = data_lib.build_data(...)
 """
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 EXIT_STATUS = 2  # what the CLI exits with on a UserError (as argparse does)
 
@@ -29,26 +25,6 @@ class UserError(ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
   """A file the user named does not exist."""
-
-
-@contextlib.contextmanager
-def user_input() -> Iterator[None]:
-  """Turns the ValueError / FileNotFoundError raised inside into UserError.
-
-  For code that only checks input (validation, data preparation): its errors
-  are the user's to fix. The original exception is chained (`__cause__`).
-
-  Yields:
-    Nothing.
-  """
-  try:
-    yield
-  except UserError:
-    raise
-  except FileNotFoundError as e:
-    raise MissingFileError(_one_line(e)) from e
-  except ValueError as e:
-    raise UserError(_one_line(e)) from e
 
 
 def gather(*checks: Callable[[], object]) -> None:

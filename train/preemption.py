@@ -39,8 +39,11 @@ from collections.abc import Iterator
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class Interrupted(Exception):
-  """The run stopped on a signal; `exit_status` is 128 + the signal number."""
+class Interrupted(KeyboardInterrupt):
+  """The run stopped on a signal; `exit_status` is 128 + the signal number.
+
+  A KeyboardInterrupt, so that `except Exception` does not swallow it.
+  """
 
   def __init__(self, signum: int, message: str):
     super().__init__(message)
