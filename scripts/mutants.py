@@ -183,6 +183,12 @@ MUTANTS = [
         "return g[self.index]",
         (PROPS, "-k", "grass_multinomial_with_replacement_is_unbiased"),
         "GRASS's unbiasing row scales left out of the projection"),
+    Mutant(
+        "apollo-limiter-not-applied", "subspax/_core.py",
+        "return config.scale * factor * s, last_norm",
+        "return config.scale * s, last_norm",
+        ("tests/test_apollo_fira.py", "-k", "limiter"),
+        "APOLLO's norm-growth limiter computed but not applied"),
     # The layout: side and stacked leaves.
     Mutant(
         "side-projects-larger", "subspax/_layout.py",
@@ -203,13 +209,13 @@ MUTANTS = [
         "d_delta = _contract(_bases.RowBasis(index, scale).coords(dy), saved)",
         "d_delta = _contract(_bases.RowBasis(index, jnp.ones_like(scale))"
         ".coords(dy), saved)",
-        (REPARAM, "-k", "layer_is_the_merged"),
+        (MATH, "-k", "layer_mode"),
         "GRASS layer's delta gradient without the row scales (side right)"),
     Mutant(
         "layer-dense-delta-halved", "subspax/reparam.py",
         "return y + basis.coords(x) @ delta",
         "return y + basis.coords(x) @ (0.5 * delta)",
-        (REPARAM, "-k", "layer_is_the_merged"),
+        (MATH, "-k", "layer_mode"),
         "RSO layer applies half its delta (side left)"),
     Mutant(
         "mode-merge-keeps-delta", "train/reparam.py",

@@ -388,3 +388,36 @@ def test_the_basis_changes_only_at_refresh_steps(name):
     changed.append(any(bool(jnp.any(a != b)) for a, b in zip(
         jax.tree.leaves(before), jax.tree.leaves(after))))
   assert changed == [True, False, False, True, False, False, True], changed
+
+
+@pytest.mark.parametrize("kind", ["rows", "dense"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_layer_mode_forward_and_delta_gradient_in_closed_form(kind, side):
+  """``subspax.reparam.dense``: ``y = x (W + back(Delta))`` and
+  ``dL/dDelta = project(x^T dy)`` (linear in Delta, so at any Delta), against
+  float64 NumPy; the row scales are not 1, the delta is not 0."""
+  m, n, r = 6, 9, 3
+  keys = jax.random.split(jax.random.key(11), 4)
+  d = m if side == "left" else n
+  if kind == "rows":
+    basis = subspax.RowBasis(jnp.array([4, 0, 2], jnp.int32),
+                             jnp.array([0.5, 2.0, 1.5], jnp.float32))
+    s = np.zeros((d, r))
+    s[[4, 0, 2], [0, 1, 2]] = [0.5, 2.0, 1.5]
+  else:
+    s = np.linalg.qr(np.random.default_rng(0).normal(size=(d, r)))[0]
+    basis = subspax.DenseBasis(jnp.asarray(s, jnp.float32))
+  x = jax.random.normal(keys[0], (2, 5, m))
+  w = jax.random.normal(keys[1], (m, n))
+  delta = jax.random.normal(keys[2], subspax.reparam.delta_shape(m, n, r, side))
+  dy = jax.random.normal(keys[3], (2, 5, n))
+  x64, w64, delta64, dy64 = (np.asarray(a, np.float64)
+                             for a in (x, w, delta, dy))
+  full = s @ delta64 if side == "left" else (s @ delta64).T  # back(Delta)
+  y = subspax.reparam.dense(x, w, delta, basis, side=side)
+  np.testing.assert_allclose(y, x64 @ (w64 + full), rtol=1e-4, atol=1e-4)
+  grad = jax.grad(lambda dl: jnp.sum(
+      subspax.reparam.dense(x, w, dl, basis, side=side) * dy))(delta)
+  g = np.einsum("blm,bln->mn", x64, dy64)
+  expected = s.T @ (g if side == "left" else g.T)
+  np.testing.assert_allclose(grad, expected, rtol=1e-4, atol=1e-4)
