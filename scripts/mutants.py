@@ -9,8 +9,10 @@ directory, applies the edit there, runs the mutant's targeted tests with
   mutant | killed / survived / stale | killing test | seconds
 
 "stale" means the ``old`` text no longer matches exactly once (the source
-changed under the mutant): fix the mutant, it is not skipped silently. Every
-listed mutant must be killed; the exit status is non-zero otherwise.
+changed under the mutant) or the test selection matches no test: fix the
+mutant, it is not skipped silently. "timeout" means the tests gave no verdict
+in ``--timeout`` seconds. Every listed mutant must be killed; the exit status
+is non-zero otherwise.
 
 Usage (from the repository root; each mutant takes 10-60 s on 2 CPU cores):
 
@@ -236,7 +238,7 @@ MUTANTS = [
 @dataclasses.dataclass
 class Result:
   mutant: Mutant
-  status: str  # "killed", "survived", "stale"
+  status: str  # "killed", "survived", "stale", "timeout"
   detail: str
   seconds: float
 
@@ -298,8 +300,9 @@ def check(mutant: Mutant, src: str, timeout: float) -> Result:
   if code in (4, 5):  # usage error (no such file) / no test selected
     return Result(mutant, "stale", f"the test selection is invalid (pytest "
                   f"exit {code})", seconds)
-  if code is None:
-    return Result(mutant, "killed", "timeout", seconds)
+  if code is None:  # not a kill: the tests did not finish
+    return Result(mutant, "timeout", f"no verdict after {timeout:.0f} s",
+                  seconds)
   failed = _FAILED.findall(output)
   detail = failed[0] if failed else f"pytest exit {code} (collection error)"
   return Result(mutant, "killed", detail, seconds)
@@ -346,8 +349,12 @@ def main(argv=None) -> int:
                            "list")
   parser.add_argument("--jobs", type=int, default=1,
                       help="mutants run in parallel (default 1)")
-  parser.add_argument("--timeout", type=float, default=900,
-                      help="seconds per mutant before it counts as killed")
+  parser.add_argument("--timeout", type=float, default=1800,
+                      help="seconds per mutant before it is reported as "
+                           "'timeout' (no verdict)")
+  parser.add_argument("--stale-only", action="store_true",
+                      help="only check that every mutant's old text matches "
+                           "exactly once (no tests run)")
   parser.add_argument("--baseline", action="store_true",
                       help="first run each test selection without a mutation "
                            "and stop if one fails")
@@ -369,6 +376,15 @@ def main(argv=None) -> int:
   src = os.path.abspath(args.src)
 
   start = time.time()
+  if args.stale_only:
+    stale = 0
+    for m in mutants:
+      with tempfile.TemporaryDirectory(prefix="mutant-") as root:
+        _copy_repo(src, root)
+        why = _apply(m, root)
+      stale += why is not None
+      print(f"{m.name}: {'stale (' + why + ')' if why else 'applies'}")
+    return 1 if stale else 0
   if args.baseline:
     failing = baseline(mutants, src, args.timeout)
     if failing:
@@ -386,9 +402,10 @@ def main(argv=None) -> int:
             file=sys.stderr, flush=True)
   print(_table(results))
   counts = {s: sum(r.status == s for r in results)
-            for s in ("killed", "survived", "stale")}
+            for s in ("killed", "survived", "stale", "timeout")}
   print(f"\n{counts['killed']} killed, {counts['survived']} survived, "
-        f"{counts['stale']} stale, of {len(results)} mutants in "
+        f"{counts['stale']} stale, {counts['timeout']} timed out, of "
+        f"{len(results)} mutants in "
         f"{time.time() - start:.0f} s (src {src}, jobs {args.jobs})")
   return 0 if counts["killed"] == len(results) else 1
 
