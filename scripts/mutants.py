@@ -81,14 +81,8 @@ MUTANTS = [
         "LDAdam's variance correction dropped: nu_new = C^2 nu"),
     Mutant(
         "subtrack-keeps-moments", "subspax/_methods.py",
-        'rank, update_interval, scale=scale, moments="rotate", recovery=recovery,'
-        '\n      recovery_limit=recovery_limit, key=key,'
-        '\n      **_adam_kwargs(b1, b2, eps, side, projected, mu_dtype, nu_dtype))'
-        '\n\n\ndef scale_by_grasswalk(',
-        'rank, update_interval, scale=scale, moments="keep", recovery=recovery,'
-        '\n      recovery_limit=recovery_limit, key=key,'
-        '\n      **_adam_kwargs(b1, b2, eps, side, projected, mu_dtype, nu_dtype))'
-        '\n\n\ndef scale_by_grasswalk(',
+        'init=init),\n      rank, update_interval, scale=scale, moments="rotate",',
+        'init=init),\n      rank, update_interval, scale=scale, moments="keep",',
         (MATH, "-k", "rotates and subtrack"),
         'SubTrack++ with moments="keep" instead of "rotate"'),
     Mutant(
@@ -200,7 +194,8 @@ MUTANTS = [
         "side auto projects the larger dimension"),
     Mutant(
         "stack-shares-keys", "subspax/_core.py",
-        "keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num))",
+        "keys = jax.vmap(lambda i: jax.random.fold_in(key, i))("
+        "jnp.arange(num))",
         "keys = jax.vmap(lambda i: jax.random.fold_in(key, 0 * i))("
         "jnp.arange(num))",
         (MATH, "-k", "stacked"),

@@ -114,8 +114,9 @@ def test_committed_results_record_their_calls():
     with open(os.path.join(_common.RESULTS, f"{name}.json")) as f:
       payload = json.load(f)
     assert payload["calls"], name
+    module = "bench." + name.removesuffix("_long")
     for call in payload["calls"]:
-      assert call["command"].startswith(f"python -m bench.{name.split('_long')[0]}")
+      assert call["command"].startswith(f"python -m {module}")
       assert "batch" in call and "seq_len" in call and call["machine"]
     runs = payload.get("runs", [])
     assert all(r["call"] < len(payload["calls"]) and r["batch_size"]

@@ -8,13 +8,19 @@ what each step must produce from ALGORITHMS.md, in float64:
   non-permutation) change of basis ``C = S_new^T S_old`` that a real refresh
   produces, for every method whose moment policy is ``rotate``;
 * the whole recovery update ``alpha S N + Lambda`` with ``phi`` and the
-  norm-growth limiter, on steps where the limiter fires, on both sides and on
-  a stacked leaf;
+  norm-growth limiter, on steps where the limiter fires, on both sides, on a
+  stacked leaf and on matrices the core splits into row blocks;
+* a reset (RSO, GRASS) restarting the moments and their bias correction, the
+  basis changing only at refresh steps, each policy's refresh in closed form
+  (SubTrack++ descends F, GrassWalk turns one direction by eta, GRASS's
+  sampling scales) and per-matrix subspaces of a stack;
 * losses that only the projected matrices can lower (every leaf is projected);
-* golden losses over several refreshes, recorded as literals.
+* golden sums of the updates over several refreshes, recorded as literals;
+* the layer modes' forward pass and delta gradient (subspax.reparam).
+
+``scripts/mutants.py`` lists the deliberate bugs these tests must catch.
 """
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,8 +102,8 @@ def _gradients(shape, steps, seed=0):
 @pytest.mark.parametrize("name", sorted(ROTATING))
 @pytest.mark.parametrize("shape", [(10, 16), (16, 10)], ids=["left", "right"])
 def test_refresh_rotates_the_moments_ldadam_style(name, shape):
-  """At a refresh, mu and nu equal the rotated old moments plus the new
-  gradient's Adam contribution (C generic, so C^2 != C and C mu^2 != (C mu)^2)."""
+  """At a refresh, mu and nu are the rotated old moments plus the new
+  gradient's Adam contribution (C generic: C^2 != C, C^2 mu^2 != (C mu)^2)."""
   side = "left" if shape[0] <= shape[1] else "right"
   tx = ROTATING[name](rank=4, update_interval=2, key=3)
   state = tx.init({"w": jnp.zeros(shape)})
@@ -142,7 +148,8 @@ def _expected_recovery_update(snapshot_before, s, g, t, zeta, alpha):
   """``alpha S N + Lambda`` and ``||Lambda||`` for one canonical matrix.
 
   ``Lambda = (G - S S^T G) diag(phi)``, ``phi_j = ||N_j|| / (||R_j|| + 1e-8)``,
-  scaled down to ``zeta * last_norm`` when it grew faster (ALGORITHMS.md 1.6).
+  scaled down to ``zeta * last_norm`` when it grew faster (ALGORITHMS.md
+  section 1, step 6).
   """
   reduced = s.T @ g
   _, _, normalized = _adam(snapshot_before["mu"], snapshot_before["nu"],
@@ -162,7 +169,7 @@ def _growing_residual(rng, s, shape, side, t):
   """A gradient whose part outside ``span(S)`` grows 3x per step (so
   ``Lambda`` does too and the limiter must fire) while ``S^T G`` does not;
   a plain random gradient at the first step (``S`` is not chosen yet)."""
-  g = rng.normal(size=(s.shape[0],) + _canonical(np.zeros(shape), side).shape[1:])
+  g = rng.normal(size=_canonical(np.zeros(shape), side).shape)
   if t > 1:
     inside = np.einsum("bdr,bre->bde", s, np.einsum("bdr,bde->bre", s, g))
     g = inside + 3.0**t * (g - inside)
@@ -243,6 +250,8 @@ def _teacher_problem(key):
 
 @pytest.mark.parametrize("name", helpers.CORE)
 def test_only_projected_matrices_lower_the_loss(name):
+  """No leaf goes to plain Adam here, so the loss falls only if the projected
+  updates move the weights the right way."""
   loss, params = _teacher_problem(jax.random.key(5))
   tx = helpers.make_tx(name, learning_rate=3e-2, rank=4, update_interval=10,
                        projected=True)
