@@ -11,7 +11,7 @@ directory, applies the edit there, runs the mutant's targeted tests with
 "stale" means the ``old`` text no longer matches exactly once (the source
 changed under the mutant) or the test selection matches no test: fix the
 mutant, it is not skipped silently. "timeout" means the tests gave no verdict
-in ``--timeout`` seconds. Every listed mutant must be killed; the exit status
+in ``--timeout`` seconds (or pytest was killed). Every listed mutant must be killed; the exit status
 is non-zero otherwise.
 
 Usage (from the repository root; each mutant takes 10-60 s on 2 CPU cores):
@@ -297,6 +297,9 @@ def check(mutant: Mutant, src: str, timeout: float) -> Result:
                   f"exit {code})", seconds)
   if code is None:  # not a kill: the tests did not finish
     return Result(mutant, "timeout", f"no verdict after {timeout:.0f} s",
+                  seconds)
+  if code < 0:  # pytest itself was killed: no verdict
+    return Result(mutant, "timeout", f"pytest killed by signal {-code}",
                   seconds)
   failed = _FAILED.findall(output)
   detail = failed[0] if failed else f"pytest exit {code} (collection error)"
