@@ -24,7 +24,8 @@ import re
 from bench import _common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBSPAX = ("galore", "subtrack", "grasswalk", "grassjump", "rso", "grass")
+SUBSPAX = ("galore", "subtrack", "grasswalk", "grassjump", "rso", "grass",
+           "fira", "apollo", "apollo_mini")
 
 
 def load(out: str, name: str) -> dict | None:

@@ -32,7 +32,8 @@ import subspax
 from bench import _common
 from train import memory
 
-METHODS = ("galore", "subtrack", "grasswalk", "grassjump", "rso", "grass")
+METHODS = ("galore", "subtrack", "grasswalk", "grassjump", "rso", "grass",
+           "fira", "apollo")
 
 
 def optimizers(rank: int) -> dict[str, optax.GradientTransformation]:
@@ -43,6 +44,7 @@ def optimizers(rank: int) -> dict[str, optax.GradientTransformation]:
     txs[name] = getattr(subspax, name)(1e-3, rank=rank, update_interval=200)
   txs["grassjump (store_basis=False)"] = subspax.grassjump(
       1e-3, rank=rank, update_interval=200, store_basis=False)
+  txs["apollo_mini (rank 1)"] = subspax.apollo_mini(1e-3, update_interval=200)
   return txs
 
 
