@@ -19,13 +19,14 @@ from typing import Any
 
 import jax
 import ml_collections
-import sentencepiece as spm
 import subspax
 
 from train import checkpoint as checkpoint_lib
 from train import errors
+from train import hf
 from train import memory as memory_lib
 from train import model as model_lib
+from train import tokenizer as tokenizer_lib
 from train import train as train_lib
 
 MEMORY_FILE = "memory.json"
@@ -44,7 +45,7 @@ def vocab_size(data_cfg: ml_collections.ConfigDict) -> int:
     raise errors.MissingFileError(
         f"data.tokenizer: no such file {data_cfg.tokenizer!r}; give the path of a "
         'SentencePiece .model, or "" to size the vocabulary by data.vocab_size')
-  return spm.SentencePieceProcessor(model_file=data_cfg.tokenizer).vocab_size()
+  return tokenizer_lib.load(data_cfg.tokenizer).vocab_size()
 
 
 def _byte_fields(prefix: str, mem: dict[str, int]) -> dict[str, int]:
@@ -74,8 +75,9 @@ def dry_run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   Raises:
     ValueError / FileNotFoundError: on bad input, as `train.run` would.
   """
+  cfg = hf.configure(cfg)  # init_from: the Hugging Face checkpoint's model
   mesh, rules = train_lib.check_and_mesh(cfg)
-  vocab = vocab_size(cfg.data)
+  vocab = hf.vocab_size(cfg, vocab_size(cfg.data))
   start = time.perf_counter()
   programs = train_lib.build_programs(cfg, vocab)
   shardings = train_lib.train_state_shardings(programs, mesh, rules)
