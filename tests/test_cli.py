@@ -175,10 +175,13 @@ def test_restarts_of_a_finished_run(finished, tmp_path):
   assert "run holds a finished run (its checkpoint is at step 5, steps=5)" in out
   assert "train step memory" not in out and "step/s" not in out  # no compile, no bar
 
+  model_json = (tmp_path / "run" / "model.json").read_text()
   status, out = run(tmp_path, *args, "--config.opt.rank=4", "--config.seed=1",
-                    "--config.log_every=2")
-  assert_one_line_error(status, out, "opt.rank 8 -> 4", "seed 0 -> 1", "--workdir")
+                    "--config.model.d_ff=64", "--config.log_every=2")
+  assert_one_line_error(status, out, "model.d_ff 96 -> 64", "opt.rank 8 -> 4",
+                        "seed 0 -> 1", "--workdir")
   assert "log_every" not in out  # free to change
+  assert (tmp_path / "run" / "model.json").read_text() == model_json  # nothing written
 
   status, out = run(tmp_path, *args, "--config.steps=7")
   assert status == 0, out

@@ -279,6 +279,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
       process_count=jax.process_count())
   programs = build_programs(cfg, hf.vocab_size(cfg, data.vocab_size))
   shardings = train_state_shardings(programs, mesh, rules)
+  # Checkpoints of another config are refused before anything is written.
+  checkpointer = checkpoint_lib.Checkpointer(
+      workdir, keep=cfg.keep_checkpoints, config=resume.to_json(cfg))
+  resume.check_config(checkpointer.saved_config(), cfg)
   if jax.process_index() == 0:
     hf.write_run_info(workdir, programs.model_cfg, cfg)  # for train.export
   param_shardings, init = shardings.params, programs.init
@@ -286,9 +290,6 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
   batch_sharding = sharding_lib.batch_sharding(mesh)
   to_global = lambda b: sharding_lib.global_batch(b, batch_sharding)
 
-  checkpointer = checkpoint_lib.Checkpointer(
-      workdir, keep=cfg.keep_checkpoints, config=resume.to_json(cfg))
-  resume.check_config(checkpointer.saved_config(), cfg)
   end = min(cfg.stop_after or cfg.steps, cfg.steps)
   with jax.set_mesh(mesh), preemption.watch() as stop:
     # The newest checkpoint that restores; damaged newer ones are moved aside.
