@@ -41,9 +41,9 @@ echo "Installing subspax[test] with the newest jax, optax, flax and orbax-checkp
 .venv312/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
     ".[test]" jax optax flax orbax-checkpoint
 .venv312/bin/python -m pip check
-.venv312/bin/python -c 'import jax, optax, flax, orbax.checkpoint as ocp; print(
-    f"python {__import__(\"sys\").version.split()[0]}, jax {jax.__version__}, "
-    f"optax {optax.__version__}, flax {flax.__version__}, orbax-checkpoint {ocp.__version__}")'
+.venv312/bin/python -c 'import sys, jax, optax, flax, orbax.checkpoint as ocp
+print("python", sys.version.split()[0], "jax", jax.__version__, "optax", optax.__version__,
+      "flax", flax.__version__, "orbax-checkpoint", ocp.__version__)'
 # The library tests: every test module that imports neither the trainer nor
 # the benchmarks (they need jax, optax, chex and hypothesis), and the model's
 # (flax).
