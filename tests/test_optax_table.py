@@ -1,4 +1,8 @@
-"""The shared table: every method through the same generic optax checks."""
+"""The shared table: every method through the same generic optax checks.
+
+jit == no jit, non-finite gradients and state stability are checked for every
+method by the property kit (tests/test_testing_kit.py).
+"""
 
 import chex
 import jax
@@ -29,27 +33,6 @@ def test_updates_keep_param_dtype_and_state_is_float32(name, dtype):
       matrices, is_leaf=lambda x: isinstance(x, subspax.ProjectedState)):
     assert leaf.mu.dtype == jnp.float32 and leaf.nu.dtype == jnp.float32
   chex.assert_tree_all_finite(updates)
-
-
-@pytest.mark.parametrize("name", CORE)
-def test_jit_matches_no_jit_and_compiles_once(name):
-  params = helpers.random_params(jax.random.key(1))
-  grads = helpers.random_params(jax.random.key(2))
-  tx = helpers.make_tx(name, update_interval=2)
-  traces = []
-
-  def update(g, s, p):
-    traces.append(None)
-    return tx.update(g, s, p)
-
-  jitted = jax.jit(update)
-  state_jit = state_eager = tx.init(params)
-  for _ in range(3):  # crosses a refresh at step 2
-    u_jit, state_jit = jitted(grads, state_jit, params)
-    u_eager, state_eager = tx.update(grads, state_eager, params)
-    chex.assert_trees_all_close(u_jit, u_eager, rtol=1e-4, atol=1e-6)
-  assert len(traces) == 1
-  chex.assert_trees_all_close(state_jit, state_eager, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", CORE)
