@@ -139,9 +139,9 @@ def test_tensor_scaling_equals_channel_scaling_with_one_channel():
     tx = _apollo.scale_by_apollo(rank=2, update_interval=2, key=3,
                                  scale_type=scale_type, side="left",
                                  projected=True)
-    state = tx.init(params)
+    state, update = tx.init(params), jax.jit(tx.update)
     for i in range(4):
-      u, state = tx.update(
+      u, state = update(
           {"w": jax.random.normal(jax.random.key(i), (8, 1))}, state)
     results.append(u)
   chex.assert_trees_all_close(*results, rtol=1e-6)
@@ -175,11 +175,12 @@ def test_stored_and_regenerated_projections_agree():
   stored = _apollo.scale_by_apollo(rank=3, update_interval=2, key=7,
                                    store_basis=True)
   s1, s2 = keyed.init(params), stored.init(params)
+  update1, update2 = jax.jit(keyed.update), jax.jit(stored.update)
   for i in range(5):
     g = jax.tree.map(lambda p: jax.random.normal(jax.random.key(i), p.shape),
                      params)
-    u1, s1 = keyed.update(g, s1)
-    u2, s2 = stored.update(g, s2)
+    u1, s1 = update1(g, s1)
+    u2, s2 = update2(g, s2)
     chex.assert_trees_all_close(u1, u2, rtol=1e-5, atol=1e-6)
 
 
