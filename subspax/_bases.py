@@ -110,6 +110,23 @@ class RowBasis(NamedTuple):
     out = jnp.zeros(h.shape[:-1] + (d,), h.dtype)
     return out.at[..., self.index].add(h * self.scale.astype(h.dtype))
 
+  def overlap(self, old: "RowBasis"):
+    """Where each slot's row was selected by ``old``, and the scale change.
+
+    Args:
+      old: The previous selection.
+
+    Returns:
+      ``(source, ratio, found)``, each ``(r,)``: the first old slot selecting
+      the same row (int32; 0 when none), ``rho_new / rho_old`` (0 when none)
+      and whether there is one (bool).
+    """
+    same = (self.index[:, None] == old.index[None, :]) & (old.scale != 0)
+    found = jnp.any(same, axis=1)
+    source = jnp.argmax(same, axis=1).astype(jnp.int32)
+    old_scale = jnp.where(found, old.scale[source], 1.0)
+    return source, jnp.where(found, self.scale / old_scale, 0.0), found
+
   def gram(self, old: "RowBasis") -> jax.Array:
     """``S_new^T S_old``: non-zero where both select the same row."""
     same_row = self.index[:, None] == old.index[None, :]

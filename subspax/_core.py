@@ -47,7 +47,7 @@ KeyLike = Union[int, jax.Array]
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["basis", "mu", "nu", "age", "last_norm"],
+    data_fields=["basis", "mu", "nu", "age", "last_norm", "displacement"],
     meta_fields=["layout"])
 @dataclasses.dataclass(frozen=True)
 class ProjectedState:
@@ -67,6 +67,9 @@ class ProjectedState:
       ``"overlap"``; ``MaskedNode`` otherwise (the global count is used).
     last_norm: ``||Lambda||_F`` of the last recovery term, ``(*B,)`` float32;
       ``MaskedNode`` when recovery is off.
+    displacement: RSO's proximal state ``B``, the reduced displacement of the
+      parameter since the last refresh, ``(*B, r, D)`` float32 (zero after
+      every refresh); ``MaskedNode`` when ``prox`` is 0.
     layout: Static: how the parameter maps to canonical matrices.
   """
 
@@ -75,6 +78,7 @@ class ProjectedState:
   nu: jax.Array
   age: Any
   last_norm: Any
+  displacement: Any
   layout: _layout.MatrixLayout
 
 
@@ -84,6 +88,35 @@ class SubspaceAdamState(NamedTuple):
   count: jax.Array  # shape=(), int32: steps taken
   key: jax.Array  # shape=(2,), uint32: raw PRNG key data (checkpointable)
   matrices: optax.Params  # ProjectedState per projected leaf, else MaskedNode
+
+
+def _register_flax_serialization() -> None:
+  """Lets ``flax.serialization`` (msgpack, state dicts) save ProjectedState.
+
+  Only the array fields are saved; the static ``layout`` comes from the
+  target state on restore, as for any pytree's structure. Skipped when flax
+  is not installed (subspax does not depend on it).
+  """
+  try:
+    from flax import serialization  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return
+  fields = [f.name for f in dataclasses.fields(ProjectedState)
+            if f.name != "layout"]
+
+  def to_state_dict(state):
+    return {f: serialization.to_state_dict(getattr(state, f)) for f in fields}
+
+  def from_state_dict(target, state_dict):
+    return dataclasses.replace(target, **{
+        f: serialization.from_state_dict(getattr(target, f), state_dict[f],
+                                         name=f) for f in fields})
+
+  serialization.register_serialization_state(ProjectedState, to_state_dict,
+                                             from_state_dict)
+
+
+_register_flax_serialization()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +139,13 @@ class _Config:
   output: str = "back"
   scale_type: str = "channel"
   limiter: str = "corrected"
+  prox: Any = 0.0
+  prox_learning_rate: Any = 1.0
+
+  @property
+  def uses_prox(self) -> bool:
+    """Whether RSO's proximal term (and its displacement state) is on."""
+    return not _policies._is_zero(self.prox)  # pylint: disable=protected-access
 
   @property
   def stores_basis(self) -> bool:
@@ -146,6 +186,8 @@ def scale_by_subspace_adam(
     output: str = "back",
     scale_type: str = "channel",
     limiter: str = "corrected",
+    prox: float = 0.0,
+    prox_learning_rate: optax.ScalarOrSchedule = 1.0,
 ) -> optax.GradientTransformation:
   """Adam with moments in a reduced subspace chosen by ``policy``.
 
@@ -197,6 +239,14 @@ def scale_by_subspace_adam(
       applied); ``"uncorrected"`` bounds it before Adam's bias correction
       ``sqrt(1 - b2^t) / (1 - b1^t)`` as Fira's and APOLLO's code do;
       ``"off"`` disables it.
+    prox: RSO's proximal coefficient ``1 / eta_k`` (ALGORITHMS.md 2.5): adds
+      ``prox * B`` to the reduced gradient, ``B`` the reduced displacement of
+      the parameter since the last refresh (an extra ``r x D`` state, reset at
+      every refresh). 0 turns it off.
+    prox_learning_rate: The learning rate (float or schedule) chained after
+      this transformation, used only to accumulate ``B``: the step moves the
+      parameter by ``-prox_learning_rate(t) * scale * back(N)``. The method
+      aliases (``subspax.rso``) pass their own ``learning_rate``.
 
   Returns:
     An ``optax.GradientTransformation``. Chain a learning rate after it.
@@ -234,6 +284,10 @@ def scale_by_subspace_adam(
     raise ValueError(
         f"store_basis=False needs a basis that depends on the key alone "
         f"(grassjump, rso); {type(policy).__name__} depends on the gradient.")
+  _validation.non_negative("prox", prox)
+  if not _policies._is_zero(prox) and (recovery or output != "back"):  # pylint: disable=protected-access
+    raise ValueError("prox > 0 tracks the reduced displacement only; it needs "
+                     'recovery=False and output="back" (or set prox=0).')
 
   config = _Config(
       policy=policy, rank=rank, update_interval=update_interval, b1=b1, b2=b2,
@@ -241,7 +295,8 @@ def scale_by_subspace_adam(
       recovery_limit=recovery_limit, store_basis=store_basis,
       mu_dtype=jnp.float32 if mu_dtype is None else mu_dtype,
       nu_dtype=jnp.float32 if nu_dtype is None else nu_dtype,
-      output=output, scale_type=scale_type, limiter=limiter)
+      output=output, scale_type=scale_type, limiter=limiter, prox=prox,
+      prox_learning_rate=prox_learning_rate)
   route = _layout.make_router(projected, rank)
 
   def labels(params):
@@ -333,6 +388,8 @@ def _init_matrices(config: _Config, layout: _layout.MatrixLayout
       age=age,
       last_norm=(batched_zeros((), jnp.float32) if config.tracks_norm
                  else MaskedNode()),
+      displacement=(batched_zeros((r, big_d), jnp.float32)
+                    if config.uses_prox else MaskedNode()),
       layout=layout)
 
 
@@ -344,6 +401,7 @@ class _MatrixState(NamedTuple):
   nu: jax.Array
   age: Any
   last_norm: Any
+  displacement: Any
 
 
 def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
@@ -359,7 +417,7 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
   nb = len(layout.batch_shape)
   num = layout.num_matrices
   fields = _MatrixState(state.basis, state.mu, state.nu, state.age,
-                        state.last_norm)
+                        state.last_norm, state.displacement)
   flat_fields = jax.tree.map(lambda a: a.reshape((num,) + a.shape[nb:]),
                              fields)
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num))
@@ -367,7 +425,8 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
   def refresh_all(fields):
     # The canonical (transposed, for side "right") gradient is formed inside
     # the branch: as a cond operand it would be materialised at every step.
-    refresh_one = functools.partial(_refresh_matrix, config, count=count)
+    refresh_one = functools.partial(_refresh_matrix, config, count=count,
+                                    right=layout.side == "right")
     return jax.lax.map(lambda args: refresh_one(*args),
                        (layout.to_canonical(g), fields, keys))
 
@@ -417,14 +476,20 @@ def _epoch_key(config: _Config, key: jax.Array, count: jax.Array,
 
 
 def _refresh_matrix(config: _Config, g: jax.Array, state: _MatrixState,
-                    key: jax.Array, *, count: jax.Array) -> _MatrixState:
-  """New basis for one canonical matrix, and the moment policy applied."""
+                    key: jax.Array, *, count: jax.Array,
+                    right: bool = False) -> _MatrixState:
+  """New basis for one canonical matrix, and the moment policy applied.
+
+  ``right`` tells that ``g`` is the transpose of the matrix as stored (for
+  policies whose result depends on it, see ``refresh_oriented``). RSO's
+  displacement restarts from zero.
+  """
   policy = config.policy
   r, d = state.mu.shape[0], g.shape[0]
   epoch_key = _epoch_key(config, key, count)
   if config.stores_basis:
     old = state.basis
-    new = _new_basis(policy, old, g, epoch_key, r, count)
+    new = _new_basis(policy, old, g, epoch_key, r, count, right=right)
     stored = new
   else:
     old = policy.sample(_epoch_key(config, key, count, offset=-1), d, r)
@@ -432,7 +497,8 @@ def _refresh_matrix(config: _Config, g: jax.Array, state: _MatrixState,
     stored = state.basis
   mu, nu, age = _transition(config.moments, old, new, state.mu, state.nu,
                             state.age)
-  return _MatrixState(stored, mu, nu, age, state.last_norm)
+  displacement = jax.tree.map(jnp.zeros_like, state.displacement)
+  return _MatrixState(stored, mu, nu, age, state.last_norm, displacement)
 
 
 class _RightSide(NamedTuple):
@@ -473,9 +539,12 @@ def _adam_step(config: _Config, g: jax.Array, basis, state: _MatrixState, *,
   """
   basis = _oriented(basis, right)
   reduced = basis.project(g)
-  mu = config.b1 * state.mu.astype(jnp.float32) + (1 - config.b1) * reduced
+  adam_input = reduced
+  if config.uses_prox:  # RSO's proximal term: Adam sees R + prox * B.
+    adam_input = reduced + config.prox * state.displacement
+  mu = config.b1 * state.mu.astype(jnp.float32) + (1 - config.b1) * adam_input
   nu = config.b2 * state.nu.astype(jnp.float32) + (1 - config.b2) * jnp.square(
-      reduced)
+      adam_input)
   age = state.age
   if isinstance(age, MaskedNode):
     steps = optax.safe_int32_increment(count)
@@ -494,16 +563,23 @@ def _adam_step(config: _Config, g: jax.Array, basis, state: _MatrixState, *,
   elif config.recovery:
     direction, kept_scale, last_norm = _with_recovery(
         config, basis, g, reduced, normalized, last_norm, steps)
-  return direction, kept_scale, _MatrixState(state.basis, mu, nu, age, last_norm)
+  displacement = state.displacement
+  if config.uses_prox:  # B moves with the parameter: -lr(t) * scale * N.
+    lr = config.prox_learning_rate
+    lr = lr(count) if callable(lr) else lr
+    displacement = displacement - lr * config.scale * normalized
+  return direction, kept_scale, _MatrixState(state.basis, mu, nu, age,
+                                             last_norm, displacement)
 
 
-def _new_basis(policy, old, g, key, r, count):
+def _new_basis(policy, old, g, key, r, count, *, right: bool = False):
   """Initial or refreshed basis; keeps ``old`` when ``g`` is not finite."""
+  refresh = functools.partial(policy.refresh_oriented, right=right)
   if type(policy).initial is _policies.SubspacePolicy.initial:
-    new = policy.refresh(old, g, key, r)
+    new = refresh(old, g, key, r)
   else:
     new = jax.lax.cond(count == 0, lambda: policy.initial(g, key, r),
-                       lambda: policy.refresh(old, g, key, r))
+                       lambda: refresh(old, g, key, r))
   finite = jnp.all(jnp.isfinite(g))
   return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
@@ -514,14 +590,32 @@ def _transition(moments: str, old, new, mu, nu, age):
     return mu, nu, age
   if moments == "reset":
     return jnp.zeros_like(mu), jnp.zeros_like(nu), jnp.zeros_like(age)
+  if moments == "overlap":
+    return _carry_rows(old, new, mu, nu, age)
   c = new.gram(old)  # (r, r): reduced coordinates old -> new
   mu32, nu32 = mu.astype(jnp.float32), nu.astype(jnp.float32)
   new_mu = c @ mu32
   new_nu = jnp.abs(jnp.square(c) @ (nu32 - jnp.square(mu32))
                    + jnp.square(new_mu))
-  if moments == "overlap":
-    age = jnp.max(jnp.where(c != 0, age[None, :], 0), axis=1)
   return new_mu.astype(mu.dtype), new_nu.astype(nu.dtype), age
+
+
+def _carry_rows(old, new, mu, nu, age):
+  """``moments="overlap"``: each new slot takes one old slot of its row.
+
+  A kept row changes scale from ``rho_old`` to ``rho_new``, so its ``mu`` is
+  multiplied by ``rho_new / rho_old`` and its ``nu`` by the square. It is a
+  gather (never a sum of slots, never ``0 * NaN`` from other rows); slots
+  with no old row, or whose carried moments are not finite, start at zero.
+  """
+  source, ratio, found = new.overlap(old)
+  new_mu = mu.astype(jnp.float32)[source] * ratio[:, None]
+  new_nu = nu.astype(jnp.float32)[source] * jnp.square(ratio)[:, None]
+  keep = found & jnp.all(jnp.isfinite(new_mu) & jnp.isfinite(new_nu), axis=1)
+  new_mu = jnp.where(keep[:, None], new_mu, 0.0)
+  new_nu = jnp.where(keep[:, None], new_nu, 0.0)
+  new_age = jnp.where(keep, age[source], 0)
+  return new_mu.astype(mu.dtype), new_nu.astype(nu.dtype), new_age
 
 
 def _with_recovery(config: _Config, basis, g, reduced, normalized, last_norm,

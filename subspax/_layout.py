@@ -244,8 +244,35 @@ def make_router(projected: Projected, rank: int
 
   Returns:
     A function giving the :class:`MatrixSpec` of a projected parameter, or
-    ``None`` for one that gets plain Adam.
+    ``None`` for one that gets plain Adam. Complex parameters are never
+    projected by default; projecting one explicitly raises a ``ValueError``
+    (the reduced-space math is real: it would drop the imaginary part).
   """
+  route = _make_real_router(projected, rank)
+
+  def checked(path, p):
+    spec = route(path, p)
+    if spec is not None and _is_complex(p):
+      raise ValueError(
+          f"projected: parameter {jax.tree_util.keystr(path) or '<root>'} is "
+          f"complex ({_dtype(p)}) and subspace projection is real "
+          "only; leave it out of `projected` (complex parameters then get "
+          "plain Adam, as by default).")
+    return spec
+
+  return checked
+
+
+def _dtype(p):
+  return p.dtype if hasattr(p, "dtype") else jnp.result_type(p)
+
+
+def _is_complex(p) -> bool:
+  return jnp.issubdtype(_dtype(p), jnp.complexfloating)
+
+
+def _make_real_router(projected: Projected, rank: int):
+  """:func:`make_router` without the complex check."""
 
   def from_value(value, param):
     if value is None or value is False:
@@ -260,7 +287,7 @@ def make_router(projected: Projected, rank: int
 
   if projected is None:
     return lambda path, p: (MatrixSpec() if default_is_projected(
-        jnp.shape(p), rank) else None)
+        jnp.shape(p), rank) and not _is_complex(p) else None)
   if isinstance(projected, (bool, MatrixSpec)):
     return lambda path, p: (from_value(projected, p)
                             if jnp.ndim(p) >= 2 else None)

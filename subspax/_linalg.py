@@ -35,18 +35,68 @@ def haar_basis(key: jax.Array, d: int, r: int) -> jax.Array:
   return _sign_fixed_qr(jax.random.normal(key, (d, r), jnp.float32))
 
 
-def exact_top_subspace(g: jax.Array, r: int) -> jax.Array:
+def exact_top_subspace(g: jax.Array, r: int, transposed: bool = False
+                       ) -> jax.Array:
   """Top-``r`` left singular vectors of ``g`` by a full (reduced) SVD.
 
   Args:
     g: ``(d, D)`` float32.
     r: Rank.
+    transposed: Take them as the top-``r`` rows of ``vh`` of the SVD of
+      ``g^T`` instead (the same subspace; the signs of the columns are those
+      an SVD of ``g^T`` gives).
 
   Returns:
     ``(d, r)`` orthonormal columns.
   """
+  if transposed:
+    _, _, vh = jnp.linalg.svd(g.T, full_matrices=False)
+    return vh[:r].T
   u, _, _ = jnp.linalg.svd(g, full_matrices=False)
   return u[:, :r]
+
+
+def align_signs(s: jax.Array, old: jax.Array) -> jax.Array:
+  """Flips the columns of ``s`` so that ``diag(s^T old) >= 0``.
+
+  Args:
+    s: ``(d, r)`` new basis.
+    old: ``(d, r)`` previous basis (all zeros at the first refresh: nothing
+      is flipped).
+
+  Returns:
+    ``s`` with some columns negated (the same subspace).
+  """
+  overlap = jnp.sum(s * old, axis=0)
+  return s * jnp.where(overlap < 0, -1.0, 1.0).astype(s.dtype)[None, :]
+
+
+def best_geodesic_angle(g: jax.Array, x: jax.Array, u: jax.Array
+                        ) -> jax.Array:
+  """The angle ``t*`` that minimises ``F`` along a rank-1 geodesic.
+
+  Along the geodesic of :func:`geodesic_step` only the basis direction
+  ``x = S v`` moves, ``x(t) = x cos t - u sin t`` with ``u`` orthogonal to
+  ``span(S)``, so ``F(t) = ||G - S(t) S(t)^T G||_F^2`` changes only through
+  the captured energy
+  ``||G^T x(t)||^2 = a cos^2 t + b sin^2 t - 2 c sin t cos t``
+  with ``a = ||G^T x||^2``, ``b = ||G^T u||^2``, ``c = x^T G G^T u``. That is
+  ``(a + b) / 2 + rho cos(2 (t - t*))`` with ``t* = atan2(-2 c, a - b) / 2``,
+  the top eigenvector of the 2 x 2 matrix ``[[a, c], [c, b]]``. Every angle
+  ``eta t*`` with ``eta`` in ``[0, 1]`` keeps ``F`` at or below its value at
+  ``t = 0``.
+
+  Args:
+    g: ``(d, D)`` gradient.
+    x: ``(d,)`` unit vector in ``span(S)``.
+    u: ``(d,)`` unit vector orthogonal to ``span(S)`` (or zero).
+
+  Returns:
+    ``t*`` in ``(-pi/2, pi/2]`` (scalar). Work: two ``D``-vectors.
+  """
+  gx, gu = g.T @ x, g.T @ u
+  a, b, c = jnp.dot(gx, gx), jnp.dot(gu, gu), jnp.dot(gx, gu)
+  return 0.5 * jnp.arctan2(-2.0 * c, a - b)
 
 
 def randomized_top_subspace(g: jax.Array, r: int, key: jax.Array,

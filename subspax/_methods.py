@@ -43,7 +43,8 @@ def _adam_kwargs(b1, b2, eps, side, projected, mu_dtype, nu_dtype):
 
 def scale_by_galore(
     rank: int = 128, update_interval: int = 200, *, scale: float = 0.25,
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, side: str = "auto",
+    align_signs: bool = False, b1: float = 0.9, b2: float = 0.999,
+    eps: float = 1e-8, side: str = "auto",
     projected: _layout.Projected = None, mu_dtype=None, nu_dtype=None,
 ) -> optax.GradientTransformation:
   """GaLore: top-``r`` singular subspace by exact SVD, moments kept.
@@ -55,6 +56,9 @@ def scale_by_galore(
     rank: Subspace rank ``r``.
     update_interval: Steps between SVD refreshes ``T``.
     scale: Back-projection scale ``alpha``.
+    align_signs: Flip each new singular vector that points against the old
+      one (``diag(S_new^T S_old) >= 0``), so a sign flip of the SVD does not
+      negate rows of the kept first moment.
   """ + _DOC_COMMON + """
 
   Returns:
@@ -64,14 +68,15 @@ def scale_by_galore(
     Zhao et al., GaLore, https://arxiv.org/abs/2403.03507
   """
   return _core.scale_by_subspace_adam(
-      _policies.SvdSubspace(), rank, update_interval, scale=scale,
+      _policies.SvdSubspace(align_signs=align_signs), rank, update_interval, scale=scale,
       moments="keep", recovery=False,
       **_adam_kwargs(b1, b2, eps, side, projected, mu_dtype, nu_dtype))
 
 
 def scale_by_subtrack(
     rank: int = 128, update_interval: int = 200, *, key: _core.KeyLike = 0,
-    eta: float = 10.0, step: str = "normalized", init: str = "randomized",
+    eta: Optional[float] = None, step: str = "optimal",
+    init: str = "randomized",
     scale: float = 0.25, recovery: bool = True, recovery_limit: float = 1.01,
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, side: str = "auto",
     projected: _layout.Projected = None, mu_dtype=None, nu_dtype=None,
@@ -87,9 +92,13 @@ def scale_by_subtrack(
     rank: Subspace rank ``r``.
     update_interval: Steps between geodesic steps ``T``.
     key: PRNG key or seed (randomized initial range finder).
-    eta: Geodesic step size (see ``step``).
-    step: ``"normalized"`` (angle ``eta sigma / ||G||_F^2``, capped at pi/4),
-      ``"raw"`` (angle ``eta sigma``) or ``"angle"`` (``eta`` radians).
+    eta: Geodesic step size (see ``step``); ``None``: 1 for ``"optimal"``
+      (the best angle itself), the paper scripts' 10 for the other rules.
+    step: ``"optimal"``: ``eta`` (a damping factor in ``[0, 1]``) times the
+      angle that minimises the projection error along the geodesic (closed
+      form; never increases it); ``"normalized"`` (angle
+      ``eta sigma / ||G||_F^2``, capped at pi/4), ``"raw"`` (angle
+      ``eta sigma``, the paper's rule) or ``"angle"`` (``eta`` radians).
     init: ``"randomized"`` range finder or exact ``"svd"`` for the first basis.
     scale: Back-projection scale ``alpha``.
     recovery: Recovery scaling of the residual (Fira).
@@ -104,7 +113,12 @@ def scale_by_subtrack(
   """
   _validation.choice("step", step, _policies.GEODESIC_STEPS)
   _validation.choice("init", init, _policies.INITS)
+  if eta is None:
+    eta = (_policies.OPTIMAL_DAMPING if step == "optimal"
+           else _policies.PAPER_ETA)
   _validation.non_negative("eta", eta)
+  if step == "optimal":
+    _validation.in_range("eta", eta, 0.0, 1.0, closed_high=True)
   return _core.scale_by_subspace_adam(
       _policies.GeodesicSubspace(eta=eta, step=step, tangent="gradient",
                                  init=init),
@@ -192,6 +206,7 @@ def scale_by_grassjump(
 def scale_by_rso(
     rank: int = 128, update_interval: int = 200, *, key: _core.KeyLike = 0,
     orthonormal: bool = True, store_basis: bool = True, scale: float = 1.0,
+    prox: float = 0.0, prox_learning_rate: optax.ScalarOrSchedule = 1.0,
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, side: str = "auto",
     projected: _layout.Projected = None, mu_dtype=None, nu_dtype=None,
 ) -> optax.GradientTransformation:
@@ -208,6 +223,14 @@ def scale_by_rso(
     orthonormal: Haar-random orthonormal basis, or a Gaussian one.
     store_basis: Store the basis, or regenerate it from the key.
     scale: Back-projection scale ``alpha``.
+    prox: The proximal coefficient ``1 / eta_k`` of the subproblem
+      ``f(W + S B) + ||B||_F^2 / (2 eta_k)``: adds ``prox * B`` to the reduced
+      gradient, ``B`` the parameter's reduced displacement since the last
+      refresh (extra ``r x D`` state). 0 (default) turns it off. The same
+      value as the trainer's ``opt.prox`` gives the same steps.
+    prox_learning_rate: The learning rate chained after this transformation,
+      needed to know ``B`` (``subspax.rso`` passes its own). Weight decay is
+      not part of ``B``.
   """ + _DOC_COMMON + """
 
   Returns:
@@ -219,6 +242,7 @@ def scale_by_rso(
   return _core.scale_by_subspace_adam(
       _policies.RandomSubspace(orthonormal=orthonormal), rank, update_interval,
       scale=scale, moments="reset", recovery=False, store_basis=store_basis,
+      prox=prox, prox_learning_rate=prox_learning_rate,
       key=key, **_adam_kwargs(b1, b2, eps, side, projected, mu_dtype,
                               nu_dtype))
 
@@ -265,14 +289,17 @@ def scale_by_grass(
       **_adam_kwargs(b1, b2, eps, side, projected, mu_dtype, nu_dtype))
 
 
-def _alias(scale_by, summary: str):
+def _alias(scale_by, summary: str, *, passes_learning_rate: bool = False):
   """Builds ``method(learning_rate, rank, update_interval, weight_decay, mask,
-  **kwargs)`` from ``scale_by_method``."""
+  **kwargs)`` from ``scale_by_method`` (``passes_learning_rate``: also as its
+  ``prox_learning_rate``)."""
 
   def method(learning_rate: optax.ScalarOrSchedule, rank: int = 128,
              update_interval: int = 200, weight_decay: Any = 0.0,
              mask: Optional[Any] = None, **kwargs
              ) -> optax.GradientTransformation:
+    if passes_learning_rate:
+      kwargs.setdefault("prox_learning_rate", learning_rate)
     return _with_learning_rate(scale_by(rank, update_interval, **kwargs),
                                learning_rate, weight_decay, mask)
 
@@ -319,6 +346,6 @@ subtrack = _alias(scale_by_subtrack, "SubTrack++ with a learning rate.")
 grasswalk = _alias(scale_by_grasswalk, "GrassWalk with a learning rate.")
 grassjump = _alias(scale_by_grassjump, "GrassJump with a learning rate.")
 rso = _alias(scale_by_rso, "RSO (random subspace optimization) with a "
-             "learning rate.")
+             "learning rate.", passes_learning_rate=True)
 grass = _alias(scale_by_grass, "GRASS (structured sparse rows) with a "
                "learning rate.")

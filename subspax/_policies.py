@@ -24,13 +24,23 @@ import jax.numpy as jnp
 from subspax import _bases
 from subspax import _linalg
 
-GEODESIC_STEPS = ("normalized", "raw", "angle")
+GEODESIC_STEPS = ("optimal", "normalized", "raw", "angle")
 GEODESIC_TANGENTS = ("gradient", "random")
 INITS = ("randomized", "svd")
 SELECTIONS = ("topk", "multinomial", "uniform")
 
 # Largest rotation of one basis direction per refresh under step="normalized".
 MAX_NORMALIZED_ANGLE = math.pi / 4
+
+# Fraction of the best geodesic angle taken under step="optimal". Chosen by
+# measurement (`python -m bench.subtrack_step`, bench/results/subtrack_step.md):
+# in random drifting-gradient cases of three shapes, the undamped step gave
+# the lowest error on the next interval's gradient of the dampings tried
+# (0.25, 0.5, 0.75, 1).
+OPTIMAL_DAMPING = 1.0
+
+# The paper scripts' step size for the fixed-angle rules.
+PAPER_ETA = 10.0
 
 
 def _is_zero(value) -> bool:
@@ -57,18 +67,47 @@ class SubspacePolicy:
   def refresh(self, basis, g: jax.Array, key: jax.Array, r: int):
     raise NotImplementedError
 
+  def refresh_oriented(self, basis, g: jax.Array, key: jax.Array, r: int, *,
+                       right: bool):
+    """``refresh``, told whether ``g`` is the transpose of the stored matrix.
+
+    The core calls this one. Only a policy whose result depends on the
+    orientation of ``G`` (the signs of an SVD) overrides it.
+    """
+    del right
+    return self.refresh(basis, g, key, r)
+
 
 @dataclasses.dataclass(frozen=True)
 class SvdSubspace(SubspacePolicy):
-  """GaLore: the top-``r`` left singular vectors of ``G`` (exact SVD).
+  """GaLore: the top-``r`` singular subspace of ``G`` (exact SVD).
+
+  On side ``"left"`` the basis is the top-``r`` left singular vectors of ``G``;
+  on side ``"right"`` the top-``r`` rows of ``vh`` of ``G`` as stored (as
+  ``optax.contrib.galore`` does), not ``u`` of ``G^T``: the subspace is the
+  same, but singular-vector signs differ and GaLore's kept moments see them.
+
+  Attributes:
+    align_signs: Flip each new basis column whose inner product with the old
+      column is negative, so that ``diag(S_new^T S_old) >= 0``. SVD signs are
+      arbitrary; a flip between refreshes negates that row of the kept first
+      moment.
 
   References:
     Zhao et al., GaLore, https://arxiv.org/abs/2403.03507
   """
 
+  align_signs: bool = False
+
   def refresh(self, basis, g, key, r):
-    del basis, key
-    return _bases.DenseBasis(_linalg.exact_top_subspace(g, r))
+    return self.refresh_oriented(basis, g, key, r, right=False)
+
+  def refresh_oriented(self, basis, g, key, r, *, right):
+    del key
+    s = _linalg.exact_top_subspace(g, r, transposed=right)
+    if self.align_signs:
+      s = _linalg.align_signs(s, basis.s)
+    return _bases.DenseBasis(s)
 
 
 def _top_subspace(g, key, r, init):
@@ -91,9 +130,11 @@ class GeodesicSubspace(SubspacePolicy):
 
   Attributes:
     eta: Step size; its meaning depends on ``step``.
-    step: ``"normalized"``: angle ``eta * sigma / ||G||_F^2`` capped at pi/4
-      (scale-free); ``"raw"``: ``eta * sigma`` (the paper's form);
-      ``"angle"``: ``eta`` radians.
+    step: ``"optimal"``: ``eta`` times the angle that minimises ``F`` along
+      the geodesic (closed form; ``eta`` in ``[0, 1]`` is a damping factor,
+      and no such step increases ``F``); ``"normalized"``: angle
+      ``eta * sigma / ||G||_F^2`` capped at pi/4 (scale-free); ``"raw"``:
+      ``eta * sigma`` (the paper's form); ``"angle"``: ``eta`` radians.
     tangent: ``"gradient"`` (SubTrack++) or ``"random"`` (GrassWalk).
     init: Initial basis: ``"randomized"`` range finder or exact ``"svd"``.
     jump_prob: Probability of a Haar jump at a refresh (hybrid).
@@ -104,8 +145,8 @@ class GeodesicSubspace(SubspacePolicy):
     Edelman, Arias, Smith (1998), the Grassmannian geodesic.
   """
 
-  eta: float = 10.0
-  step: str = "normalized"
+  eta: float = OPTIMAL_DAMPING
+  step: str = "optimal"
   tangent: str = "gradient"
   init: str = "randomized"
   jump_prob: float = 0.0
@@ -121,7 +162,10 @@ class GeodesicSubspace(SubspacePolicy):
     a = s.T @ g
     return -2.0 * (g @ a.T - s @ (a @ a.T))
 
-  def angle(self, sigma, g):
+  def angle(self, sigma, g, s=None, u=None, v=None):
+    """The rotation angle of one refresh (``s, u, v`` for ``"optimal"``)."""
+    if self.step == "optimal":
+      return self.eta * _linalg.best_geodesic_angle(g, s @ v, u)
     if self.step == "angle":
       return jnp.asarray(self.eta, jnp.float32)
     if self.step == "raw":
@@ -134,7 +178,7 @@ class GeodesicSubspace(SubspacePolicy):
     s = basis.s
     u, sigma, v = _linalg.top_singular_triplet(
         self.tangent_direction(s, g, jax.random.fold_in(key, 0)))
-    theta = jnp.where(sigma > 0, self.angle(sigma, g), 0.0)
+    theta = jnp.where(sigma > 0, self.angle(sigma, g, s, u, v), 0.0)
     moved = _linalg.geodesic_step(s, u, v, theta)
     if not _is_zero(self.jump_prob):
       jump = jax.random.bernoulli(jax.random.fold_in(key, 1), self.jump_prob)

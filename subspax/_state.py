@@ -61,6 +61,8 @@ def _reduced_shardings(state: _core.ProjectedState,
       age=jax.tree.map(lambda x: named(*(None,) * (x.ndim - len(batch))),
                        state.age),
       last_norm=jax.tree.map(lambda x: named(), state.last_norm),
+      displacement=jax.tree.map(lambda x: named(None, big_d_axis),
+                                state.displacement),
       layout=state.layout)
 
 
