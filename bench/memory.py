@@ -334,7 +334,8 @@ def main() -> None:
   record = _common.call_record(args, batch=args.batch, seq_len=args.seq)
   payload = _common.with_call(
       {"benchmark": NAME, "machine": info,
-       "args": dict(vars(args), out=os.path.relpath(args.out)),
+       "args": dict(vars(args), out=os.path.relpath(
+           args.out, os.path.dirname(os.path.dirname(_common.RESULTS)))),
        "results": results}, merged_from, record)
   if fits:
     payload["fits"] = fits
