@@ -128,8 +128,8 @@ MUTANTS = [
         "moments reset without restarting their bias correction"),
     Mutant(
         "refresh-every-step", "subspax/_core.py",
-        "count % config.update_interval == 0,",
-        "count >= 0,",
+        "refreshing = count % config.update_interval == 0",
+        "refreshing = count >= 0",
         (MATH, "-k", "only_at_refresh"),
         "the subspace refreshed at every step instead of every T steps"),
     Mutant(
