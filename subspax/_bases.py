@@ -19,10 +19,6 @@ import jax
 import jax.numpy as jnp
 
 
-def _column_sq_norms(x: jax.Array) -> jax.Array:
-  return jnp.sum(jnp.square(x), axis=0)
-
-
 class DenseBasis(NamedTuple):
   """A dense basis ``S`` with orthonormal columns (for Gaussian RSO: not).
 
@@ -32,9 +28,16 @@ class DenseBasis(NamedTuple):
 
   s: jax.Array  # shape=(d, r), float32
 
+  # The recovery residual G - back(S^T G) is the orthogonal complement's part.
+  orthogonal_complement = True
+
   @classmethod
   def zeros(cls, d: int, r: int) -> "DenseBasis":
     return cls(jnp.zeros((d, r), jnp.float32))
+
+  def rows(self, start, size: int) -> "DenseBasis":
+    """The rows ``[start, start + size)`` of ``S``: acts on a row block."""
+    return DenseBasis(jax.lax.dynamic_slice_in_dim(self.s, start, size))
 
   def project(self, g: jax.Array) -> jax.Array:
     """``S^T G``: ``(d, D) -> (r, D)``."""
@@ -58,23 +61,6 @@ class DenseBasis(NamedTuple):
     """``C = S_new^T S_old`` (r x r), the change of reduced coordinates."""
     return self.s.T @ old.s
 
-  def residual_sq_norm(self, g, r, phi) -> jax.Array:
-    """``||(G - S S^T G) diag(phi)||_F^2`` without forming the residual.
-
-    For orthonormal ``S`` the column norms split as
-    ``||G_j||^2 = ||S^T G_j||^2 + ||residual_j||^2``.
-
-    Args:
-      g: ``G``, ``(d, D)``.
-      r: ``S^T G``, ``(r, D)``.
-      phi: Column scales, ``(D,)``.
-
-    Returns:
-      A float32 scalar.
-    """
-    residual = jnp.maximum(_column_sq_norms(g) - _column_sq_norms(r), 0.0)
-    return jnp.sum(jnp.square(phi) * residual)
-
 
 class RowBasis(NamedTuple):
   """A GRASS row selector: ``R = rho[:, None] * G[sigma]``.
@@ -87,10 +73,29 @@ class RowBasis(NamedTuple):
   index: jax.Array  # shape=(r,), int32
   scale: jax.Array  # shape=(r,), float32
 
+  # With replacement, back(project(G)) is not G on the selected rows: the
+  # recovery residual is G with the selected rows zeroed (ALGORITHMS.md 2.6).
+  orthogonal_complement = False
+
   @classmethod
   def zeros(cls, d: int, r: int) -> "RowBasis":
     del d
     return cls(jnp.zeros((r,), jnp.int32), jnp.zeros((r,), jnp.float32))
+
+  def rows(self, start, size: int) -> "RowBasis":
+    """The selector restricted to rows ``[start, start + size)``.
+
+    Selections outside the block get scale 0 and point at the block's row 0,
+    so ``project`` adds nothing for them and ``back`` writes zeros.
+    """
+    local = self.index - start
+    inside = (local >= 0) & (local < size)
+    return RowBasis(jnp.where(inside, local, 0),
+                    jnp.where(inside, self.scale, 0.0))
+
+  def selected(self, d: int) -> jax.Array:
+    """Which of the ``d`` rows are selected, ``(d,)`` bool."""
+    return jnp.zeros((d,), bool).at[self.index].set(True)
 
   def project(self, g: jax.Array) -> jax.Array:
     """Gathers the selected rows, scaled: ``(d, D) -> (r, D)``."""
@@ -131,8 +136,3 @@ class RowBasis(NamedTuple):
     """``S_new^T S_old``: non-zero where both select the same row."""
     same_row = self.index[:, None] == old.index[None, :]
     return jnp.where(same_row, self.scale[:, None] * old.scale[None, :], 0.0)
-
-  def residual_sq_norm(self, g, r, phi) -> jax.Array:
-    """``||(G - back(R)) diag(phi)||_F^2`` (exact for any selection)."""
-    residual = g - self.back(r, g.shape[0])
-    return jnp.sum(jnp.square(residual * phi))

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from subspax import _blocks
 from subspax import _layout
 from subspax import _policies
 from subspax import _validation
@@ -329,11 +330,14 @@ def _scale_by_projected_adam(config: _Config, route, side: str,
     base_key = jax.random.wrap_key_data(state.key)
     flat, treedef = jax.tree.flatten(updates)
     leaf_states = treedef.flatten_up_to(state.matrices)
-    results = [
-        _sharding_agnostic(functools.partial(_update_parameter, config))(
-            g, leaf_state, state.count, jax.random.fold_in(base_key, index))
-        for index, (g, leaf_state) in enumerate(zip(flat, leaf_states))
-    ]
+    update_parameter = _sharding_agnostic(
+        functools.partial(_update_parameter, config))
+    results, count = [], state.count
+    for index, (g, leaf_state) in enumerate(zip(flat, leaf_states)):
+      update, leaf_state = update_parameter(
+          g, leaf_state, count, jax.random.fold_in(base_key, index))
+      results.append((update, leaf_state))
+      count = _after((update, leaf_state), state.count)
     new_updates = treedef.unflatten([u for u, _ in results])
     new_matrices = treedef.unflatten([s for _, s in results])
     return new_updates, SubspaceAdamState(
@@ -341,6 +345,22 @@ def _scale_by_projected_adam(config: _Config, route, side: str,
         matrices=new_matrices)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _after(outputs, count: jax.Array) -> jax.Array:
+  """``count``, as a value that XLA can only compute once ``outputs`` exist.
+
+  Parameters are updated one after the other: each parameter's step reads
+  its count through this, from the previous parameter's update and new state.
+  Otherwise XLA may start every parameter's projection first, or write every
+  parameter's new moments last, and keep all their reduced gradients (and
+  other workspace) alive at once. The select never changes the value
+  (``count >= 0``), but XLA cannot prove that.
+  """
+  firsts = [x.reshape(-1)[0].astype(jnp.float32)
+            for x in jax.tree.leaves(outputs) if x.size]
+  unfinished = jnp.isnan(sum(firsts)) & (count < 0)
+  return jnp.where(unfinished, 0, count)
 
 
 def _sharding_agnostic(update_parameter):
@@ -408,65 +428,106 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
                       count: jax.Array, key: jax.Array):
   """Updates every matrix of one projected parameter.
 
-  The refresh runs one matrix at a time (``lax.map``) inside a single
-  ``lax.cond``: its workspace is that of one matrix, and CPU LAPACK calls are
-  not batched (batched ones can deadlock jaxlib 0.10's CPU runtime with many
-  devices). The Adam step is vmapped over the stacked matrices.
+  Memory: nothing full-size is added beyond the output. The matrices are
+  updated one at a time in a loop whose carry is the gradient itself
+  (overwritten with the update, so XLA can write it into a donated buffer),
+  and each matrix is read and written in row blocks (:mod:`subspax._blocks`).
+  A refresh step refreshes each matrix in the same loop, just before its
+  update (a ``lax.cond`` per matrix): its workspace is one matrix's too, the
+  gradient is read only through the loop (a cond that took the whole gradient
+  as an operand makes XLA copy it before the in-place loop), and CPU LAPACK
+  calls are not batched (batched ones can deadlock jaxlib 0.10's CPU runtime
+  with many devices).
   """
   layout = state.layout
   nb = len(layout.batch_shape)
   num = layout.num_matrices
+  right = layout.side == "right"
   fields = _MatrixState(state.basis, state.mu, state.nu, state.age,
                         state.last_norm, state.displacement)
   flat_fields = jax.tree.map(lambda a: a.reshape((num,) + a.shape[nb:]),
                              fields)
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num))
+  stack = layout.to_matrices(g, dtype=g.dtype)  # (num, m, n), a view
 
-  def refresh_all(fields):
-    # The canonical (transposed, for side "right") gradient is formed inside
-    # the branch: as a cond operand it would be materialised at every step.
-    refresh_one = functools.partial(_refresh_matrix, config, count=count,
-                                    right=layout.side == "right")
-    return jax.lax.map(lambda args: refresh_one(*args),
-                       (layout.to_canonical(g), fields, keys))
+  refreshing = count % config.update_interval == 0
 
-  flat_fields = jax.lax.cond(count % config.update_interval == 0, refresh_all,
-                             lambda f: f, flat_fields)
-  if config.stores_basis:
-    bases = flat_fields.basis
-  else:
-    epoch_keys = jax.vmap(lambda k: _epoch_key(config, k, count))(keys)
-    bases = jax.lax.map(
-        lambda k: config.policy.sample(k, layout.d, layout.rank), epoch_keys)
-  # The step works on each matrix as stored, (m, n): for side "right" the
-  # basis acts on the columns (`_RightSide`), so G and the update are never
-  # transposed (two m x n copies per step otherwise).
-  right = layout.side == "right"
-  step = functools.partial(_adam_step, config, count=count, right=right)
-  g_matrices = layout.to_matrices(g)
-  directions, kept_scales, new_fields = jax.vmap(step)(g_matrices, bases,
-                                                       flat_fields)
-  if directions is None:
-    updates = jax.vmap(functools.partial(_scale_kept_side, right=right))(
-        kept_scales, g_matrices)
-  elif kept_scales is None:
-    updates = jax.vmap(lambda b, x: _oriented(b, right).back(x, layout.d))(
-        bases, directions)
-  else:
-    updates = jax.vmap(functools.partial(
-        _back_plus_scaled_gradient, d=layout.d, right=right))(
-            bases, directions, kept_scales, g_matrices)
-  new_fields = jax.tree.map(
-      lambda a, old: a.reshape(old.shape).astype(old.dtype), new_fields, fields)
-  return layout.from_matrices(updates, g.dtype), ProjectedState(
+  def update_one(i, carry):
+    stack, fields = carry
+    fields_i = _materialized(jax.tree.map(lambda a: a[i], fields), count, num)
+
+    def refresh(fields_i):
+      # Made canonical (transposed for side "right") one matrix at a time:
+      # the buffers of both branches of a cond are allocated on every step.
+      canonical = stack[i].astype(jnp.float32)
+      canonical = canonical.T if right else canonical
+      return _refresh_matrix(config, canonical, fields_i, keys[i],
+                             count=count, right=right)
+
+    fields_i = jax.lax.cond(refreshing, refresh, lambda f: f, fields_i)
+    if config.stores_basis:
+      basis = fields_i.basis
+    else:
+      basis = config.policy.sample(_epoch_key(config, keys[i], count),
+                                   layout.d, layout.rank)
+    matrix = _blocks.StackedMatrix(stack, i, basis, layout.rank, right)
+    stack, new_state = _update_matrix(config, matrix, fields_i, count=count)
+    return stack, _write_index(fields, new_state, i)
+
+  stack, new_fields = jax.lax.fori_loop(0, num, update_one,
+                                        (stack, flat_fields))
+  new_fields = jax.tree.map(lambda a, old: a.reshape(old.shape), new_fields,
+                            fields)
+  return layout.from_matrices(stack, g.dtype), ProjectedState(
       *new_fields, layout=layout)
 
 
-def _back_plus_scaled_gradient(basis, direction, kept_scale, g, *, d: int,
-                               right: bool) -> jax.Array:
-  """The recovery update ``back(X) + diag(phi) G`` of one matrix."""
-  kept_scale = kept_scale[:, None] if right else kept_scale
-  return _oriented(basis, right).back(direction, d) + kept_scale * g
+def _write_index(stacked, values, i):
+  """Writes ``values`` (a per-matrix tree) at index ``i`` of ``stacked``."""
+  return jax.tree.map(
+      lambda a, x: jax.lax.dynamic_update_index_in_dim(a, x.astype(a.dtype), i,
+                                                       0), stacked, values)
+
+
+def _materialized(tree, count: jax.Array, num: int):
+  """``tree``, computed into buffers of its own before any later use.
+
+  The matrix loop reads a matrix's (small) state out of the stacked state and
+  writes the new one back in place. If XLA fuses those reads into the
+  computations that consume them, some of them run after the write, and XLA
+  then copies every whole stack to keep the old values. A conditional is not
+  fused (and, unlike ``optimization_barrier``, is kept by the CPU compiler),
+  so passing the slices through one on a predicate XLA cannot fold
+  (``count >= 0``) forces them to be read once, first. A single matrix
+  (``num == 1``, the loop is removed) needs no such thing.
+  """
+  if num == 1:
+    return tree
+  return jax.lax.cond(count >= 0, lambda t: t,
+                      lambda t: jax.tree.map(jnp.zeros_like, t), tree)
+
+
+def _update_matrix(config: _Config, matrix: _blocks.StackedMatrix,
+                   state: _MatrixState, *, count: jax.Array):
+  """One reduced-space Adam step on one matrix, written over its gradient.
+
+  Returns:
+    ``(stack, state)``: the stack with this matrix's gradient replaced by its
+    update, and the matrix's new state (``basis`` untouched).
+  """
+  reduced = matrix.project()
+  normalized, steps, state = _adam_step(config, reduced, state, count=count)
+  if config.output == "scaled_gradient":
+    kept, last_norm = _scaled_gradient(config, matrix, reduced, normalized,
+                                       state.last_norm, steps)
+    return matrix.write_update(None, kept), state._replace(last_norm=last_norm)
+  direction = config.scale * normalized
+  if not config.recovery:
+    return matrix.write_update(direction), state
+  phi, last_norm = _recovery_scales(config, matrix, reduced, normalized,
+                                    state.last_norm, steps)
+  stack = matrix.write_update(direction, phi, residual_of=reduced)
+  return stack, state._replace(last_norm=last_norm)
 
 
 def _epoch_key(config: _Config, key: jax.Array, count: jax.Array,
@@ -501,50 +562,23 @@ def _refresh_matrix(config: _Config, g: jax.Array, state: _MatrixState,
   return _MatrixState(stored, mu, nu, age, state.last_norm, displacement)
 
 
-class _RightSide(NamedTuple):
-  """A basis applied to a side-"right" matrix as stored, ``(D, d)``.
+def _adam_step(config: _Config, reduced: jax.Array, state: _MatrixState, *,
+               count: jax.Array):
+  """Adam on one matrix's reduced gradient ``R`` (canonical ``(r, D)``).
 
-  ``project(G) = (G S)^T``, ``back(X) = X^T S^T``: the canonical formulas of
-  the wrapped basis on ``G^T``, with the transposes on the small ``r x D``
-  side.
-  """
-
-  basis: Any
-
-  def project(self, g: jax.Array) -> jax.Array:
-    return self.basis.coords(g).T
-
-  def back(self, x: jax.Array, d: int) -> jax.Array:
-    return self.basis.embed(x.T, d)
-
-  def residual_sq_norm(self, g, r, phi) -> jax.Array:
-    return self.basis.residual_sq_norm(g.T, r, phi)
-
-
-def _oriented(basis, right: bool):
-  return _RightSide(basis) if right else basis
-
-
-def _adam_step(config: _Config, g: jax.Array, basis, state: _MatrixState, *,
-               count: jax.Array, right: bool):
-  """One reduced-space Adam step on one matrix ``g`` as stored, ``(m, n)``.
-
-  The math is that of the canonical ``(d, D)`` matrix (``G^T`` when
-  ``right``).
+  With RSO's proximal term, Adam sees ``R + prox * B`` and the displacement
+  ``B`` moves by ``-lr(t) * scale * N`` (the parameter's own move).
 
   Returns:
-    ``(X, phi, state)``: the update is ``back(X) + diag(phi) G`` (in ``g``'s
-    orientation), with ``phi`` (``(D,)``) the recovery scales, ``None``
-    without recovery; and the new per-matrix state.
+    ``(N, steps, state)``: the normalized direction
+    ``mu_hat / (sqrt(nu_hat) + eps)``, Adam's step count of the moments
+    (per row for ``moments="overlap"``), and the state with the new moments.
   """
-  basis = _oriented(basis, right)
-  reduced = basis.project(g)
-  adam_input = reduced
-  if config.uses_prox:  # RSO's proximal term: Adam sees R + prox * B.
-    adam_input = reduced + config.prox * state.displacement
-  mu = config.b1 * state.mu.astype(jnp.float32) + (1 - config.b1) * adam_input
+  if config.uses_prox:
+    reduced = reduced + config.prox * state.displacement
+  mu = config.b1 * state.mu.astype(jnp.float32) + (1 - config.b1) * reduced
   nu = config.b2 * state.nu.astype(jnp.float32) + (1 - config.b2) * jnp.square(
-      adam_input)
+      reduced)
   age = state.age
   if isinstance(age, MaskedNode):
     steps = optax.safe_int32_increment(count)
@@ -554,22 +588,13 @@ def _adam_step(config: _Config, g: jax.Array, basis, state: _MatrixState, *,
   mu_hat = mu / (1 - config.b1**steps)
   nu_hat = nu / (1 - config.b2**steps)
   normalized = mu_hat / (jnp.sqrt(nu_hat) + config.eps)
-
-  last_norm, kept_scale = state.last_norm, None
-  direction = config.scale * normalized
-  if config.output == "scaled_gradient":
-    direction, kept_scale, last_norm = _scaled_gradient(
-        config, g, reduced, normalized, last_norm, steps, right=right)
-  elif config.recovery:
-    direction, kept_scale, last_norm = _with_recovery(
-        config, basis, g, reduced, normalized, last_norm, steps)
-  displacement = state.displacement
-  if config.uses_prox:  # B moves with the parameter: -lr(t) * scale * N.
+  state = state._replace(mu=mu, nu=nu, age=age)
+  if config.uses_prox:
     lr = config.prox_learning_rate
     lr = lr(count) if callable(lr) else lr
-    displacement = displacement - lr * config.scale * normalized
-  return direction, kept_scale, _MatrixState(state.basis, mu, nu, age,
-                                             last_norm, displacement)
+    state = state._replace(displacement=state.displacement
+                           - lr * config.scale * normalized)
+  return normalized, steps, state
 
 
 def _new_basis(policy, old, g, key, r, count, *, right: bool = False):
@@ -618,24 +643,22 @@ def _carry_rows(old, new, mu, nu, age):
   return new_mu.astype(mu.dtype), new_nu.astype(nu.dtype), new_age
 
 
-def _with_recovery(config: _Config, basis, g, reduced, normalized, last_norm,
-                   steps):
+def _recovery_scales(config: _Config, matrix, reduced, normalized,
+                     last_norm, steps):
   """Fira recovery scaling with the norm-growth limiter.
 
   ``Lambda = (G - back(R)) diag(phi)``, ``phi_j = ||N_j|| / (||R_j|| + 1e-8)``,
   limited so that ``||Lambda||`` grows by at most ``recovery_limit`` per step.
-  Uses ``U = back(scale N - f phi R) + f phi G`` (``back`` is linear), so no
-  ``d x D`` residual is formed besides the output.
+  ``||Lambda||_F`` is computed from the residual itself, one row block at a
+  time (no full-size buffer, no cancellation).
 
   Returns:
-    ``(scale N - f phi R, f phi, ||Lambda||)``.
+    ``(f phi, ||f Lambda||)``: the limited scales and the new ``last_norm``.
   """
   phi = _kept_scales(config, reduced, normalized)
-  norm = jnp.sqrt(basis.residual_sq_norm(g, reduced, phi))
+  norm = jnp.sqrt(matrix.residual_sq_norm(reduced, phi))
   factor, last_norm = _limit_growth(config, norm, last_norm, steps)
-  scaled_phi = factor * phi
-  return (config.scale * normalized - scaled_phi * reduced, scaled_phi,
-          last_norm)
+  return factor * phi, last_norm
 
 
 def _kept_scales(config: _Config, reduced, normalized) -> jax.Array:
@@ -674,26 +697,18 @@ def _limit_growth(config: _Config, norm, last_norm, steps):
   return factor, norm * factor
 
 
-def _scaled_gradient(config: _Config, g, reduced, normalized, last_norm,
-                     steps, *, right: bool):
-  """APOLLO's update ``scale * f * G diag(s)`` of one matrix ``g`` as stored.
+def _scaled_gradient(config: _Config, matrix, reduced, normalized, last_norm,
+                     steps):
+  """APOLLO's update ``scale * f * G diag(s)`` of one matrix.
 
-  ``s`` (:func:`_kept_scales`) scales the kept side of ``g``; ``f`` is the
+  ``s`` (:func:`_kept_scales`) scales the kept side of ``G``; ``f`` is the
   norm-growth limiter's factor for ``||G diag(s)||_F``, computed from the
-  kept columns' norms, so no ``m x n`` buffer besides the output.
+  kept side's norms, so no ``m x n`` buffer besides the output.
 
   Returns:
-    ``(None, scale * f * s, new_last_norm)``: ``None`` marks "no
-    back-projection" for the caller.
+    ``(scale * f * s, new_last_norm)``.
   """
   s = _kept_scales(config, reduced, normalized)
-  g_sq = jnp.sum(jnp.square(g), axis=1 if right else 0)
-  norm = jnp.sqrt(jnp.sum(jnp.square(s) * g_sq))
+  norm = jnp.sqrt(jnp.sum(jnp.square(s) * matrix.kept_sq_norms()))
   factor, last_norm = _limit_growth(config, norm, last_norm, steps)
-  return None, config.scale * factor * s, last_norm
-
-
-def _scale_kept_side(kept_scale, g, *, right: bool) -> jax.Array:
-  """``G diag(s)`` along the kept side of ``g`` as stored."""
-  return (kept_scale[:, None] if right else kept_scale) * g
-
+  return config.scale * factor * s, last_norm

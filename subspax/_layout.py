@@ -102,10 +102,14 @@ class MatrixLayout(NamedTuple):
     """The kept dimension."""
     return self.n if self.side == "left" else self.m
 
-  def to_matrices(self, x: jax.Array) -> jax.Array:
-    """Views a parameter-shaped array as a float32 ``(B, m, n)`` stack."""
+  def to_matrices(self, x: jax.Array, dtype=jnp.float32) -> jax.Array:
+    """Views a parameter-shaped array as a ``(B, m, n)`` stack of ``dtype``.
+
+    A view (no copy) when the batch, row and column axes are already in that
+    order, as for ``(L, m, n)`` scanned kernels, and ``dtype`` is ``x``'s.
+    """
     x = jnp.transpose(x, self.perm).reshape(self.num_matrices, self.m, self.n)
-    return x.astype(jnp.float32)
+    return x.astype(dtype)
 
   def from_matrices(self, x: jax.Array, dtype) -> jax.Array:
     """Inverse of :meth:`to_matrices`, cast to ``dtype``."""
