@@ -43,6 +43,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 import subspax
+from subspax import _blocks as subspax_blocks
 
 from bench import _common
 from train import reparam
@@ -69,10 +70,11 @@ def predicted_flops(cfg, programs) -> dict[str, float]:
   """Weight-gradient FLOPs and the step-FLOP change each mode should show.
 
   XLA's `cost_analysis()` counts a while loop's body once, so with scanned
-  layers the per-layer matmul terms count once, not `n_layers` times; the
-  optimizer (vmapped over the stacked layers, outside the loop) counts in
-  full. The plain RSO transformation also spends `4 m n r` per matrix on
-  `S^T G` and `S N`, which the reparametrised step does not.
+  layers the per-layer matmul terms count once, not `n_layers` times. The
+  plain RSO transformation also spends `4 m n r` per matrix on `S^T G` and
+  `S N`, which the reparametrised step does not; the core computes them in a
+  loop over the stacked matrices and their row blocks, so the count sees one
+  block of one matrix per parameter: `4 (m / blocks) n r`.
   """
   tokens = cfg.batch_size * cfg.seq_len
   rank, layers = cfg.opt.rank, programs.model_cfg.n_layers
@@ -95,8 +97,10 @@ def predicted_flops(cfg, programs) -> dict[str, float]:
     # dh S^T; the plain transformation's S^T G and S N are gone.
     delta_products = (forward + 2) * reduced - full
     basis_products = 2 * (forward + 1) * tokens * rank * d
-    out["dense_change"] += (in_loop * (delta_products + basis_products)
-                            - layers * 4 * m * n * rank)
+    block_rows = m // subspax_blocks.num_blocks(m)  # blocks of stored rows
+    optimizer_products = 4 * block_rows * n * rank
+    out["dense_change"] += in_loop * (delta_products + basis_products
+                                      - optimizer_products)
   return out
 
 
