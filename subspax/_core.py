@@ -357,10 +357,18 @@ def _after(outputs, count: jax.Array) -> jax.Array:
   other workspace) alive at once. The select never changes the value
   (``count >= 0``), but XLA cannot prove that.
   """
-  firsts = [x.reshape(-1)[0].astype(jnp.float32)
-            for x in jax.tree.leaves(outputs) if x.size]
+  firsts = [_first_element(x) for x in jax.tree.leaves(outputs) if x.size]
   unfinished = jnp.isnan(sum(firsts)) & (count < 0)
   return jnp.where(unfinished, 0, count)
+
+
+def _first_element(x: jax.Array) -> jax.Array:
+  """``x``'s first element as float32 (with Auto axes under an Explicit mesh)."""
+  first = lambda y: y[(0,) * y.ndim].astype(jnp.float32)
+  if not jax.sharding.get_abstract_mesh().explicit_axes:
+    return first(x)
+  scalar = jax.sharding.PartitionSpec()
+  return jax.sharding.auto_axes(first, out_sharding=scalar)(x)
 
 
 def _sharding_agnostic(update_parameter):

@@ -16,6 +16,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import random  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+# Scripts that record fixtures (some need torch); `--doctest-modules` would
+# import them as test modules.
+collect_ignore = ["fixtures"]
+
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
