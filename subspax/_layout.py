@@ -1,9 +1,9 @@
 """Which parameters are projected, and how each one is viewed as a matrix.
 
-Every projected parameter is handled in one *canonical* form: a stack of
-matrices of shape ``(B, d, D)`` where ``d`` is the projected ("small") side and
-``D`` the kept side. For a weight ``W`` of shape ``(m, n)`` (Flax kernel
-convention, ``y = x @ W``):
+Every projected parameter is viewed as a stack of matrices ``(B, m, n)``, as
+stored (no transposes). The math is written for the *canonical* matrix
+``(d, D)``, ``d`` the projected ("small") side and ``D`` the kept side; for a
+weight ``W`` of shape ``(m, n)`` (Flax kernel convention, ``y = x @ W``):
 
 * side ``"left"`` (``m <= n`` under ``"auto"``): canonical ``G`` is ``W``'s
   gradient itself, the basis ``S`` is ``(m, r)`` and the reduced gradient is
@@ -115,17 +115,6 @@ class MatrixLayout(NamedTuple):
     """Inverse of :meth:`to_matrices`, cast to ``dtype``."""
     x = x.reshape(tuple(self.shape[a] for a in self.perm))
     return jnp.transpose(x, _inverse(self.perm)).astype(dtype)
-
-  def to_canonical(self, x: jax.Array) -> jax.Array:
-    """Views a parameter-shaped array as a float32 ``(B, d, D)`` stack."""
-    x = self.to_matrices(x)
-    return jnp.swapaxes(x, -1, -2) if self.side == "right" else x
-
-  def from_canonical(self, x: jax.Array, dtype) -> jax.Array:
-    """Inverse of :meth:`to_canonical`, cast to ``dtype``."""
-    if self.side == "right":
-      x = jnp.swapaxes(x, -1, -2)
-    return self.from_matrices(x, dtype)
 
   def batched(self, *trailing: int) -> tuple[int, ...]:
     """Shape ``batch_shape + trailing``."""

@@ -315,7 +315,7 @@ def test_projecting_a_vector_is_a_clear_error():
                   batch=st.sampled_from([(), (2,), (2, 3)]),
                   rank=st.integers(1, 30),
                   side=st.sampled_from(["auto", "left", "right"]))
-def test_layout_shapes_and_canonical_round_trip(m, n, batch, rank, side):
+def test_layout_shapes_and_matrix_round_trip(m, n, batch, rank, side):
   shape = batch + (m, n)
   layout = _layout.make_layout(shape, subspax.MatrixSpec(), rank, side)
   expected_side = ("left" if m <= n else "right") if side == "auto" else side
@@ -323,9 +323,9 @@ def test_layout_shapes_and_canonical_round_trip(m, n, batch, rank, side):
   d, big_d = (m, n) if expected_side == "left" else (n, m)
   assert (layout.d, layout.D, layout.rank) == (d, big_d, min(rank, d))
   x = jax.random.normal(jax.random.key(m * n), shape)
-  canonical = layout.to_canonical(x)
-  chex.assert_shape(canonical, (layout.num_matrices, d, big_d))
-  chex.assert_trees_all_equal(layout.from_canonical(canonical, x.dtype), x)
+  matrices = layout.to_matrices(x, dtype=x.dtype)
+  chex.assert_shape(matrices, (layout.num_matrices, m, n))
+  chex.assert_trees_all_equal(layout.from_matrices(matrices, x.dtype), x)
 
 
 def test_matrix_spec_groups_axes_and_treats_the_rest_as_batch():
