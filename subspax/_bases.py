@@ -98,8 +98,13 @@ class RowBasis(NamedTuple):
     return jnp.zeros((d,), bool).at[self.index].set(True)
 
   def project(self, g: jax.Array) -> jax.Array:
-    """Gathers the selected rows, scaled: ``(d, D) -> (r, D)``."""
-    return self.scale[:, None] * g[self.index]
+    """Gathers the selected rows, scaled: ``(d, D) -> (r, D)``.
+
+    A slot with scale 0 (outside a row block, see :meth:`rows`) gives zeros,
+    also when the row it points at is not finite.
+    """
+    rows = g[self.index]
+    return jnp.where(self.scale[:, None] != 0, self.scale[:, None] * rows, 0.0)
 
   def back(self, x: jax.Array, d: int) -> jax.Array:
     """Scatters scaled rows into zeros: ``(r, D) -> (d, D)``."""

@@ -100,3 +100,16 @@ def test_many_leaves_update_fits_one_matrix_of_workspace():
   tx = optax.chain(subspax.scale_by_subtrack(16, 10))
   temp = _update_temp_bytes(tx, (m, n), num_leaves=16)
   assert temp <= 4 * one_matrix, temp / one_matrix
+
+
+def test_row_blocks_ignore_non_finite_rows_they_do_not_select():
+  """A GRASS projection read in row blocks sees only the selected rows."""
+  from subspax import _blocks  # pylint: disable=g-import-not-at-top
+  g = np.ones((1, 256, 8), np.float32)
+  g[0, 0] = np.inf  # not selected; where block 0 points its empty slots
+  basis = subspax.RowBasis(jnp.array([5, 200], jnp.int32),
+                           jnp.array([2.0, 3.0], jnp.float32))
+  matrix = _blocks.StackedMatrix(jnp.asarray(g), 0, basis, 2, right=False)
+  assert _blocks.num_blocks(256) > 1
+  np.testing.assert_array_equal(matrix.project(),
+                                np.stack([np.full(8, 2.0), np.full(8, 3.0)]))
