@@ -13,6 +13,8 @@ All share one reduced-space Adam core, :func:`scale_by_subspace_adam`, and
 differ only in their :class:`SubspacePolicy`.
 """
 
+import types
+
 from subspax._apollo import apollo
 from subspax._apollo import apollo_mini
 from subspax._apollo import fira
@@ -50,9 +52,24 @@ from subspax import reparam
 
 __version__ = "0.1.0"
 
+# The nine methods by name, in the order the tables list them: the one
+# registry the trainer, its configs and the benchmarks read.
+METHODS = types.MappingProxyType({
+    "galore": galore,
+    "subtrack": subtrack,
+    "grasswalk": grasswalk,
+    "grassjump": grassjump,
+    "rso": rso,
+    "grass": grass,
+    "fira": fira,
+    "apollo": apollo,
+    "apollo_mini": apollo_mini,
+})
+
 __all__ = (
     "DenseBasis",
     "GeodesicSubspace",
+    "METHODS",
     "MatrixLayout",
     "MatrixSpec",
     "ProjectedState",
