@@ -31,8 +31,7 @@ from train.memory import compiled_memory  # pylint: disable=unused-import
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")
-METHODS = ("adamw", "galore", "subtrack", "grasswalk", "grassjump", "rso", "grass",
-           "fira", "apollo", "apollo_mini", "optax_galore")
+METHODS = optimizers.NAMES  # the trainer's registry: adamw, subspax.METHODS, optax_galore
 
 
 def machine() -> dict[str, Any]:

@@ -21,11 +21,12 @@ import json
 import os
 import re
 
+import subspax
+
 from bench import _common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUBSPAX = ("galore", "subtrack", "grasswalk", "grassjump", "rso", "grass",
-           "fira", "apollo", "apollo_mini")
+SUBSPAX = tuple(subspax.METHODS)
 
 
 def load(out: str, name: str) -> dict | None:

@@ -41,9 +41,10 @@ import optax
 import subspax
 
 from bench import _common
+from train import optimizers
 
 NAME = "refresh"
-TX_METHODS = ("galore", "subtrack", "grasswalk", "grassjump", "rso", "grass")
+TX_METHODS = tuple(subspax.METHODS)
 
 
 def policies() -> dict:
@@ -61,7 +62,8 @@ def policies() -> dict:
 def make_tx(method: str, rank: int, interval: int):
   if method == "optax_galore":
     return optax.contrib.galore(1e-3, rank=rank, update_proj_gap=interval)
-  return getattr(subspax, method)(1e-3, rank=rank, update_interval=interval)
+  return subspax.METHODS[method](
+      1e-3, rank=optimizers.method_rank(method, rank), update_interval=interval)
 
 
 def state_at(tx, params, grads, count: int):

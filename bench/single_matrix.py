@@ -31,20 +31,21 @@ import optax
 import subspax
 from bench import _common
 from train import memory
+from train import optimizers as train_optimizers
 
-METHODS = ("galore", "subtrack", "grasswalk", "grassjump", "rso", "grass",
-           "fira", "apollo")
 
 
 def optimizers(rank: int) -> dict[str, optax.GradientTransformation]:
   """AdamW, optax's GaLore and every subspax method at the same rank and gap."""
   txs = {"optax.adam": optax.adam(1e-3),
          "optax.contrib.galore": optax.contrib.galore(1e-3, rank=rank)}
-  for name in METHODS:
-    txs[name] = getattr(subspax, name)(1e-3, rank=rank, update_interval=200)
-  txs["grassjump (store_basis=False)"] = subspax.grassjump(
-      1e-3, rank=rank, update_interval=200, store_basis=False)
-  txs["apollo_mini (rank 1)"] = subspax.apollo_mini(1e-3, update_interval=200)
+  for name, factory in subspax.METHODS.items():
+    r = train_optimizers.method_rank(name, rank)
+    label = name if r == rank else f"{name} (rank {r})"
+    txs[label] = factory(1e-3, rank=r, update_interval=200)
+    if name == "grassjump":
+      txs["grassjump (store_basis=False)"] = subspax.grassjump(
+          1e-3, rank=rank, update_interval=200, store_basis=False)
   return txs
 
 

@@ -8,6 +8,7 @@ schedule: linear warmup, then cosine decay to `opt.min_lr_ratio` x the peak.
 """
 
 import ast
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -18,11 +19,17 @@ import subspax
 from train import errors
 from train import model as model_lib
 
-SUBSPAX = ("galore", "subtrack", "grasswalk", "grassjump", "rso", "grass",
-           "fira", "apollo", "apollo_mini")
-# Methods whose subspace needs no random key (an exact SVD).
-_KEYLESS = ("galore", "fira")
-NAMES = ("adamw", *SUBSPAX, "optax_galore")
+# The trainer's optimizer names: AdamW, the subspax registry, optax's GaLore.
+NAMES = ("adamw", *subspax.METHODS, "optax_galore")
+
+
+def method_rank(name: str, rank: int) -> int:
+  """The rank method `name` runs at: 1 for apollo_mini (rank 1 by definition).
+
+  Example:
+    method_rank("apollo_mini", 64)  # 1
+  """
+  return 1 if name == "apollo_mini" else rank
 
 
 def warmup_steps(opt_cfg: Any, steps: int) -> int:
@@ -166,10 +173,10 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
         base_optimizer=optax.scale_by_adam(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps),
         weight_decay=opt_cfg.weight_decay, mask=mask,
         weight_dimension_numbers=_galore_dims(opt_cfg.rank), **kwargs)
-  if opt_cfg.name not in _KEYLESS:
+  factory = subspax.METHODS[opt_cfg.name]
+  if "key" in inspect.signature(factory).parameters:
     kwargs["key"] = seed
-  factory = getattr(subspax, opt_cfg.name)
-  rank = 1 if opt_cfg.name == "apollo_mini" else opt_cfg.rank
+  rank = method_rank(opt_cfg.name, opt_cfg.rank)
   return factory(lr, rank=rank, update_interval=opt_cfg.update_interval,
                  weight_decay=opt_cfg.weight_decay, mask=mask, b1=opt_cfg.b1,
                  b2=opt_cfg.b2, eps=opt_cfg.eps, **kwargs)
