@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 from subspax import _blocks
+from subspax import _keys
 from subspax import _layout
 from subspax import _policies
 from subspax import _validation
@@ -335,7 +336,7 @@ def _scale_by_projected_adam(config: _Config, route, side: str,
     results, count = [], state.count
     for index, (g, leaf_state) in enumerate(zip(flat, leaf_states)):
       update, leaf_state = update_parameter(
-          g, leaf_state, count, jax.random.fold_in(base_key, index))
+          g, leaf_state, count, _keys.parameter_key(base_key, index))
       results.append((update, leaf_state))
       count = _after((update, leaf_state), state.count)
     new_updates = treedef.unflatten([u for u, _ in results])
@@ -455,7 +456,7 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
                         state.last_norm, state.displacement)
   flat_fields = jax.tree.map(lambda a: a.reshape((num,) + a.shape[nb:]),
                              fields)
-  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num))
+  keys = _keys.matrix_keys(key, num)
   stack = layout.to_matrices(g, dtype=g.dtype)  # (num, m, n), a view
 
   refreshing = count % config.update_interval == 0
@@ -541,7 +542,7 @@ def _update_matrix(config: _Config, matrix: _blocks.StackedMatrix,
 def _epoch_key(config: _Config, key: jax.Array, count: jax.Array,
                offset: int = 0) -> jax.Array:
   """The key of the subspace in use at step ``count`` (``offset`` epochs on)."""
-  return jax.random.fold_in(key, count // config.update_interval + offset)
+  return _keys.epoch_key(key, count, config.update_interval, offset)
 
 
 def _refresh_matrix(config: _Config, g: jax.Array, state: _MatrixState,
