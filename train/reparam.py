@@ -1,11 +1,11 @@
 """GRASS sparse-gradient and RSO subspace-layer modes of the trainer.
 
-`--config.opt.name=grass --config.opt.sparse_grads=True` and
-`--config.opt.name=rso --config.opt.reparam=True` turn the attention and MLP
-kernels into `model.SubspaceLinear` layers (`subspax.reparam`): each kernel
-`W` is frozen between refreshes and trains through a reduced delta (r x D),
-so the ordinary step computes, stores and (under data parallelism) reduces
-only r x D weight gradients, and saves only the r-dimensional projection of a
+`--config.opt.subspace_layers=True` with `--config.opt.name=grass` or
+`--config.opt.name=rso` turns the attention and MLP kernels into
+`model.SubspaceLinear` layers (`subspax.reparam`): each kernel `W` is frozen
+between refreshes and trains through a reduced delta (r x D), so the ordinary
+step computes, stores and (under data parallelism) reduces only r x D weight
+gradients, and saves only the r-dimensional projection of a
 layer's input for them. Every `opt.update_interval` steps a refresh program
 (its own jitted function, run before that step):
 
@@ -18,14 +18,16 @@ layer's input for them. Every `opt.update_interval` steps a refresh program
 Bases come from the same `subspax.RowSubspace` / `subspax.RandomSubspace`
 policies and the same per-matrix keys as the plain `subspax.grass` /
 `subspax.rso` transformations, so both modes reproduce those
-transformations' weights (tests/test_reparam.py).
+transformations' weights (tests/test_reparam.py). The modes read their
+options from the method's section, `opt.grass.{selection,replacement,side}`
+and `opt.rso.{orthonormal,side,prox}`; rso's side "auto" means "left" here
+(the RSO paper's r x D deltas), where `subspax.rso` projects the smaller side.
 
 References:
   Muhamed et al., GRASS, https://arxiv.org/abs/2406.17660;
   Chen et al., RSO, https://arxiv.org/abs/2502.07222
 """
 
-import ast
 from collections.abc import Callable
 from typing import Any
 
@@ -34,65 +36,61 @@ import jax.numpy as jnp
 import optax
 import subspax
 
+from configs import base as config_base
 from train import errors
 from train import optimizers
 
-# opt.name -> (the config flag that turns the mode on, model.reparam kind)
-MODES = {"grass": ("sparse_grads", "rows"), "rso": ("reparam", "dense")}
-# opt.kwargs each mode understands, with its default
-_KWARGS = {
-    "grass": {"selection": "multinomial", "replacement": False, "side": "auto"},
-    "rso": {"orthonormal": True, "side": "left"},
-}
+# opt.name -> model.reparam kind of its mode (opt.subspace_layers=True)
+MODES = {"grass": "rows", "rso": "dense"}
+# The options of opt.<name> each mode reads; the others must keep their default.
+_MODE_OPTIONS = {"grass": ("selection", "replacement", "side"),
+                 "rso": ("orthonormal", "side", "prox")}
 BASIS_LEAVES = ("subspace_index", "subspace_scale", "subspace_basis")
 
 
 def kind(opt_cfg: Any) -> str:
   """`model.reparam` for this `opt` section: "" (off), "rows" or "dense"."""
-  for name, (flag, reparam_kind) in MODES.items():
-    if opt_cfg.get(flag, False) and opt_cfg.name == name:
-      return reparam_kind
-  return ""
+  if not opt_cfg.get("subspace_layers", False):
+    return ""
+  return MODES.get(opt_cfg.name, "")
 
 
 def validate(opt_cfg: Any) -> None:
-  """Rejects a mode flag on the wrong method and options the modes lack.
+  """Rejects the mode on another method and options the modes do not read.
 
   Raises:
     UserError: naming the field and the fix.
   """
-  for name, (flag, _) in MODES.items():
-    if opt_cfg.get(flag, False) and opt_cfg.name != name:
-      raise errors.UserError(
-          f"opt.{flag}=True is a mode of opt.name='{name}', not "
-          f"{opt_cfg.name!r}; set opt.name='{name}' or opt.{flag}=False")
-  if opt_cfg.get("prox", 0.0) and not kind(opt_cfg) == "dense":
+  if opt_cfg.get("subspace_layers", False) and opt_cfg.name not in MODES:
     raise errors.UserError(
-        f"opt.prox={opt_cfg.prox} is RSO's proximal term; it needs "
-        "opt.name='rso' and opt.reparam=True (or set opt.prox=0)")
+        f"opt.subspace_layers=True is a mode of opt.name 'grass' or 'rso', not "
+        f"{opt_cfg.name!r}; set opt.name='grass' or 'rso', or "
+        "opt.subspace_layers=False")
   if not kind(opt_cfg):
     return
-  if opt_cfg.prox < 0:
-    raise errors.UserError(f"opt.prox must be >= 0 (1 / eta_k), got {opt_cfg.prox}")
   if opt_cfg.weight_decay:
     raise errors.UserError(
         f"opt.weight_decay={opt_cfg.weight_decay}: the {opt_cfg.name} "
         "reparametrised mode keeps kernels frozen between refreshes, so it "
         "cannot decay them every step; set opt.weight_decay=0 (the papers' "
         "setting) or turn the mode off")
-  unknown = set(_method_kwargs(opt_cfg)) - set(_KWARGS[opt_cfg.name])
-  if unknown:
-    raise errors.UserError(
-        f"opt.kwargs {sorted(unknown)} are not supported by the {opt_cfg.name} "
-        f"reparametrised mode (it takes {sorted(_KWARGS[opt_cfg.name])})")
-
-
-def _method_kwargs(opt_cfg: Any) -> dict[str, Any]:
-  return ast.literal_eval(opt_cfg.kwargs) if opt_cfg.kwargs else {}
+  name, reads = opt_cfg.name, _MODE_OPTIONS[opt_cfg.name]
+  options = config_base.options(name)
+  for key, value in optimizers.method_kwargs(opt_cfg).items():
+    default = options[key].default
+    if key not in reads and value != default:
+      raise errors.UserError(
+          f"opt.{name}.{key}={value!r} is not supported by the {name} "
+          f"subspace-layer mode (it reads opt.{name}.{{{','.join(reads)}}}); "
+          f"set opt.{name}.{key}={default!r} or opt.subspace_layers=False")
 
 
 def _options(opt_cfg: Any) -> dict[str, Any]:
-  return {**_KWARGS[opt_cfg.name], **_method_kwargs(opt_cfg)}
+  """The mode's options, from opt.<name>; rso's side "auto" is "left" here."""
+  options = optimizers.method_kwargs(opt_cfg)
+  if opt_cfg.name == "rso" and options["side"] == "auto":
+    options["side"] = "left"
+  return options
 
 
 def model_fields(opt_cfg: Any) -> dict[str, Any]:
@@ -151,14 +149,15 @@ def build_tx(opt_cfg: Any, steps: int) -> optax.GradientTransformation:
 
   The same chain as `subspax.grass` / `subspax.rso` with weight decay 0:
   `scale_by_adam` per group, then the shared learning-rate schedule. RSO's
-  proximal term adds `opt.prox * Delta` to the deltas' gradient.
+  proximal term adds `opt.rso.prox * Delta` to the deltas' gradient.
   """
   def adam():
     return optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
 
   delta_tx = adam()
-  if opt_cfg.get("prox", 0.0):
-    delta_tx = optax.chain(optax.add_decayed_weights(opt_cfg.prox), adam())
+  prox = _options(opt_cfg).get("prox", 0.0)
+  if prox:
+    delta_tx = optax.chain(optax.add_decayed_weights(prox), adam())
   return optax.chain(
       optax.partition({"delta": delta_tx, "other": adam()}, _delta_labels),
       optax.scale_by_learning_rate(optimizers.schedule(opt_cfg, steps)))
@@ -229,7 +228,7 @@ def merge_all(params: dict, side: str) -> dict:
 
   Args:
     params: The model's parameters (with deltas and bases).
-    side: The mode's side option (`opt.kwargs['side']`, see `model_fields`).
+    side: The mode's side option (`side_option`, see `model_fields`).
 
   Returns:
     Parameters of the same structure whose kernels are the effective weights.
@@ -254,7 +253,7 @@ def make_refresh(plain_loss: Callable[[dict, jax.Array], jax.Array],
       model (ordinary kernels) on `model_weights(params)`: the subspace
       layers freeze their kernels, so GRASS's full gradient is taken there.
     tx: The mode's optimizer (`build_tx`).
-    opt_cfg: The `opt` section (method, rank, interval, kwargs).
+    opt_cfg: The `opt` section (method, rank, interval, `opt.<method>`).
     seed: The run's seed; keys follow `subspax.scale_by_subspace_adam`'s
       derivation (seed -> projected leaf -> stacked matrix -> refresh epoch).
 
