@@ -192,14 +192,14 @@ def test_projecting_a_complex_leaf_is_a_clear_error(projected):
 
 def test_rso_prox_agrees_with_the_trainers_reparametrised_mode():
   """subspax.rso(prox=p) moves W by exactly S times the trainer's delta step
-  (train/reparam.py: Adam on Delta with `opt.prox * Delta` added to its
+  (train/reparam.py: Adam on Delta with `opt.rso.prox * Delta` added to its
   gradient), under the trainer's warmup + cosine schedule."""
   from configs import test as test_preset  # pylint: disable=g-import-not-at-top
   from train import optimizers  # pylint: disable=g-import-not-at-top
   from train import reparam  # pylint: disable=g-import-not-at-top
   steps, prox, m, n, r = 6, 3.0, 8, 12, 3
   cfg = test_preset.get_config()
-  cfg.opt.name, cfg.opt.prox, cfg.opt.reparam = "rso", prox, True
+  cfg.opt.name, cfg.opt.rso.prox, cfg.opt.subspace_layers = "rso", prox, True
   cfg.opt.learning_rate, cfg.opt.warmup_steps = 0.05, 2
   theirs = reparam.build_tx(cfg.opt, steps)
   ours = subspax.rso(optimizers.schedule(cfg.opt, steps), rank=r,

@@ -25,9 +25,6 @@ from train import reparam
 from train import sharding as sharding_lib
 from train import train
 
-MODES = {"grass": "sparse_grads", "rso": "reparam"}
-
-
 def _basis(kind, key, d, r):
   if kind == "rows":
     index = jax.random.choice(key, d, (r,), replace=False).astype(jnp.int32)
@@ -84,9 +81,9 @@ def _programs(corpus, name, mode, **overrides):
   cfg = helpers.make_config(corpus, opt__name=name, opt__update_interval=3,
                             opt__warmup_steps=0, **overrides)
   if mode:
-    cfg.opt[MODES[name]] = True
+    cfg.opt.subspace_layers = True
   if name == "rso":
-    cfg.opt.kwargs = "{'side': 'left'}"  # the plain transformation's side too
+    cfg.opt.rso.side = "left"  # the plain transformation's side too
   return cfg, train.build_programs(cfg, cfg.data.vocab_size)
 
 
@@ -159,7 +156,7 @@ def test_modes_compute_and_store_less(corpus):
 def test_resume_across_a_refresh_is_bit_exact(corpus, tmp_path, name):
   cfg = helpers.make_config(corpus, steps=8, checkpoint_every=3, eval_every=0,
                             opt__name=name, opt__update_interval=3)
-  cfg.opt[MODES[name]] = True
+  cfg.opt.subspace_layers = True
   straight = train.run(cfg, str(tmp_path / "straight"))
   cfg.stop_after = 6  # a refresh is due before step 7
   train.run(cfg, str(tmp_path / "split"))
@@ -179,7 +176,7 @@ def test_sharded_remat_run_matches_one_device(corpus, tmp_path, name):
     cfg = helpers.make_config(corpus, steps=4, eval_every=0, opt__name=name,
                               opt__update_interval=2, model__remat=True,
                               mesh__data=data, mesh__fsdp=fsdp, mesh__tensor=tensor)
-    cfg.opt[MODES[name]] = True
+    cfg.opt.subspace_layers = True
     workdir = tmp_path / f"{data}{fsdp}{tensor}"
     train.run(cfg, str(workdir))
     losses[data, fsdp, tensor] = [r["train/loss"] for r in helpers.records(workdir).values()]
@@ -187,13 +184,14 @@ def test_sharded_remat_run_matches_one_device(corpus, tmp_path, name):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"opt.name": "rso", "opt.sparse_grads": True}, "opt.sparse_grads=True is a mode of"),
-    ({"opt.name": "grass", "opt.reparam": True}, "opt.reparam=True is a mode of"),
-    ({"opt.name": "grass", "opt.sparse_grads": True, "opt.weight_decay": 0.1},
+    ({"opt.name": "subtrack", "opt.subspace_layers": True},
+     "opt.subspace_layers=True is a mode of opt.name 'grass' or 'rso'"),
+    ({"opt.name": "grass", "opt.subspace_layers": True, "opt.weight_decay": 0.1},
      "opt.weight_decay"),
-    ({"opt.name": "grass", "opt.sparse_grads": True, "opt.kwargs": "{'recovery': True}"},
-     "not supported"),
-    ({"opt.name": "grass", "opt.prox": 1.0}, "opt.prox"),
+    ({"opt.name": "grass", "opt.subspace_layers": True, "opt.grass.recovery": True},
+     r"opt.grass.recovery=True is not supported by the grass subspace-layer mode"),
+    ({"opt.name": "rso", "opt.subspace_layers": True, "opt.rso.store_basis": False},
+     "opt.rso.store_basis=False is not supported"),
 ])
 def test_bad_mode_config_is_a_clear_error(corpus, tmp_path, overrides, message):
   cfg = helpers.make_config(corpus)
@@ -203,8 +201,8 @@ def test_bad_mode_config_is_a_clear_error(corpus, tmp_path, overrides, message):
 
 
 def test_rso_prox_adds_prox_times_delta_to_its_gradient(corpus):
-  cfg = helpers.make_config(corpus, opt__name="rso", opt__prox=2.0)
-  cfg.opt.reparam = True
+  cfg = helpers.make_config(corpus, opt__name="rso", opt__rso__prox=2.0,
+                            opt__subspace_layers=True)
   reparam.validate(cfg.opt)
   tx = reparam.build_tx(cfg.opt, cfg.steps)
   params = {"layer": {"delta": jnp.full((2, 3), 0.5), "kernel": jnp.ones((3, 3))},
