@@ -32,16 +32,35 @@ References:
 from __future__ import annotations
 
 import functools
-from typing import Union
+import math
+from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from subspax import _bases
+from subspax import _core
+from subspax import _keys
 from subspax import _layout
+from subspax import _policies
 from subspax import _validation
 
 Basis = Union[_bases.DenseBasis, _bases.RowBasis]
+
+
+class SubspaceLayer(NamedTuple):
+  """One reparametrised kernel: ``W`` frozen, ``Delta`` trained, and the basis.
+
+  Stacked layers (scanned blocks) carry the same leading axes on every field:
+  a kernel ``(L, m, n)`` has a delta ``(L, r, D)`` and a basis whose arrays
+  start with ``L`` (``DenseBasis.s``: ``(L, d, r)``; ``RowBasis.index`` and
+  ``scale``: ``(L, r)``), one independent matrix per leading index.
+  """
+
+  kernel: jax.Array  # shape=(..., m, n), the parameter dtype
+  delta: jax.Array  # shape=(..., r, D), D = n for side "left", m for "right"
+  basis: Basis  # one basis per matrix, with the kernel's leading axes
 
 
 def resolve_side(m: int, n: int, side: str = "auto") -> str:
@@ -146,22 +165,251 @@ def merge(kernel: jax.Array, delta: jax.Array, basis: Basis, *,
   """Folds the delta into the kernel: ``W + back(Delta)``, in ``W``'s dtype.
 
   Args:
-    kernel: ``W``, ``(m, n)``.
-    delta: ``Delta``, ``(r, D)``.
-    basis: The basis ``Delta`` was trained in.
-    side: ``"left"`` or ``"right"``.
+    kernel: ``W``, ``(..., m, n)``; leading axes are stacked matrices.
+    delta: ``Delta``, ``(..., r, D)``.
+    basis: The basis ``Delta`` was trained in (with the same leading axes).
+    side: ``"left"``, ``"right"`` or ``"auto"`` (see :func:`resolve_side`).
 
   Returns:
-    The merged kernel, ``(m, n)``.
+    The merged kernel, ``(..., m, n)``.
   """
-  m, n = kernel.shape
+  m, n = kernel.shape[-2:]
   side = resolve_side(m, n, side)
-  delta = delta.astype(jnp.float32)
-  if side == "left":
-    full = basis.back(delta, m)
+
+  def merge_one(w, dl, b):
+    dl = dl.astype(jnp.float32)
+    full = b.back(dl, m) if side == "left" else b.back(dl, n).T
+    return (w.astype(jnp.float32) + full).astype(w.dtype)
+
+  return _per_matrix(merge_one, kernel.ndim - 2, kernel, delta, basis)
+
+
+def _per_matrix(fn, batch_dims: int, *args):
+  """``fn`` on every matrix of arrays (and bases) with ``batch_dims`` leading
+  stacked axes, returning a tree with those axes back in front."""
+  if not batch_dims:
+    return fn(*args)
+  lead = jax.tree.leaves(args)[0].shape[:batch_dims]
+  flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[batch_dims:]), args)
+  out = jax.vmap(fn)(*flat)
+  return jax.tree.map(lambda a: a.reshape(lead + a.shape[1:]), out)
+
+
+def _is_layer(x: Any) -> bool:
+  return isinstance(x, SubspaceLayer)
+
+
+def merge_layers(layers: Any, *, side: str = "auto") -> Any:
+  """Folds every delta into its kernel and zeroes it (the start of a refresh).
+
+  The effective weights ``W + back(Delta)`` are unchanged; afterwards the
+  deltas are 0, ready to be trained in a new basis (:func:`refresh_bases`).
+
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> layer = subspax.reparam.SubspaceLayer(
+    ...     kernel=jnp.zeros((4, 6)), delta=jnp.ones((2, 6)),
+    ...     basis=subspax.RowBasis(jnp.array([0, 3]), jnp.ones((2,))))
+    >>> merged = subspax.reparam.merge_layers({'q': layer})['q']
+    >>> merged.kernel[:, 0].tolist(), float(merged.delta.sum())
+    ([1.0, 0.0, 0.0, 1.0], 0.0)
+
+  Args:
+    layers: A pytree of :class:`SubspaceLayer` (stacked ones allowed).
+    side: The layers' side option (see :func:`resolve_side`).
+
+  Returns:
+    The same tree; each kernel is ``merge(kernel, delta, basis)``, each delta
+    zeros, each basis unchanged.
+
+  References:
+    Chen et al., RSO, https://arxiv.org/abs/2502.07222 (Algorithm 1, the
+    merge after each subproblem)
+  """
+  def merge_layer(layer: SubspaceLayer) -> SubspaceLayer:
+    return layer._replace(
+        kernel=merge(layer.kernel, layer.delta, layer.basis, side=side),
+        delta=jnp.zeros_like(layer.delta))
+  return jax.tree.map(merge_layer, layers, is_leaf=_is_layer)
+
+
+def refresh_bases(layers: Any, policy: _policies.SubspacePolicy,
+                  update_interval: int, key: Union[jax.Array, int],
+                  step: jax.Array, *, grads: Optional[Any] = None,
+                  side: str = "auto") -> Any:
+  """New bases for every layer, as the subspax transformations would pick.
+
+  Each stacked matrix gets the key the optimizer core uses for the same
+  parameter at the same step (``subspax._keys``): the layer's leaf index is
+  its position in ``jax.tree.flatten`` order of ``layers``, the rule the core
+  applies to the projected parameters of its tree. Lay the layers out as the
+  parameters are (a :class:`SubspaceLayer` at each kernel's path, nothing
+  else) and the bases equal those of ``subspax.grass`` / ``subspax.rso`` with
+  the same ``key`` on the plain model. As in the core, a matrix whose
+  gradient is not finite keeps its old basis. The rank is the deltas' ``r``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, subspax
+    >>> layer = subspax.reparam.SubspaceLayer(
+    ...     kernel=jnp.zeros((3, 6, 8)), delta=jnp.zeros((3, 2, 8)),
+    ...     basis=subspax.DenseBasis(jnp.zeros((3, 6, 2))))
+    >>> new = subspax.reparam.refresh_bases(
+    ...     {'q': layer}, subspax.RandomSubspace(), update_interval=10, key=0,
+    ...     step=jnp.array(20))
+    >>> new['q'].basis.s.shape
+    (3, 6, 2)
+
+  Args:
+    layers: A pytree of :class:`SubspaceLayer`, their deltas already merged
+      (:func:`merge_layers`).
+    policy: The subspace policy (``subspax.RowSubspace`` for GRASS,
+      ``subspax.RandomSubspace`` for RSO).
+    update_interval: The refresh interval ``T`` (the epoch is ``step // T``).
+    key: The transformation's key (a ``jax.random.key`` or an int seed).
+    step: The step the new bases are used from (``count`` in the core).
+    grads: Full kernel gradients ``(..., m, n)``, one per layer, in a tree of
+      ``layers``' structure; ``None`` for a policy that needs none
+      (``policy.key_only``, RSO).
+    side: The layers' side option (see :func:`resolve_side`).
+
+  Returns:
+    The same tree with new bases (kernels and deltas unchanged).
+
+  Raises:
+    TypeError: ``policy`` is not a ``SubspacePolicy``.
+    ValueError: ``grads`` is ``None`` for a policy that needs a gradient.
+
+  References:
+    Muhamed et al., GRASS, https://arxiv.org/abs/2406.17660;
+    Chen et al., RSO, https://arxiv.org/abs/2502.07222
+  """
+  if not isinstance(policy, _policies.SubspacePolicy):
+    raise TypeError(f"policy must be a subspax SubspacePolicy, got {policy!r}.")
+  _validation.positive_int("update_interval", update_interval)
+  if grads is None and not policy.key_only:
+    raise ValueError(f"grads=None needs a policy that depends on the key alone; "
+                     f"{type(policy).__name__} needs the kernels' gradients.")
+  if not (isinstance(key, jax.Array)
+          and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)):
+    key = jax.random.key(key)
+  flat, treedef = jax.tree.flatten(layers, is_leaf=_is_layer)
+  flat_grads = ([None] * len(flat) if grads is None
+                else treedef.flatten_up_to(grads))
+  new = [
+      layer._replace(basis=_layer_bases(
+          layer, g, policy, update_interval, _keys.parameter_key(key, index),
+          step, side))
+      for index, (layer, g) in enumerate(zip(flat, flat_grads))]
+  return treedef.unflatten(new)
+
+
+def _layer_bases(layer: SubspaceLayer, grad: Optional[jax.Array], policy,
+                 update_interval: int, key: jax.Array, step: jax.Array,
+                 side_option: str) -> Basis:
+  """One (stacked) layer's new bases, one matrix at a time (``lax.map``)."""
+  kernel = layer.kernel
+  m, n = kernel.shape[-2:]
+  side = resolve_side(m, n, side_option)
+  d, r = (m if side == "left" else n), layer.delta.shape[-2]
+  batch_dims = kernel.ndim - 2
+  num = math.prod(kernel.shape[:batch_dims])
+  epoch_keys = jax.vmap(lambda k: _keys.epoch_key(k, step, update_interval))(
+      _keys.matrix_keys(key, num))
+  flat = lambda a: a.reshape((num,) + a.shape[batch_dims:])
+  old = jax.tree.map(flat, layer.basis)
+  if grad is None:
+    new = jax.lax.map(lambda k: policy.sample(k, d, r), epoch_keys)
   else:
-    full = basis.back(delta, n).T
-  return (kernel.astype(jnp.float32) + full).astype(kernel.dtype)
+    g = jax.vmap(lambda x: canonical(x, side))(flat(grad.astype(jnp.float32)))
+    new = jax.lax.map(
+        lambda args: _core._new_basis(policy, args[2], args[0], args[1], r,  # pylint: disable=protected-access
+                                      step, right=side == "right"),
+        (g, epoch_keys, old))
+  return jax.tree.map(lambda a, o: a.reshape(o.shape).astype(o.dtype), new,
+                      layer.basis)
+
+
+class DeltaAdamState(NamedTuple):
+  """Adam's state of the deltas (the fields of ``optax.ScaleByAdamState``)."""
+
+  count: jax.Array  # shape=(), int32: steps since the last reset
+  mu: optax.Updates  # the deltas' first moments, their shapes
+  nu: optax.Updates  # the deltas' second moments, their shapes
+
+
+def scale_by_delta_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                        *, prox: float = 0.0,
+                        mu_dtype: Optional[jax.typing.DTypeLike] = None
+                        ) -> optax.GradientTransformation:
+  """Adam for the deltas, whose moments :func:`reset_moments` clears.
+
+  ``optax.scale_by_adam`` with its state typed :class:`DeltaAdamState`, so a
+  refresh finds and resets it wherever it sits in an optimizer's state (a
+  ``chain``, a ``partition``, ``inject_hyperparams``) without knowing the
+  nesting. Adam on ``Delta`` with moments reset at every refresh is GRASS /
+  RSO with ``alpha = 1`` (the module docstring). ``prox`` adds RSO's proximal
+  term ``prox * Delta`` to the gradient (``Delta`` is the displacement since
+  the last merge); it needs ``params`` in ``update``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, subspax
+    >>> tx = subspax.reparam.scale_by_delta_adam()
+    >>> delta = {'q': jnp.zeros((2, 6))}
+    >>> state = tx.init(delta)
+    >>> _, state = tx.update({'q': jnp.ones((2, 6))}, state)
+    >>> int(subspax.reparam.reset_moments(state).count)
+    0
+
+  Args:
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, added to ``sqrt(nu_hat)``.
+    prox: RSO's proximal coefficient ``1 / eta_k`` (0: off).
+    mu_dtype: dtype of the first moments (default: the deltas' dtype).
+
+  Returns:
+    An ``optax.GradientTransformation``. Chain a learning rate after it.
+
+  References:
+    Chen et al., RSO, https://arxiv.org/abs/2502.07222 (the proximal term);
+    Muhamed et al., GRASS, https://arxiv.org/abs/2406.17660
+  """
+  _validation.in_range("b1", b1, 0.0, 1.0)
+  _validation.in_range("b2", b2, 0.0, 1.0)
+  _validation.non_negative("eps", eps)
+  _validation.non_negative("prox", prox)
+  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+
+  def init_fn(params):
+    return DeltaAdamState(*adam.init(params))
+
+  def update_fn(updates, state, params=None):
+    updates, state = adam.update(updates, optax.ScaleByAdamState(*state),
+                                 params)
+    return updates, DeltaAdamState(*state)
+
+  tx = optax.GradientTransformation(init_fn, update_fn)
+  if prox:
+    tx = optax.chain(optax.add_decayed_weights(prox), tx)
+  return tx
+
+
+def reset_moments(opt_state: Any) -> Any:
+  """``opt_state`` with every :class:`DeltaAdamState` back at its init.
+
+  Args:
+    opt_state: Any optimizer state containing :func:`scale_by_delta_adam`'s.
+
+  Returns:
+    The same state; the deltas' counts and moments are zero (what
+    ``init`` gives), everything else untouched.
+  """
+  def reset(x):
+    if isinstance(x, DeltaAdamState):
+      return jax.tree.map(jnp.zeros_like, x)
+    return x
+  return jax.tree.map(reset, opt_state,
+                      is_leaf=lambda x: isinstance(x, DeltaAdamState))
 
 
 def canonical(g: jax.Array, side: str) -> jax.Array:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 import helpers
@@ -75,6 +76,139 @@ def test_side_resolution_and_delta_shapes():
   assert subspax.reparam.delta_shape(8, 4, 2, "left") == (2, 4)
   with pytest.raises(ValueError, match="side"):
     subspax.reparam.resolve_side(4, 4, "top")
+
+
+def _stacked_basis(kind, key, lead, d, r):
+  keys = jax.random.split(key, math.prod(lead))
+  basis = jax.vmap(lambda k: _basis(kind, k, d, r))(keys)
+  return jax.tree.map(lambda a: a.reshape(lead + a.shape[1:]), basis)
+
+
+@pytest.mark.parametrize("kind", ["rows", "dense"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_merge_layers_folds_each_stacked_delta_into_its_kernel(kind, side):
+  lead, m, n, r = (2, 3), 5, 4, 2
+  d = m if side == "left" else n
+  keys = jax.random.split(jax.random.key(1), 3)
+  w = jax.random.normal(keys[0], lead + (m, n))
+  delta = jax.random.normal(keys[1], lead + subspax.reparam.delta_shape(m, n, r, side))
+  basis = _stacked_basis(kind, keys[2], lead, d, r)
+  layer = subspax.reparam.SubspaceLayer(w, delta, basis)
+  merged = subspax.reparam.merge_layers({"w": layer}, side=side)["w"]
+  for i in np.ndindex(*lead):
+    b = jax.tree.map(lambda a: a[i], basis)
+    full = b.back(delta[i], d)  # back(Delta) in the canonical (d, D) layout
+    want = w[i] + (full if side == "left" else full.T)
+    np.testing.assert_allclose(merged.kernel[i], want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(merged.delta, 0.0)
+  jax.tree.map(np.testing.assert_array_equal, merged.basis, basis)
+
+
+def _core_bases(tx, params, grads):
+  """The bases `tx` holds after one update per gradient, by parameter path."""
+  state = tx.init(params)
+  for g in grads:
+    _, state = tx.update(g, state, params)
+  is_projected = lambda x: isinstance(x, subspax.ProjectedState)
+  for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, subspax.SubspaceAdamState)):
+    if isinstance(x, subspax.SubspaceAdamState):
+      return {path: leaf.basis for path, leaf in
+              jax.tree_util.tree_flatten_with_path(x.matrices, is_leaf=is_projected)[0]
+              if is_projected(leaf)}
+  raise AssertionError("no SubspaceAdamState")
+
+
+def _unsorted_params(key):
+  """Projected kernels whose dict order is not the sorted (flatten) order,
+  with an unprojected leaf between them."""
+  k1, k2 = jax.random.split(key)
+  return {"z_last": {"kernel": jax.random.normal(k1, (2, 12, 16))},
+          "m_norm": {"scale": jnp.ones((12,))},
+          "a_first": {"kernel": jax.random.normal(k2, (16, 12))}}
+
+
+@pytest.mark.parametrize("name", ["grass", "rso"])
+def test_refresh_bases_are_the_transformations_bases(name):
+  """The layers' keys follow the parameters' flatten order, not dict order."""
+  interval, r, seed = 3, 4, 7
+  params = _unsorted_params(jax.random.key(0))
+  grads = [jax.tree.map(lambda p, i=i: jax.random.normal(jax.random.key(10 + i), p.shape),
+                        params) for i in range(interval + 1)]
+  if name == "grass":
+    policy, side = subspax.RowSubspace(), "auto"
+    tx = subspax.grass(1e-2, rank=r, update_interval=interval, key=seed)
+  else:
+    policy, side = subspax.RandomSubspace(), "left"
+    tx = subspax.rso(1e-2, rank=r, update_interval=interval, key=seed, side=side)
+  kernels = {k: v for k, v in params.items() if "kernel" in v}
+  assert list(kernels) != sorted(kernels)
+
+  def layers_of(tree):
+    def layer(w):
+      m, n = w.shape[-2:]
+      d = m if subspax.reparam.resolve_side(m, n, side) == "left" else n
+      zeros = policy.zeros(d, r)
+      return subspax.reparam.SubspaceLayer(
+          w, jnp.zeros(w.shape[:-2] + subspax.reparam.delta_shape(m, n, r, side)),
+          jax.tree.map(lambda a: jnp.broadcast_to(a, w.shape[:-2] + a.shape), zeros))
+    return jax.tree.map(layer, tree)
+
+  layers = layers_of(kernels)
+  for step in (0, interval):
+    want = _core_bases(tx, params, grads[:step + 1])
+    full = {k: v for k, v in grads[step].items() if "kernel" in v}
+    got = subspax.reparam.refresh_bases(
+        layers, policy, interval, jax.random.key(seed), jnp.asarray(step),
+        grads=full if name == "grass" else None, side=side)
+    got = dict(jax.tree_util.tree_flatten_with_path(
+        got, is_leaf=lambda x: isinstance(x, subspax.reparam.SubspaceLayer))[0])
+    assert got.keys() == want.keys()
+    for path, basis in want.items():
+      jax.tree.map(np.testing.assert_array_equal, got[path].basis, basis)
+      # The rule both sides apply: the index among the projected leaves.
+      projected = jax.tree.map(lambda p: p if p.ndim >= 2 else optax.MaskedNode(), params)
+      assert (subspax._keys.leaf_index(layers, path, is_leaf=lambda x: isinstance(
+          x, subspax.reparam.SubspaceLayer)) == subspax._keys.leaf_index(projected, path))
+
+
+def test_refresh_bases_keeps_the_old_basis_of_a_non_finite_gradient():
+  lead, m, n, r = (3,), 6, 8, 2
+  old = _stacked_basis("rows", jax.random.key(2), lead, m, r)
+  layer = subspax.reparam.SubspaceLayer(jnp.zeros(lead + (m, n)),
+                                        jnp.zeros(lead + (r, n)), old)
+  g = jax.random.normal(jax.random.key(3), lead + (m, n)).at[1, 2, 3].set(jnp.nan)
+  new = subspax.reparam.refresh_bases(
+      [layer], subspax.RowSubspace(selection="topk"), 4, 0, jnp.asarray(4),
+      grads=[g], side="left")[0].basis
+  np.testing.assert_array_equal(new.index[1], old.index[1])
+  np.testing.assert_array_equal(new.scale[1], old.scale[1])
+  for i in (0, 2):
+    np.testing.assert_array_equal(
+        np.sort(new.index[i]), np.sort(jax.lax.top_k(jnp.linalg.norm(g[i], axis=1), r)[1]))
+  with pytest.raises(ValueError, match="grads=None"):
+    subspax.reparam.refresh_bases([layer], subspax.RowSubspace(), 4, 0, 4)
+
+
+def test_reset_moments_reinitialises_the_deltas_adam_wherever_it_is_nested():
+  params = {"layer": {"delta": jnp.ones((2, 3)), "other": jnp.ones((3,))}}
+  labels = {"layer": {"delta": "delta", "other": "other"}}
+  tx = optax.inject_hyperparams(lambda learning_rate: optax.chain(
+      optax.partition({"delta": subspax.reparam.scale_by_delta_adam(prox=0.5),
+                       "other": optax.scale_by_adam()}, labels),
+      optax.scale_by_learning_rate(learning_rate)))(learning_rate=0.1)
+  state = tx.init(params)
+  for _ in range(2):
+    _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+  reset = subspax.reparam.reset_moments(state)
+  fresh = tx.init(params)
+  inner = lambda s: s.inner_state[0].inner_states
+  jax.tree.map(np.testing.assert_array_equal, inner(reset)["delta"],
+               inner(fresh)["delta"])
+  jax.tree.map(np.testing.assert_array_equal, inner(reset)["other"],
+               inner(state)["other"])
+  assert int(inner(state)["other"].inner_state.count) == 2
+  # The same fields (and so the same checkpoint paths) as optax's Adam state.
+  assert subspax.reparam.DeltaAdamState._fields == optax.ScaleByAdamState._fields
 
 
 def _programs(corpus, name, mode, **overrides):
