@@ -211,12 +211,13 @@ PRESETS = {"test": "configs.test", "tiny": "configs.tiny",
            "7b": "configs.llama_7b", "13b": "configs.llama_13b"}
 
 
-def preset_config(preset: str, opt_name: str, mode_flag: str = "") -> ml_collections.ConfigDict:
-  """A preset's full trainer config with `opt.name` (and a mode flag) set."""
+def preset_config(preset: str, opt_name: str, subspace_layers: bool = False
+                  ) -> ml_collections.ConfigDict:
+  """A preset's full trainer config with `opt.name` and
+  `opt.subspace_layers` (the grass / rso mode, train/reparam.py) set."""
   cfg = importlib.import_module(PRESETS[preset]).get_config()
   cfg.opt.name = opt_name
-  if mode_flag:
-    cfg.opt[mode_flag] = True
+  cfg.opt.subspace_layers = subspace_layers
   return cfg
 
 

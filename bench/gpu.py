@@ -44,10 +44,10 @@ from train import train as train_lib
 
 NAME = "gpu"
 PRESETS = _common.PRESETS
-# label -> (opt.name, mode flag or "")
-CASES = {"adamw": ("adamw", ""), "subtrack": ("subtrack", ""),
-         "grassjump": ("grassjump", ""), "grass": ("grass", ""),
-         "grass+sparse": ("grass", "sparse_grads")}
+# label -> (opt.name, opt.subspace_layers)
+CASES = {"adamw": ("adamw", False), "subtrack": ("subtrack", False),
+         "grassjump": ("grassjump", False), "grass": ("grass", False),
+         "grass+sparse": ("grass", True)}
 # Dense bf16 tensor-core peak, TFLOP/s, by a substring of `device_kind`.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "B200": 2250.0,
                "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0}

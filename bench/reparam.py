@@ -5,8 +5,8 @@ layout), five configurations of the trainer, compiled from abstract inputs
 (nothing is allocated or run):
 
 * `adamw`, plain `grass` and plain `rso` (the optax transformations),
-* `grass+sparse` (`opt.sparse_grads=True`) and `rso+reparam`
-  (`opt.reparam=True`): frozen kernels trained through r x D deltas
+* `grass+sparse` and `rso+reparam` (`opt.subspace_layers=True` with grass
+  and rso): frozen kernels trained through r x D deltas
   (train/reparam.py).
 
 Per configuration: the train step's `memory_analysis()` (argument, temp,
@@ -50,19 +50,19 @@ from train import reparam
 from train import train as train_lib
 
 NAME = "reparam"
-CASES = {  # label -> (opt.name, mode flag or "")
-    "adamw": ("adamw", ""),
-    "grass": ("grass", ""),
-    "grass+sparse": ("grass", "sparse_grads"),
-    "rso": ("rso", ""),
-    "rso+reparam": ("rso", "reparam"),
+CASES = {  # label -> (opt.name, opt.subspace_layers)
+    "adamw": ("adamw", False),
+    "grass": ("grass", False),
+    "grass+sparse": ("grass", True),
+    "rso": ("rso", False),
+    "rso+reparam": ("rso", True),
 }
 
 
-def config(preset: str, name: str, flag: str):
-  cfg = _common.preset_config(preset, name, flag)
+def config(preset: str, name: str, subspace_layers: bool):
+  cfg = _common.preset_config(preset, name, subspace_layers)
   if name == "rso":  # both RSO forms on the input side (the mode's default)
-    cfg.opt.kwargs = "{'side': 'left'}"
+    cfg.opt.rso.side = "left"
   return cfg
 
 
@@ -137,8 +137,8 @@ def _time(preset: str, cases: dict, repeats: int) -> dict:
 
 def measure(preset: str, time_repeats: int) -> dict:
   results, cases = {}, {}
-  for label, (name, flag) in CASES.items():
-    cfg = config(preset, name, flag)
+  for label, (name, subspace_layers) in CASES.items():
+    cfg = config(preset, name, subspace_layers)
     train_lib.validate(cfg)
     reparam.validate(cfg.opt)
     programs = train_lib.build_programs(cfg, cfg.data.vocab_size)

@@ -2,8 +2,9 @@
 
 What it measures: the runs of bench.convergence (`train.train.run` on the
 tiny preset, same seed, data order and schedule; checkpointing off), one per
-variant, where a variant is a method plus `opt.kwargs` (options of its subspax
-function, e.g. SubTrack++'s `step` or GaLore's `align_signs`). The table gives
+variant, where a variant is a method plus values of its `opt.<method>` fields
+(options of its subspax function, e.g. SubTrack++'s `step` or GaLore's
+`align_signs`), given as a dict per variant. The table gives
 each variant's final eval loss, its last train loss (mean of the last 10
 steps) and wall time. `--update-interval` shortens the refresh interval so a
 short run sees several refreshes (the options compared act at refreshes).
@@ -45,7 +46,8 @@ def run_variant(method: str, kwargs: dict, args: argparse.Namespace) -> dict:
 
   def with_kwargs(*a, **k):
     cfg = make_config(*a, **k)
-    cfg.opt.kwargs = repr(kwargs)
+    for key, value in kwargs.items():  # an unknown key fails train's validate
+      cfg.opt[method][key] = value
     if args.update_interval:
       cfg.opt.update_interval = args.update_interval
     return cfg

@@ -63,7 +63,7 @@ def test_dry_run_allocates_nothing_even_for_a_model_beyond_host_memory():
   # RSO reparametrised mode so that the refresh program is compiled as well.
   cfg = helpers.make_config({}, model__d_model=8192, model__d_ff=32768,
                             model__n_layers=24, model__n_heads=8,
-                            opt__name="rso", opt__reparam=True)
+                            opt__name="rso", opt__subspace_layers=True)
   before = {id(x) for x in jax.live_arrays()}
   record = dry_run.dry_run(cfg)
   assert {id(x) for x in jax.live_arrays()} <= before

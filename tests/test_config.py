@@ -1,0 +1,138 @@
+"""The trainer's config schema: typed `opt.<method>` sections generated from
+`subspax.METHODS`, their validation, and configs/ importing no trainer code."""
+
+import inspect
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+import subspax
+
+from configs import base
+from configs import test as test_preset
+from train import errors
+from train import model as model_lib
+from train import optimizers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _model_cfg(cfg):
+  return model_lib.LlamaConfig.from_config(cfg.model, 320)
+
+
+def test_configs_import_no_trainer_code():
+  presets = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs"))
+                   if f.endswith(".py") and f != "__init__.py")
+  code = "; ".join([
+      "import sys", *(f"import configs.{p}" for p in presets),
+      *(f"configs.{p}.get_config()" for p in presets if p != "base"),
+      "bad = sorted(m for m in sys.modules if m == 'train' or m.startswith('train.'))",
+      "assert not bad, bad"])
+  subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
+                 env={**os.environ, "PYTHONPATH": REPO})
+
+
+@pytest.mark.parametrize("name", list(subspax.METHODS))
+def test_each_method_section_holds_its_keyword_options_with_their_defaults(name):
+  section = base.get_base_config().opt[name]
+  params = inspect.signature(subspax.METHODS[name]).parameters
+  expected = {p.name: p.default for p in params.values()
+              if p.kind == p.KEYWORD_ONLY and p.name not in (
+                  "key", "projected", "mu_dtype", "nu_dtype",
+                  "prox_learning_rate", "b1", "b2", "eps")}
+  assert section.to_dict() == expected
+  for key, option in base.method_options(name).items():
+    assert option.default == expected[key]
+    assert option.default is None or isinstance(option.default, option.field_type)
+
+
+def test_literal_options_carry_their_choices():
+  options = base.method_options("apollo")
+  assert options["scale_type"].choices == ("channel", "tensor")
+  assert options["limiter"].choices == ("corrected", "uncorrected", "off")
+  assert base.method_options("rso")["orthonormal"].choices == ()
+
+
+def test_an_optional_float_is_a_typed_placeholder():
+  cfg = base.get_base_config()
+  assert cfg.opt.subtrack.eta is None  # subspax.subtrack's own default
+  cfg.opt.subtrack.eta = 5  # an int becomes the float field's value
+  assert cfg.opt.subtrack.eta == 5.0 and isinstance(cfg.opt.subtrack.eta, float)
+  with pytest.raises(TypeError):
+    cfg.opt.subtrack.eta = "five"
+
+
+@pytest.mark.slow
+def test_build_passes_the_section_of_opt_name():
+  """subtrack with opt.subtrack.step='angle', eta=0.5 updates exactly like
+  subspax.subtrack with those options, and unlike the defaults."""
+  cfg = test_preset.get_config()
+  cfg.opt.update_interval, cfg.opt.rank = 1, 2
+  cfg.opt.subtrack.step, cfg.opt.subtrack.eta = "angle", 0.5
+  cfg.opt.grass.selection = "topk"  # another method's section: not read
+  params = {"w": jnp.zeros((6, 8))}
+  grads = [{"w": jax.random.normal(jax.random.key(i), (6, 8))} for i in range(3)]
+
+  def updates(tx):
+    state, out, update = tx.init(params), [], jax.jit(tx.update)
+    for g in grads:
+      u, state = update(g, state, params)
+      out.append(u["w"])
+    return np.stack(out)
+
+  ours = updates(optimizers.build(cfg.opt, 10, seed=3))
+  lr = optimizers.schedule(cfg.opt, 10)
+  expected = updates(subspax.subtrack(
+      lr, rank=2, update_interval=1, key=3, step="angle", eta=0.5,
+      b1=cfg.opt.b1, b2=cfg.opt.b2, eps=cfg.opt.eps))
+  default = updates(subspax.subtrack(
+      lr, rank=2, update_interval=1, key=3, b1=cfg.opt.b1, b2=cfg.opt.b2,
+      eps=cfg.opt.eps))
+  np.testing.assert_array_equal(ours, expected)
+  assert not np.allclose(ours, default)
+
+
+@pytest.mark.parametrize("name, key, value, message", [
+    ("grass", "selection", "foo",
+     "opt.grass.selection='foo' is not one of topk, multinomial, uniform"),
+    ("apollo", "scale_type", "row",
+     "opt.apollo.scale_type='row' is not one of channel, tensor"),
+    ("subtrack", "etaa", 1.0,
+     "opt.subtrack.etaa is not an option of opt.name='subtrack'; its options are"),
+    ("subtrack", "recovery", "yes", "opt.subtrack.recovery='yes' must be a bool"),
+    ("fira", "scale", True, "opt.fira.scale=True must be a float"),
+    ("optax_galore", "scale", "big", "opt.optax_galore.scale='big' must be a float"),
+])
+def test_a_bad_option_names_the_field_and_the_accepted_values(name, key, value, message):
+  cfg = test_preset.get_config()
+  cfg.opt.name = name
+  section = cfg.opt[name].to_dict()  # a preset may write any value
+  section[key] = value
+  cfg.opt[name] = ml_collections.ConfigDict(section)
+  with pytest.raises(errors.UserError, match=message.replace("(", r"\(")):
+    optimizers.validate(cfg.opt, _model_cfg(cfg), 10)
+
+
+def test_options_of_other_methods_are_not_read():
+  cfg = test_preset.get_config()
+  cfg.opt.name = "galore"
+  cfg.opt.subtrack = ml_collections.ConfigDict({"anything": "at all"})
+  optimizers.validate(cfg.opt, _model_cfg(cfg), 10)
+  assert optimizers.method_kwargs(cfg.opt) == {
+      "scale": 0.25, "align_signs": False, "side": "auto"}
+
+
+def test_keyless_methods_come_from_the_signature():
+  cfg = test_preset.get_config()
+  for name in optimizers.NAMES:
+    cfg.opt.name = name
+    assert isinstance(optimizers.build(cfg.opt, 10, seed=0),
+                      optax.GradientTransformation)
+  assert "key" not in inspect.signature(subspax.galore).parameters
