@@ -92,11 +92,32 @@ def test_small_corpus_short_run_relative_paths(tmp_path):
     (["--config.data.files=missing.txt"], ["data.files: 'missing.txt' names no file"]),
     (["--config.steps=ten"], ["--config.steps=ten"]),
     (["--config=configs/nonexistent.py"], ["no preset file", "tiny"]),
+    (["--config.opt.name=grass", "--config.opt.grass.selection=foo"],
+     ["opt.grass.selection='foo' is not one of topk, multinomial, uniform"]),
+    (["--config.opt.subtrack.etaa=0.5"], ["unknown config key 'etaa'"]),
+    (["--config.opt.kwargs={}"], ["unknown config key 'kwargs'"]),
+    (["--config.opt.subtrack.eta=fast"], ["--config.opt.subtrack.eta=fast"]),
+    (["--config.opt.subspace_layers=True"],
+     ["opt.subspace_layers=True is a mode of opt.name 'grass' or 'rso', not "
+      "'subtrack'"]),
 ])
 def test_input_errors_are_one_line_with_status_2(tmp_path, args, fragments):
   status, out = run(tmp_path, "--config", "configs/test.py", "--workdir=run", *args)
   assert_one_line_error(status, out, *fragments)
   assert not (tmp_path / "run").exists()
+
+
+def test_a_method_option_on_the_command_line_trains(corpus, tmp_path):
+  """`--config.opt.subtrack.eta=0.5` reaches the run's stored config."""
+  status, out = run(tmp_path, *preset_args(
+      corpus, "run", "--config.opt.subtrack.eta=0.5",
+      "--config.opt.subtrack.step=angle", "--config.steps=2",
+      "--config.eval_every=0"))
+  assert status == 0, out
+  with open(tmp_path / "run" / "checkpoints" / "2" / "config" / "metadata") as f:
+    opt = json.load(f)["opt"]
+  assert opt["subtrack"]["eta"] == 0.5 and opt["subtrack"]["step"] == "angle"
+  assert [s for s, _, _ in losses(tmp_path / "run")] == [1, 2]
 
 
 def test_verbose_shows_the_traceback(tmp_path):
