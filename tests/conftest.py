@@ -1,8 +1,9 @@
 """Session-wide pytest setup, applied before anything imports numpy or jax.
 
-8 fake CPU devices; single-threaded OpenBLAS (jaxlib's batched CPU LAPACK
-kernels are already parallel, and nested OpenBLAS threads make them ~100x
-slower on a 2-core machine); the repo root on sys.path for `train`, `configs`.
+8 fake CPU devices; single-threaded OpenBLAS (importing `train` sets it,
+train/__init__.py: jaxlib's batched CPU LAPACK kernels are already parallel,
+and nested OpenBLAS threads make them ~100x slower on a 2-core machine); the
+repo root on sys.path for `train`, `configs`.
 """
 
 import os
@@ -11,10 +12,12 @@ import sys
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
 ).strip()
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import random  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import train  # pylint: disable=unused-import  # pins OpenBLAS (train/__init__.py)
+
+import random
 
 # Scripts that record fixtures (some need torch); `--doctest-modules` would
 # import them as test modules.

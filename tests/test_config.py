@@ -136,3 +136,33 @@ def test_keyless_methods_come_from_the_signature():
     assert isinstance(optimizers.build(cfg.opt, 10, seed=0),
                       optax.GradientTransformation)
   assert "key" not in inspect.signature(subspax.galore).parameters
+
+
+_SPY = """
+import os, sys
+os.environ.pop("OPENBLAS_NUM_THREADS", None)
+seen = []
+
+class Spy:  # records the OpenBLAS setting when numpy is first imported
+  def find_spec(self, name, path=None, target=None):
+    if name == "numpy" and not seen:
+      seen.append(os.environ.get("OPENBLAS_NUM_THREADS"))
+
+sys.meta_path.insert(0, Spy())
+__import__(sys.argv[1])
+assert seen == ["1"], seen
+"""
+
+
+@pytest.mark.slow
+def test_every_entry_point_pins_openblas_before_numpy_loads():
+  """`python -m train`, `-m train.export` and `-m bench.<name>` import the
+  `train` package (train/__init__.py) before anything imports numpy."""
+  procs = [subprocess.Popen([sys.executable, "-c", _SPY, module], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": REPO},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+           for module in ("train.__main__", "train.export", "bench.refresh")]
+  for proc in procs:
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out

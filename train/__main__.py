@@ -22,16 +22,12 @@ and 143 (train/preemption.py); the same command then resumes.
 
 import contextlib
 import glob
-
 import os
 import sys
 
-# jaxlib's CPU LAPACK kernels (SVD, QR, eigh of a subspace refresh) already run
-# a batch in parallel; nested OpenBLAS threads busy-wait and made a refresh of
-# stacked (L, m, n) kernels ~100x slower on 2 cores. Set before numpy/jax load.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+# `python -m train` has imported the package first (train/__init__.py pins
+# OpenBLAS to one thread before numpy and jax load).
+from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags

@@ -17,9 +17,8 @@ Example:
 import os
 import sys
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
+# `python -m train.export` has imported the package first (train/__init__.py
+# pins OpenBLAS to one thread before numpy and jax load).
 import jax
 import orbax.checkpoint as ocp
 from absl import app
@@ -62,7 +61,7 @@ def restore_params(workdir: str, cfg: model_lib.LlamaConfig,
     raise errors.MissingFileError(
         f"--step: {workdir!r} has no checkpoint {'' if step is None else step} "
         f"(it has {sorted(steps) or 'none'}); give one of its steps")
-  _, shapes, _ = model_lib.abstract_model(cfg)
+  graphdef, shapes, _ = model_lib.abstract_model(cfg)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
@@ -73,7 +72,7 @@ def restore_params(workdir: str, cfg: model_lib.LlamaConfig,
   params = restored.state["params"]
   manager.close()
   if cfg.reparam:
-    params = reparam.model_weights(reparam.merge_all(params, cfg.reparam_side))
+    params = reparam.merged_weights(graphdef, params, cfg.reparam_side)
   return step, params
 
 
@@ -95,7 +94,7 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
   extra = {} if base else {"max_position_embeddings": info["seq_len"]}
   hf.save(out, params, cfg, base_config=base,
           tokenizer_files=tuple(info["tokenizer_files"]), **extra)
-  print(f"wrote {out}: step {step} of {workdir}, {model_lib.count_params(params):,} "
+  print(f"wrote {out}: step {step} of {workdir}, {model_lib.count_params(cfg):,} "
         "params, LlamaForCausalLM", flush=True)
   return out
 
