@@ -132,7 +132,7 @@ def measure_case(preset: str, case: str, steps: int, warmup: int) -> dict:
       "final_loss": float(metrics["train/loss"]),
       "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
       "compiled_peak": _common.compiled_memory(compiled)["peak"],
-      "params": model_lib.count_params(state.params),
+      "params": model_lib.count_params(programs.model_cfg),
       "flops_per_token": flops_per_token(programs.model_cfg, cfg.seq_len),
       "batch": cfg.batch_size, "seq_len": cfg.seq_len, "rank": cfg.opt.rank,
       "update_interval": interval,

@@ -46,6 +46,7 @@ import subspax
 from subspax import _blocks as subspax_blocks
 
 from bench import _common
+from train import model as model_lib
 from train import reparam
 from train import train as train_lib
 
@@ -147,12 +148,13 @@ def measure(preset: str, time_repeats: int) -> dict:
     batch = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len + 1), jnp.int32)
     jit = lambda f: jax.jit(f, donate_argnums=0).lower(state, batch).compile()
     compiled = jit(programs.train_step)
-    trainable, frozen = reparam.split(state.params)
+    weights, = model_lib.partition(programs.graphdef, state.params,
+                                   model_lib.WEIGHTS)
     entry = {
         "step": _analysis(compiled),
         "opt_state_bytes": subspax.state_bytes(state.opt_state),
-        "reparam_bytes": (subspax.state_bytes(trainable) + subspax.state_bytes(frozen)
-                          - subspax.state_bytes(reparam.model_weights(state.params))),
+        "reparam_bytes": (subspax.state_bytes(state.params)
+                          - subspax.state_bytes(weights)),  # deltas and bases
         "predicted": predicted_flops(cfg, programs),
         "tokens": cfg.batch_size * cfg.seq_len,
         "rank": cfg.opt.rank, "update_interval": cfg.opt.update_interval,

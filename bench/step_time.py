@@ -72,7 +72,7 @@ def bench_preset(preset: str, args) -> dict:
   model_cfg = model_lib.LlamaConfig.from_config(cfg.model, cfg.data.vocab_size)
   graphdef, _, _ = model_lib.abstract_model(model_cfg)
   params = jax.jit(model_lib.init_params, static_argnums=(0, 1))(model_cfg, cfg.seed)
-  n_params = model_lib.count_params(params)
+  n_params = model_lib.count_params(model_cfg)
   tokens = jax.random.randint(jax.random.key(0), (batch_size, cfg.seq_len + 1), 0,
                               model_cfg.vocab_size, jnp.int32)
   rank, interval = cfg.opt.rank, cfg.opt.update_interval

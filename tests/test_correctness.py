@@ -201,7 +201,7 @@ def test_rso_prox_agrees_with_the_trainers_reparametrised_mode():
   cfg = test_preset.get_config()
   cfg.opt.name, cfg.opt.rso.prox, cfg.opt.subspace_layers = "rso", prox, True
   cfg.opt.learning_rate, cfg.opt.warmup_steps = 0.05, 2
-  theirs = reparam.build_tx(cfg.opt, steps)
+  theirs = reparam.build_tx(cfg.opt, steps, {"layer": {"delta": "delta"}})
   ours = subspax.rso(optimizers.schedule(cfg.opt, steps), rank=r,
                      update_interval=100, prox=prox, projected=True,
                      b1=cfg.opt.b1, b2=cfg.opt.b2, eps=cfg.opt.eps, key=2)

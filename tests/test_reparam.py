@@ -22,6 +22,7 @@ import helpers
 import subspax
 from bench import reparam as bench_reparam
 from train import memory as train_memory
+from train import model as model_lib
 from train import reparam
 from train import sharding as sharding_lib
 from train import train
@@ -248,9 +249,10 @@ def test_mode_reproduces_the_plain_transformation(corpus, name, scan):
   plain_state, plain_losses = _run(plain, batches)
   mode_state, mode_losses = _run(mode, batches)
   np.testing.assert_allclose(mode_losses, plain_losses, rtol=1e-5)
-  merged = reparam.merge_all(mode_state.params, reparam.side_option(cfg.opt))
+  merged = reparam.merged_weights(mode.graphdef, mode_state.params,
+                                  reparam.side_option(cfg.opt))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
-               reparam.model_weights(merged), plain_state.params)
+               merged, plain_state.params)
 
 
 def _compiled(corpus, name, mode, **overrides):
@@ -338,11 +340,9 @@ def test_rso_prox_adds_prox_times_delta_to_its_gradient(corpus):
   cfg = helpers.make_config(corpus, opt__name="rso", opt__rso__prox=2.0,
                             opt__subspace_layers=True)
   reparam.validate(cfg.opt)
-  tx = reparam.build_tx(cfg.opt, cfg.steps)
-  params = {"layer": {"delta": jnp.full((2, 3), 0.5), "kernel": jnp.ones((3, 3))},
-            "norm": jnp.ones((3,))}
-  trainable = reparam.split(params)[0]
-  assert "kernel" not in trainable["layer"]
+  tx = reparam.build_tx(cfg.opt, cfg.steps,
+                        {"layer": {"delta": "delta"}, "norm": "other"})
+  trainable = {"layer": {"delta": jnp.full((2, 3), 0.5)}, "norm": jnp.ones((3,))}
   state = tx.init(trainable)
   _, state = tx.update(jax.tree.map(jnp.zeros_like, trainable), state, trainable)
   inner = state[0].inner_states
@@ -380,7 +380,7 @@ def test_data_parallel_all_reduce_moves_reduced_gradients(corpus):
       hlo = step.lower(jax.eval_shape(programs.init), batch).compile().as_text()
     # Exactly the trainable leaves' gradients (and the loss) are all-reduced:
     # r x D per projected matrix in the sparse mode, m x n in the plain one.
-    trainable = reparam.split(programs.param_shapes)[0]
+    trainable = model_lib.trainable(programs.graphdef, programs.param_shapes)
     grad_bytes = sum(x.size * 4 for x in jax.tree.leaves(trainable))
     assert _all_reduce_bytes(hlo) == grad_bytes + 4, mode
     trained = [jax.tree_util.keystr(p) for p, _ in

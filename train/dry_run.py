@@ -97,7 +97,7 @@ def dry_run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
       **(_byte_fields("refresh_", refresh_mem) if refresh_mem else {}),
       "state_bytes": subspax.state_bytes(state.opt_state),
       "param_bytes": subspax.state_bytes(state.params),
-      "params": int(model_lib.count_params(state.params)),
+      "params": int(model_lib.count_params(programs.model_cfg)),
       "vocab_size": vocab,
       "device_kind": device.device_kind,
       "platform": device.platform,

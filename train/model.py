@@ -103,14 +103,33 @@ class SubspaceBasis(nnx.Variable):
   """A non-trainable subspace of a reparametrised kernel (chosen at refresh)."""
 
 
+class FrozenKernel(nnx.Variable):
+  """A reparametrised layer's kernel ``W``: frozen between refreshes, where its
+  delta is merged into it. A model weight, but not trained by the step."""
+
+
+class SubspaceDelta(nnx.Param):
+  """A reparametrised layer's trainable reduced delta ``(r, D)``."""
+
+
+# Filters on the variable types (`nnx.split`, `nnx.state`, `partition`).
+TRAINABLE = nnx.Param  # what the train step differentiates and updates
+FROZEN = nnx.Not(TRAINABLE)  # frozen kernels and bases: refreshed, not trained
+# The model's weights: what a plain model of the same shape holds (the deltas
+# merged into the kernels), without the training-only deltas and bases.
+WEIGHTS = nnx.Not(nnx.Any(SubspaceDelta, SubspaceBasis))
+
+
 class SubspaceLinear(nnx.Linear):
   """A bias-free linear layer whose kernel trains through a reduced delta.
 
   ``y = x (W + back(Delta))`` computed as in :mod:`subspax.reparam`: ``W``
-  (``kernel``) is frozen between refreshes, ``delta`` (``(r, D)``) is the
-  trainable part, and the basis is a GRASS row selector (``subspace_index``,
-  ``subspace_scale``) or an RSO dense basis (``subspace_basis``, ``(d, r)``).
-  The kernel is initialised exactly as by ``nnx.Linear``.
+  (``kernel``, a :class:`FrozenKernel`) is frozen between refreshes,
+  ``delta`` (``(r, D)``, a :class:`SubspaceDelta`) is the trainable part, and
+  the basis (:class:`SubspaceBasis`) is a GRASS row selector
+  (``subspace_index``, ``subspace_scale``) or an RSO dense basis
+  (``subspace_basis``, ``(d, r)``). The kernel is initialised exactly as by
+  ``nnx.Linear``.
   """
 
   def __init__(self, cfg: LlamaConfig, d_in: int, d_out: int,
@@ -119,12 +138,13 @@ class SubspaceLinear(nnx.Linear):
     super().__init__(
         d_in, d_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
         kernel_init=nnx.with_partitioning(init, names), rngs=rngs, **kwargs)
+    self.kernel = FrozenKernel(self.kernel[...], **self.kernel.get_metadata())
     r = cfg.reparam_rank
     self.side = subspax.reparam.resolve_side(d_in, d_out, cfg.reparam_side)
     projected_name, kept_name = names if self.side == "left" else names[::-1]
     d = d_in if self.side == "left" else d_out
     self.kind = cfg.reparam
-    self.delta = nnx.Param(
+    self.delta = SubspaceDelta(
         jnp.zeros(subspax.reparam.delta_shape(d_in, d_out, r, self.side),
                   cfg.param_dtype), out_sharding=(None, kept_name))
     if cfg.reparam == "rows":
@@ -141,6 +161,21 @@ class SubspaceLinear(nnx.Linear):
     if self.kind == "rows":
       return subspax.RowBasis(self.subspace_index[...], self.subspace_scale[...])
     return subspax.DenseBasis(self.subspace_basis[...])
+
+  def layer(self) -> subspax.reparam.SubspaceLayer:
+    """Kernel, delta and basis, as :mod:`subspax.reparam` refreshes them."""
+    return subspax.reparam.SubspaceLayer(self.kernel[...], self.delta[...],
+                                         self.basis())
+
+  def set_layer(self, layer: subspax.reparam.SubspaceLayer) -> None:
+    """Writes a refreshed layer (merged kernel, zero delta, new basis) back."""
+    self.kernel[...] = layer.kernel
+    self.delta[...] = layer.delta
+    if self.kind == "rows":
+      self.subspace_index[...] = layer.basis.index
+      self.subspace_scale[...] = layer.basis.scale
+    else:
+      self.subspace_basis[...] = layer.basis.s
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return subspax.reparam.dense(
@@ -280,6 +315,12 @@ class Llama(nnx.Module):
     return self.head(x_BxLxD).astype(jnp.float32)
 
 
+def _abstract(cfg: LlamaConfig) -> Llama:
+  """The model with `jax.ShapeDtypeStruct`s for arrays (nothing allocated)."""
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+
+
 def abstract_model(cfg: LlamaConfig) -> tuple[nnx.GraphDef, dict, dict]:
   """Shapes and logical sharding names of the parameters, without allocating.
 
@@ -288,9 +329,7 @@ def abstract_model(cfg: LlamaConfig) -> tuple[nnx.GraphDef, dict, dict]:
     `jax.ShapeDtypeStruct` and a nested dict of `PartitionSpec`s of logical axis
     names, both in the layout `init_params` returns.
   """
-  with nnx.use_eager_sharding(False):
-    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split(_abstract(cfg))
   is_var = lambda x: isinstance(x, nnx.Variable)
   shapes = nnx.to_pure_dict(jax.tree.map(
       lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state, is_leaf=is_var))
@@ -312,9 +351,46 @@ def apply(graphdef: nnx.GraphDef, params: dict, tokens_BxL: jax.Array) -> jax.Ar
   return nnx.merge(graphdef, params)(tokens_BxL)
 
 
-def count_params(params: dict) -> int:
-  """Number of model weights (the deltas and bases of reparametrised layers,
-  training state rather than weights, are not counted)."""
-  extra = ("delta", "subspace_index", "subspace_scale", "subspace_basis")
-  return sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
-             if getattr(path[-1], "key", None) not in extra)
+def partition(graphdef: nnx.GraphDef, tree: dict,
+              *filters: Any) -> tuple[dict, ...]:
+  """Splits a tree in the layout of the model's state by variable type.
+
+  Examples:
+    `trainable, frozen = partition(graphdef, params, TRAINABLE, ...)`;
+    `weights, = partition(graphdef, params, WEIGHTS)` (one filter: only what
+    it selects).
+
+  Args:
+    graphdef: The model's graph (`abstract_model`).
+    tree: A nested dict of the model's state (`init_params`): arrays, or
+      anything per variable (`jax.ShapeDtypeStruct`s, shardings).
+    *filters: nnx filters (variable types, `nnx.Not`, `...`); a variable goes
+      to the first that matches.
+
+  Returns:
+    One nested dict per filter (empty when nothing matches).
+  """
+  states = nnx.state(nnx.merge(graphdef, tree), *filters)
+  states = states if len(filters) > 1 else (states,)
+  return tuple(nnx.to_pure_dict(state) for state in states)
+
+
+def combine(*trees: dict) -> dict:
+  """Inverse of `partition`: the nested dicts merged into one."""
+  out: dict = {}
+  for tree in trees:
+    for key, value in tree.items():
+      out[key] = combine(out.get(key, {}), value) if isinstance(value, dict) else value
+  return out
+
+
+def trainable(graphdef: nnx.GraphDef, tree: dict) -> dict:
+  """The `TRAINABLE` part of `tree` (all of it for a plain model)."""
+  return partition(graphdef, tree, TRAINABLE)[0]
+
+
+def count_params(cfg: LlamaConfig) -> int:
+  """Number of model weights (`WEIGHTS`: the deltas and bases of
+  reparametrised layers, training state rather than weights, are not
+  counted)."""
+  return sum(x.size for x in jax.tree.leaves(nnx.state(_abstract(cfg), WEIGHTS)))

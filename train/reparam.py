@@ -32,12 +32,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 import subspax
+from flax import nnx
 
 from configs import base as config_base
 from train import errors
+from train import model as model_lib
 from train import optimizers
 
 # opt.name -> model.reparam kind of its mode (opt.subspace_layers=True)
@@ -45,7 +46,6 @@ MODES = {"grass": "rows", "rso": "dense"}
 # The options of opt.<name> each mode reads; the others must keep their default.
 _MODE_OPTIONS = {"grass": ("selection", "replacement", "side"),
                  "rso": ("orthonormal", "side", "prox")}
-BASIS_LEAVES = ("subspace_index", "subspace_scale", "subspace_basis")
 
 
 def kind(opt_cfg: Any) -> str:
@@ -102,140 +102,98 @@ def model_fields(opt_cfg: Any) -> dict[str, Any]:
           "reparam_side": side_option(opt_cfg)}
 
 
-def split(params: dict) -> tuple[dict, dict]:
-  """(trainable, frozen) nested dicts; frozen is {} for a plain model.
+def delta_labels(graphdef: nnx.GraphDef, params: dict) -> dict:
+  """"delta" or "other" for every trainable parameter, by variable type.
 
-  Frozen: the kernels of reparametrised layers (siblings of a `delta`) and
-  their bases; everything else, the deltas included, is trainable.
+  Args:
+    graphdef: The model's graph.
+    params: The model's state (arrays or `jax.ShapeDtypeStruct`s).
+
+  Returns:
+    A tree of the structure of `model.trainable(graphdef, params)`.
   """
-  trainable, frozen = {}, {}
-  for key, value in params.items():
-    if isinstance(value, dict):
-      t, f = split(value)
-      if t:
-        trainable[key] = t
-      if f:
-        frozen[key] = f
-    elif key in BASIS_LEAVES or (key == "kernel" and "delta" in params):
-      frozen[key] = value
-    else:
-      trainable[key] = value
-  return trainable, frozen
+  deltas, others = model_lib.partition(
+      graphdef, params, model_lib.SubspaceDelta, model_lib.TRAINABLE)
+  return model_lib.combine(jax.tree.map(lambda _: "delta", deltas),
+                           jax.tree.map(lambda _: "other", others))
 
 
-def combine(trainable: dict, frozen: dict) -> dict:
-  """Inverse of `split`."""
-  out = dict(trainable)
-  for key, value in frozen.items():
-    out[key] = combine(out.get(key, {}), value) if isinstance(value, dict) else value
-  return out
-
-
-def model_weights(params: dict) -> dict:
-  """The parameters without the deltas and bases (same as a plain model's tree
-  when the deltas are merged: `model_weights(merge_all(params, side))`)."""
-  drop = ("delta",) + BASIS_LEAVES
-  return {k: model_weights(v) if isinstance(v, dict) else v
-          for k, v in params.items() if k not in drop}
-
-
-def _delta_labels(tree: Any) -> Any:
-  return jax.tree_util.tree_map_with_path(
-      lambda path, _: "delta" if path[-1].key == "delta" else "other", tree)
-
-
-def build_tx(opt_cfg: Any, steps: int) -> optax.GradientTransformation:
+def build_tx(opt_cfg: Any, steps: int,
+             labels: dict) -> optax.GradientTransformation:
   """Adam on the deltas (reset at every refresh) and on the other parameters.
 
   The same chain as `subspax.grass` / `subspax.rso` with weight decay 0:
-  `scale_by_adam` per group, then the shared learning-rate schedule. RSO's
+  Adam per group (`subspax.reparam.scale_by_delta_adam` for the deltas, so
+  the refresh can reset it), then the shared learning-rate schedule. RSO's
   proximal term adds `opt.rso.prox * Delta` to the deltas' gradient.
-  """
-  def adam():
-    return optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
 
-  delta_tx = adam()
+  Args:
+    opt_cfg: The `opt` section.
+    steps: The run's length (for the schedule).
+    labels: `delta_labels` of the model's parameters.
+  """
+  adam = dict(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
   prox = _options(opt_cfg).get("prox", 0.0)
-  if prox:
-    delta_tx = optax.chain(optax.add_decayed_weights(prox), adam())
   return optax.chain(
-      optax.partition({"delta": delta_tx, "other": adam()}, _delta_labels),
+      optax.partition(
+          {"delta": subspax.reparam.scale_by_delta_adam(**adam, prox=prox),
+           "other": optax.scale_by_adam(**adam)}, labels),
       optax.scale_by_learning_rate(optimizers.schedule(opt_cfg, steps)))
 
 
-def _reset_delta_moments(tx: optax.GradientTransformation, opt_state: Any,
-                         trainable: dict) -> Any:
-  """The optimizer state with the deltas' Adam state back at its init."""
-  partition_state, schedule_state = opt_state
-  fresh = tx.init(trainable)[0].inner_states["delta"]
-  inner = {**partition_state.inner_states, "delta": fresh}
-  return (partition_state._replace(inner_states=inner), schedule_state)
+def _set_path(tree: dict, path: tuple, value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
 
 
-def _layers(params: dict, path: tuple = ()):
-  """Yields (path, layer dict) of every reparametrised layer, in tree order."""
-  if "delta" in params:
-    yield path, params
-    return
-  for key in sorted(params):
-    if isinstance(params[key], dict):
-      yield from _layers(params[key], path + (key,))
+def _subspace_modules(model: nnx.Module):
+  """(path, layer) of every `model.SubspaceLinear`, in graph order."""
+  return [(path, node) for path, node in nnx.iter_graph(model)
+          if isinstance(node, model_lib.SubspaceLinear)]
 
 
-def _get(tree: dict, path: tuple) -> dict:
-  for key in path:
-    tree = tree[key]
-  return tree
+def _layers(model: nnx.Module) -> dict:
+  """Every reparametrised layer as a `subspax.reparam.SubspaceLayer`, placed
+  at its kernel's path of the parameter dict: the layout the plain model's
+  parameters have, so the library derives the keys the plain
+  transformation's core derives for those kernels (subspax/_keys.py)."""
+  layers = {}
+  for path, module in _subspace_modules(model):
+    _set_path(layers, tuple(path) + ("kernel",), module.layer())
+  return layers
 
 
-def _set(tree: dict, path: tuple, value: dict) -> dict:
-  if not path:
-    return value
-  return {**tree, path[0]: _set(tree[path[0]], path[1:], value)}
+def _set_layers(model: nnx.Module, layers: dict) -> None:
+  for path, module in _subspace_modules(model):
+    layer = layers
+    for key in tuple(path) + ("kernel",):
+      layer = layer[key]
+    module.set_layer(layer)
 
 
-def _basis(layer: dict) -> Any:
-  if "subspace_basis" in layer:
-    return subspax.DenseBasis(layer["subspace_basis"])
-  return subspax.RowBasis(layer["subspace_index"], layer["subspace_scale"])
+def _merged_model(graphdef: nnx.GraphDef, params: dict,
+                  side: str) -> nnx.Module:
+  """The model with every delta folded into its kernel and zeroed."""
+  model = nnx.merge(graphdef, params)
+  _set_layers(model, subspax.reparam.merge_layers(_layers(model), side=side))
+  return model
 
 
-def _with_basis(layer: dict, basis: Any) -> dict:
-  if isinstance(basis, subspax.DenseBasis):
-    return {**layer, "subspace_basis": basis.s}
-  return {**layer, "subspace_index": basis.index, "subspace_scale": basis.scale}
-
-
-def _flat(x: jax.Array, trailing: int) -> jax.Array:
-  """Merges the leading (stacked-layer) axes into one."""
-  return x.reshape((-1,) + x.shape[x.ndim - trailing:])
-
-
-def _merged(layer: dict, side_option: str) -> dict:
-  """One layer with its delta folded into the kernel (per stacked matrix)."""
-  kernel, delta = layer["kernel"], layer["delta"]
-  side = subspax.reparam.resolve_side(*kernel.shape[-2:], side_option)
-  merge = lambda w, dl, b: subspax.reparam.merge(w, dl, b, side=side)
-  nb = kernel.ndim - 2
-  basis = jax.tree.map(lambda a: _flat(a, a.ndim - nb), _basis(layer))
-  flat = jax.vmap(merge)(_flat(kernel, 2), _flat(delta, 2), basis)
-  return {**layer, "kernel": flat.reshape(kernel.shape),
-          "delta": jnp.zeros_like(delta)}
-
-
-def merge_all(params: dict, side: str) -> dict:
-  """Every delta folded into its kernel (`W += back(Delta)`) and zeroed.
+def merged_weights(graphdef: nnx.GraphDef, params: dict, side: str) -> dict:
+  """The plain model's weights: every delta folded into its kernel.
 
   Args:
-    params: The model's parameters (with deltas and bases).
-    side: The mode's side option (`side_option`, see `model_fields`).
+    graphdef: The reparametrised model's graph.
+    params: Its parameters (with deltas and bases).
+    side: The mode's side option (`side_option`; `LlamaConfig.reparam_side`).
 
   Returns:
-    Parameters of the same structure whose kernels are the effective weights.
+    The `model.WEIGHTS` of the merged model, in the layout of a plain model
+    of the same shape (`model.init_params` without `reparam`).
   """
-  for path, layer in list(_layers(params)):
-    params = _set(params, path, _merged(layer, side))
-  return params
+  return model_lib.partition(graphdef, nnx.to_pure_dict(nnx.state(
+      _merged_model(graphdef, params, side))), model_lib.WEIGHTS)[0]
 
 
 def side_option(opt_cfg: Any) -> str:
@@ -244,80 +202,45 @@ def side_option(opt_cfg: Any) -> str:
 
 
 def make_refresh(plain_loss: Callable[[dict, jax.Array], jax.Array],
-                 tx: optax.GradientTransformation, opt_cfg: Any,
-                 seed: int) -> Callable:
+                 graphdef: nnx.GraphDef, opt_cfg: Any, seed: int) -> Callable:
   """The refresh program: merge deltas, choose new bases, reset moments.
 
   Args:
     plain_loss: `(weights, batch) -> scalar`, the training loss of the plain
-      model (ordinary kernels) on `model_weights(params)`: the subspace
-      layers freeze their kernels, so GRASS's full gradient is taken there.
-    tx: The mode's optimizer (`build_tx`).
+      model (ordinary kernels) on its `model.WEIGHTS`: the subspace layers
+      freeze their kernels, so GRASS's full gradient is taken there.
+    graphdef: The reparametrised model's graph.
     opt_cfg: The `opt` section (method, rank, interval, `opt.<method>`).
-    seed: The run's seed; keys follow `subspax.scale_by_subspace_adam`'s
-      derivation (seed -> projected leaf -> stacked matrix -> refresh epoch).
+    seed: The run's seed, the key of the plain transformation
+      (`subspax.reparam.refresh_bases` derives the per-matrix keys).
 
   Returns:
     `(state, batch) -> state` for a `TrainState`-like named tuple with
     `step`, `params` and `opt_state`; jit it with the state donated.
   """
   options = _options(opt_cfg)
-  side_opt = options["side"]
+  side = options["side"]
   if kind(opt_cfg) == "rows":
     policy = subspax.RowSubspace(selection=options["selection"],
                                  replacement=options["replacement"])
   else:
     policy = subspax.RandomSubspace(orthonormal=options["orthonormal"])
-  rank, interval = opt_cfg.rank, opt_cfg.update_interval
 
-  def full_gradients(params: dict, layers: list, batch) -> list[jax.Array]:
+  def kernel_gradients(model: nnx.Module, batch) -> dict:
     """d loss / d kernel of every reparametrised layer (the deltas are 0)."""
-    weights = model_weights(params)
-
-    def kernel_loss(kernels):
-      full = weights
-      for (path, _), kernel in zip(layers, kernels):
-        full = _set(full, path, {**_get(full, path), "kernel": kernel})
-      return plain_loss(full, batch)
-    return jax.grad(kernel_loss)([layer["kernel"] for _, layer in layers])
-
-  def new_bases(layer: dict, grad, key: jax.Array, step: jax.Array):
-    """Per stacked matrix: a new basis from its key (and gradient)."""
-    kernel = layer["kernel"]
-    side = subspax.reparam.resolve_side(*kernel.shape[-2:], side_opt)
-    d = kernel.shape[-2] if side == "left" else kernel.shape[-1]
-    nb = kernel.ndim - 2
-    old = jax.tree.map(lambda a: _flat(a, a.ndim - nb), _basis(layer))
-    num = _flat(kernel, 2).shape[0]
-    keys = jax.vmap(lambda i: jax.random.fold_in(
-        jax.random.fold_in(key, i), step // interval))(jnp.arange(num))
-    if grad is None:
-      new = jax.lax.map(lambda k: policy.sample(k, d, rank), keys)
-    else:
-      g = jax.vmap(lambda x: subspax.reparam.canonical(x, side))(
-          _flat(grad.astype(jnp.float32), 2))
-
-      def select(args):
-        g_i, key_i, old_i = args
-        new_i = policy.refresh(old_i, g_i, key_i, rank)
-        finite = jnp.all(jnp.isfinite(g_i))
-        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_i, old_i)
-
-      new = jax.lax.map(select, (g, keys, old))
-    return jax.tree.map(lambda a, o: a.reshape(o.shape).astype(o.dtype),
-                        new, _basis(layer))
+    kernels, rest = nnx.state(model, model_lib.FrozenKernel, model_lib.WEIGHTS)
+    rest = nnx.to_pure_dict(rest)
+    return jax.grad(lambda k: plain_loss(model_lib.combine(k, rest), batch))(
+        nnx.to_pure_dict(kernels))
 
   def refresh(state, batch):
-    params = merge_all(state.params, side_opt)
-    layers = list(_layers(params))
-    grads = (full_gradients(params, layers, batch) if kind(opt_cfg) == "rows"
-             else [None] * len(layers))
-    base_key = jax.random.key(seed)
-    for index, ((path, layer), grad) in enumerate(zip(layers, grads)):
-      basis = new_bases(layer, grad, jax.random.fold_in(base_key, index),
-                        state.step)
-      params = _set(params, path, _with_basis(layer, basis))
-    opt_state = _reset_delta_moments(tx, state.opt_state, split(params)[0])
-    return state._replace(params=params, opt_state=opt_state)
+    model = _merged_model(graphdef, state.params, side)
+    grads = kernel_gradients(model, batch) if kind(opt_cfg) == "rows" else None
+    _set_layers(model, subspax.reparam.refresh_bases(
+        _layers(model), policy, opt_cfg.update_interval, jax.random.key(seed),
+        state.step, grads=grads, side=side))
+    return state._replace(
+        params=nnx.to_pure_dict(nnx.state(model)),
+        opt_state=subspax.reparam.reset_moments(state.opt_state))
 
   return refresh

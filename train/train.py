@@ -108,20 +108,21 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr: optax.Schedule) -> Callable:
   """The (state, batch) -> (state, metrics) function that jit compiles.
 
-  Only the trainable parameters (`reparam.split`: all of them, unless the
-  model has reparametrised layers, whose kernels and bases stay frozen) are
+  Only the `model.TRAINABLE` parameters (all of them, unless the model has
+  reparametrised layers, whose kernels and bases stay frozen) are
   differentiated and updated.
   """
 
   def train_step(state: TrainState, batch_BxL1: jax.Array):
-    trainable, frozen = reparam.split(state.params)
+    trainable, frozen = model_lib.partition(
+        graphdef, state.params, model_lib.TRAINABLE, ...)
     loss, grads = jax.value_and_grad(
-        lambda p: loss_fn(reparam.combine(p, frozen), graphdef, batch_BxL1))(trainable)
+        lambda p: loss_fn(model_lib.combine(p, frozen), graphdef, batch_BxL1))(trainable)
     # The norm reads the gradients before the optimizer may overwrite them in
     # place (the barrier orders it; otherwise XLA keeps a copy for it).
     grads, grad_norm = jax.lax.optimization_barrier((grads, optax.tree.norm(grads)))
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    params = reparam.combine(optax.apply_updates(trainable, updates), frozen)
+    params = model_lib.combine(optax.apply_updates(trainable, updates), frozen)
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                "lr": lr(state.step)}
     return TrainState(state.step + 1, params, opt_state), metrics
@@ -146,7 +147,7 @@ class Programs(NamedTuple):
   graphdef: nnx.GraphDef
   param_shapes: dict  # jax.ShapeDtypeStruct per parameter (model.abstract_model)
   param_names: dict  # logical-axis PartitionSpec per parameter
-  tx: optax.GradientTransformation  # acts on reparam.split(params)[0]
+  tx: optax.GradientTransformation  # acts on model.trainable(graphdef, params)
   lr: optax.Schedule
   init: Callable[[], TrainState]  # the initial state (jit it)
   train_step: Callable  # (state, batch) -> (state, metrics)
@@ -168,7 +169,8 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
       cfg.model, vocab_size, **reparam.model_fields(cfg.opt))
   graphdef, param_shapes, param_names = model_lib.abstract_model(model_cfg)
   if model_cfg.reparam:
-    tx = reparam.build_tx(cfg.opt, cfg.steps)
+    tx = reparam.build_tx(cfg.opt, cfg.steps,
+                          reparam.delta_labels(graphdef, param_shapes))
   else:
     tx = optimizers.build(cfg.opt, cfg.steps, cfg.seed)
   lr = optimizers.schedule(cfg.opt, cfg.steps)
@@ -176,14 +178,14 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
   def init() -> TrainState:
     params = model_lib.init_params(model_cfg, cfg.seed)
     return TrainState(jnp.zeros((), jnp.int32), params,
-                      tx.init(reparam.split(params)[0]))
+                      tx.init(model_lib.trainable(graphdef, params)))
 
   refresh = None
   if model_cfg.reparam:
     plain_graphdef = model_lib.abstract_model(
         dataclasses.replace(model_cfg, reparam=""))[0]
     refresh = reparam.make_refresh(lambda p, b: loss_fn(p, plain_graphdef, b),
-                                   tx, cfg.opt, cfg.seed)
+                                   graphdef, cfg.opt, cfg.seed)
   return Programs(model_cfg, graphdef, param_shapes, param_names, tx, lr, init,
                   make_train_step(graphdef, tx, lr), refresh)
 
@@ -197,7 +199,8 @@ def initial_state(cfg: ml_collections.ConfigDict, programs: Programs,
   params = hf.load_params(cfg.init_from, programs.model_cfg,
                           programs.param_shapes, shardings.params)
   init = lambda params: TrainState(jnp.zeros((), jnp.int32), params,
-                                   programs.tx.init(reparam.split(params)[0]))
+                                   programs.tx.init(model_lib.trainable(
+                                       programs.graphdef, params)))
   return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
 
 
@@ -209,8 +212,9 @@ def train_state_shardings(programs: Programs, mesh: jax.sharding.Mesh,
       mesh, programs.param_shapes, programs.param_names, rules)
   return TrainState(
       sharding_lib.replicated(mesh), param_shardings,
-      subspax.state_shardings(programs.tx, reparam.split(programs.param_shapes)[0],
-                              reparam.split(param_shardings)[0]))
+      subspax.state_shardings(
+          programs.tx, model_lib.trainable(programs.graphdef, programs.param_shapes),
+          model_lib.trainable(programs.graphdef, param_shardings)))
 
 
 class Jitted(NamedTuple):
@@ -319,7 +323,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
       mode = programs.model_cfg.reparam
       mode = (f" with {mode} subspace layers (rank {cfg.opt.rank}, refresh every "
               f"{cfg.opt.update_interval} steps)") if mode else ""
-      print(f"model: {model_lib.count_params(state.params):,} params, "
+      print(f"model: {model_lib.count_params(programs.model_cfg):,} params, "
             f"vocab {data.vocab_size}; optimizer {cfg.opt.name}{mode}; mesh "
             f"{dict(mesh.shape)}", flush=True)
       print(memory_lib.report(memory_lib.compiled_memory(compiled), state_bytes,
