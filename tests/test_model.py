@@ -123,3 +123,27 @@ def test_projected_dims_lists_every_kernel():
   assert dims["attn.k"] == (32, 16)
   assert dims["mlp.down"] == (64, 32)
   assert len(dims) == 7
+
+
+@pytest.mark.parametrize("scan", [False, True])
+@pytest.mark.parametrize("reparam", ["rows", "dense"])
+def test_variable_types_split_trainable_frozen_and_weights(scan, reparam):
+  """Trainable vs frozen and the weights follow the nnx variable types."""
+  cfg = model_lib.LlamaConfig(**TINY, scan=scan, reparam=reparam, reparam_rank=4)
+  graphdef, shapes, names = model_lib.abstract_model(cfg)
+  trainable, frozen = model_lib.partition(graphdef, shapes, model_lib.TRAINABLE, ...)
+  assert model_lib.combine(trainable, frozen) == shapes
+  layer = lambda tree: (tree["blocks"] if scan else tree["blocks"][0])["mlp"]["up"]
+  assert set(layer(trainable)) == {"delta"}
+  basis = {"rows": {"subspace_index", "subspace_scale"}, "dense": {"subspace_basis"}}
+  assert set(layer(frozen)) == {"kernel"} | basis[reparam]
+  assert {"embed", "head", "final_norm"} <= set(trainable) and "embed" not in frozen
+  # The weights are a plain model's parameters (same paths, shapes, names).
+  plain = model_lib.LlamaConfig(**TINY, scan=scan)
+  plain_graphdef, plain_shapes, plain_names = model_lib.abstract_model(plain)
+  weights, = model_lib.partition(graphdef, shapes, model_lib.WEIGHTS)
+  assert weights == plain_shapes
+  assert model_lib.partition(graphdef, names, model_lib.WEIGHTS)[0] == plain_names
+  assert model_lib.count_params(cfg) == model_lib.count_params(plain) == sum(
+      x.size for x in jax.tree.leaves(plain_shapes))
+  assert model_lib.trainable(plain_graphdef, plain_shapes) == plain_shapes
