@@ -117,6 +117,57 @@ def with_call(payload: dict[str, Any], earlier: dict[str, Any] | None,
   return {**payload, "calls": calls + [record]}
 
 
+def load_json(path: str) -> dict[str, Any] | None:
+  """The JSON object in `path`, or None when there is no such file."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+class Partial:
+  """The finished cases of one benchmark run, saved after each case.
+
+  A long benchmark saves every case's result to `<out>/<name>.partial.json`
+  as soon as it has it; run again with `--resume`, it loads that file and
+  skips the cases already there. `remove()` once the full results are written.
+
+  Examples:
+    >>> import tempfile
+    >>> out = tempfile.mkdtemp()
+    >>> partial = Partial(out, "demo")
+    >>> partial.get_or_run("a", lambda: {"x": 1})
+    {'x': 1}
+    >>> Partial(out, "demo", resume=True).cases  # what --resume skips
+    {'a': {'x': 1}}
+    >>> partial.remove()
+
+  Attributes:
+    path: The partial-results file.
+    cases: case key -> result (JSON types), the loaded ones first.
+    reused: The keys loaded from an earlier run.
+  """
+
+  def __init__(self, out: str, name: str, resume: bool = False):
+    self.path = os.path.join(out, f"{name}.partial.json")
+    self.cases = (load_json(self.path) if resume else None) or {}
+    self.reused = set(self.cases)
+
+  def get_or_run(self, key: str, run: Callable[[], Any]) -> Any:
+    """The saved result of case `key`, or `run()`'s, saved before returning."""
+    if key not in self.cases:
+      self.cases[key] = run()
+      os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+      with open(self.path, "w") as f:
+        json.dump(self.cases, f, indent=1)
+    return self.cases[key]
+
+  def remove(self) -> None:
+    """Deletes the partial-results file (the run is complete)."""
+    if os.path.exists(self.path):
+      os.remove(self.path)
+
+
 def machine_line(info: dict[str, Any]) -> str:
   v = info["versions"]
   return (f"Machine: {info['cpu']} ({info['cpu_count']} cores), JAX devices "

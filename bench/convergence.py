@@ -210,10 +210,7 @@ def main(argv=None) -> None:
   lrs = [float(x) for x in args.lrs.split(",")]
   args.default_lr = tiny.get_config().opt.learning_rate
   json_path = os.path.join(args.out, f"{args.name}.json")
-  earlier = None
-  if args.resume and os.path.exists(json_path):
-    with open(json_path) as f:
-      earlier = json.load(f)
+  earlier = _common.load_json(json_path) if args.resume else None
   runs = earlier["runs"] if earlier else []
   reported = list(dict.fromkeys([r["method"] for r in runs] + methods))
   preset = tiny.get_config()

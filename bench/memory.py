@@ -53,7 +53,6 @@ in scanned tables).
 
 import argparse
 import importlib
-import json
 import os
 
 import jax
@@ -128,15 +127,14 @@ def compile_case(size: str, scan: bool, name: str, args) -> dict:
           "compiled": mem, "compile_s": record["compile_s"]}
 
 
-def cached_case(size: str, scan: bool, name: str, args, partial: dict,
-                save: callable) -> dict:
+def cached_case(size: str, scan: bool, name: str, args,
+                partial: _common.Partial) -> dict:
   """`compile_case`, or its earlier result in `partial` (saved after each)."""
   key = f"{size}|{'scan' if scan else 'unrolled'}|{name}|{args.batch}x{args.seq}"
-  if key in partial:
+  if key in partial.cases:
     print(f"{key}: from the partial results", flush=True)
-    return partial[key]
-  case = partial[key] = compile_case(size, scan, name, args)
-  save()
+    return partial.cases[key]
+  case = partial.get_or_run(key, lambda: compile_case(size, scan, name, args))
   print(f"{key}: state {_common.mib(case['state_bytes']):.1f} MiB, peak "
         f"{_common.mib(case['compiled']['peak']):.1f} MiB, temp "
         f"{_common.mib(case['compiled']['temp']):.1f} MiB (compile "
@@ -144,8 +142,8 @@ def cached_case(size: str, scan: bool, name: str, args, partial: dict,
   return case
 
 
-def measure(spec: str, methods: list[str], args, partial: dict,
-            save: callable) -> dict:
+def measure(spec: str, methods: list[str], args,
+            partial: _common.Partial) -> dict:
   size, scan, methods = parse_spec(spec, methods)
   cfg = preset(size)
   cfg.model.scan = scan
@@ -166,7 +164,7 @@ def measure(spec: str, methods: list[str], args, partial: dict,
     if name == "optax_galore" and cfg.model.scan:
       print(f"{size} {name}: skipped (scanned layers)", flush=True)
       continue
-    out["methods"][name] = cached_case(size, scan, name, args, partial, save)
+    out["methods"][name] = cached_case(size, scan, name, args, partial)
   act = activation_bytes(model_cfg, args.batch, args.seq)
   reduced = out["methods"].get("subtrack", {}).get("state_bytes")
   if reduced is None:  # floor needs SubTrack++'s state even if not compiled
@@ -233,8 +231,8 @@ def table(results: list[dict], args) -> str:
   return "\n".join(lines)
 
 
-def what_fits(budgets_gib: list[float], methods: list[str], args, partial: dict,
-              save: callable) -> dict:
+def what_fits(budgets_gib: list[float], methods: list[str], args,
+              partial: _common.Partial) -> dict:
   """Per method and budget, the largest preset whose compiled step fits.
 
   Scanned layers (the presets' layout). For each budget the presets are tried
@@ -253,7 +251,7 @@ def what_fits(budgets_gib: list[float], methods: list[str], args, partial: dict,
       largest[name][str(gib)] = None
       for size in reversed(SIZES):
         if size not in peaks[name]:
-          case = cached_case(size, True, name, args, partial, save)
+          case = cached_case(size, True, name, args, partial)
           peaks[name][size] = case["compiled"]["peak"]
         if peaks[name][size] <= gib * 2**30:
           largest[name][str(gib)] = size
@@ -308,28 +306,16 @@ def main() -> None:
   args = parser.parse_args()
   methods = args.methods.split(",")
   info = _common.machine()
-  os.makedirs(args.out, exist_ok=True)
-  partial_path = os.path.join(args.out, f"{NAME}.partial.json")
-  partial = {}
-  if args.resume and os.path.exists(partial_path):
-    with open(partial_path) as f:
-      partial = json.load(f)
-  reused = set(partial)
-
-  def save():
-    with open(partial_path, "w") as f:
-      json.dump(partial, f, indent=1)
-
-  results = [measure(spec, methods, args, partial, save)
+  partial = _common.Partial(args.out, NAME, resume=args.resume)
+  results = [measure(spec, methods, args, partial)
              for spec in args.sizes.split(",") if spec]
   fits = None
   if args.fits:
     fits = what_fits([float(b) if "." in b else int(b) for b in args.fits.split(",")],
-                     [m for m in FIT_METHODS if m in methods], args, partial, save)
-  merged_from = None
-  if args.merge and os.path.exists(os.path.join(args.out, f"{NAME}.json")):
-    with open(os.path.join(args.out, f"{NAME}.json")) as f:
-      merged_from = json.load(f)
+                     [m for m in FIT_METHODS if m in methods], args, partial)
+  merged_from = _common.load_json(os.path.join(args.out, f"{NAME}.json")) \
+      if args.merge else None
+  if merged_from:
     results, fits = merge(merged_from, results, fits, args)
   record = _common.call_record(args, batch=args.batch, seq_len=args.seq)
   payload = _common.with_call(
@@ -340,19 +326,19 @@ def main() -> None:
   if fits:
     payload["fits"] = fits
   if args.compare:
-    with open(args.compare) as f:
-      earlier = json.load(f)
+    earlier = _common.load_json(args.compare)
+    cases = partial.cases
     payload["reused_check"] = {
-        key: {"this_run": {k: partial[key]["compiled"][k] for k in ("peak", "temp")}
-              | {"state_bytes": partial[key]["state_bytes"]},
+        key: {"this_run": {k: cases[key]["compiled"][k] for k in ("peak", "temp")}
+              | {"state_bytes": cases[key]["state_bytes"]},
               "earlier": {k: earlier[key]["compiled"][k] for k in ("peak", "temp")}
               | {"state_bytes": earlier[key]["state_bytes"]}}
-        for key in partial if key in earlier and key not in reused}
+        for key in cases if key in earlier and key not in partial.reused}
     for key, v in payload["reused_check"].items():
       print(f"{key}: this run {v['this_run']}, earlier {v['earlier']}", flush=True)
   markdown = table(results, args) + "\n" + _common.machine_line(info)
   _common.write_results(NAME, payload, markdown, args.out)
-  os.remove(partial_path)
+  partial.remove()
 
 
 if __name__ == "__main__":

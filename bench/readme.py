@@ -17,7 +17,6 @@ Reads the JSON results of the other benchmarks (nothing is measured here) and
 """
 
 import argparse
-import json
 import os
 import re
 
@@ -30,11 +29,7 @@ SUBSPAX = tuple(subspax.METHODS)
 
 
 def load(out: str, name: str) -> dict | None:
-  path = os.path.join(out, f"{name}.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return _common.load_json(os.path.join(out, f"{name}.json"))
 
 
 def span(values: list[float]) -> str:

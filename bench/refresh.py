@@ -30,8 +30,6 @@ median (and min) over rounds of time / AdamW time of the same round.
 """
 
 import argparse
-import json
-import os
 import statistics
 import time
 
@@ -190,27 +188,16 @@ def main() -> None:
   args.methods = [m for m in args.methods.split(",") if m]
   shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
   info = _common.machine()
-  os.makedirs(args.out, exist_ok=True)
-  partial_path = os.path.join(args.out, f"{NAME}.partial.json")
-  partial = {}
-  if args.resume and os.path.exists(partial_path):
-    with open(partial_path) as f:
-      partial = json.load(f)
-  results = []
-  for shape in shapes:
-    for r in args.ranks.split(","):
-      key = f"{shape[0]}x{shape[1]}|{r}"
-      if key not in partial:
-        partial[key] = bench_case(shape, int(r), args)
-        with open(partial_path, "w") as f:
-          json.dump(partial, f, indent=1)
-      results.append(partial[key])
+  partial = _common.Partial(args.out, NAME, resume=args.resume)
+  results = [partial.get_or_run(f"{shape[0]}x{shape[1]}|{r}",
+                                lambda shape=shape, r=r: bench_case(shape, int(r), args))
+             for shape in shapes for r in args.ranks.split(",")]
   record = _common.call_record(args)
   payload = _common.with_call({"benchmark": NAME, "machine": info,
                                "args": record["args"], "results": results},
                               None, record)
   _common.write_results(NAME, payload, table(results, args, info), args.out)
-  os.remove(partial_path)
+  partial.remove()
 
 
 if __name__ == "__main__":

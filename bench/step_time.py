@@ -34,8 +34,6 @@ override both presets.
 
 import argparse
 import importlib
-import json
-import os
 import time
 
 import jax
@@ -162,19 +160,9 @@ def main() -> None:
   if args.methods[0] != "adamw":
     args.methods = ["adamw"] + [m for m in args.methods if m != "adamw"]
   info = _common.machine()
-  os.makedirs(args.out, exist_ok=True)
-  partial_path = os.path.join(args.out, f"{NAME}.partial.json")
-  partial = {}
-  if args.resume and os.path.exists(partial_path):
-    with open(partial_path) as f:
-      partial = json.load(f)
-  results = []
-  for preset in args.presets.split(","):
-    if preset not in partial:
-      partial[preset] = bench_preset(preset, args)
-      with open(partial_path, "w") as f:
-        json.dump(partial, f, indent=1)
-    results.append(partial[preset])
+  partial = _common.Partial(args.out, NAME, resume=args.resume)
+  results = [partial.get_or_run(preset, lambda preset=preset: bench_preset(preset, args))
+             for preset in args.presets.split(",")]
   record = _common.call_record(args, presets={
       r["preset"]: {"batch": r["batch"], "seq_len": r["seq_len"]}
       for r in results})
@@ -182,7 +170,7 @@ def main() -> None:
                                "args": record["args"], "results": results},
                               None, record)
   _common.write_results(NAME, payload, table(results, args, info), args.out)
-  os.remove(partial_path)
+  partial.remove()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ variants to an existing result of that name.
 
 import argparse
 import ast
-import json
 import os
 import statistics
 import tempfile
@@ -107,10 +106,9 @@ def main() -> None:
   args = parser.parse_args()
   info = _common.machine()
   results = []
-  path = os.path.join(args.out, f"{args.name}.json")
-  if args.merge and os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+  previous = _common.load_json(os.path.join(args.out, f"{args.name}.json")) \
+      if args.merge else None
+  if previous:
     results = previous["results"]
     args.variants = "|".join(
         filter(None, [previous["args"]["variants"], args.variants]))

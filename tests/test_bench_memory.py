@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from bench import _common
 from bench import memory
 from bench import readme
 
@@ -34,10 +35,9 @@ def args(**kw):
 
 
 def test_what_fits_finds_the_largest_preset_and_compiles_only_what_it_needs(
-    compiles):
-  partial = {}
-  fits = memory.what_fits([24, 40, 80], ["adamw", "subtrack"], args(), partial,
-                          lambda: None)
+    compiles, tmp_path):
+  partial = _common.Partial(str(tmp_path), "memory")
+  fits = memory.what_fits([24, 40, 80], ["adamw", "subtrack"], args(), partial)
   assert fits["largest"] == {"adamw": {"24": "1b", "40": "1b", "80": "1b"},
                              "subtrack": {"24": "1b", "40": "1b", "80": "7b"}}
   # From 13B down to the first preset that fits 24 GiB; each compiled once.
@@ -45,11 +45,18 @@ def test_what_fits_finds_the_largest_preset_and_compiles_only_what_it_needs(
       (s, True, n) for n in ("adamw", "subtrack") for s in ("13b", "7b", "1b"))
   assert fits["peaks"]["subtrack"] == {"1b": 15 * GIB, "7b": 70 * GIB,
                                        "13b": 130 * GIB}
-  # A second search reuses the cache.
-  memory.what_fits([24], ["adamw"], args(), partial, lambda: None)
+  # A second search reuses the cache, and so does a resumed run.
+  memory.what_fits([24], ["adamw"], args(), partial)
   assert len(compiles) == 6
-  assert memory.what_fits([0.5], ["adamw"], args(), partial,
-                          lambda: None)["largest"]["adamw"] == {"0.5": None}
+  assert memory.what_fits([0.5], ["adamw"], args(), partial
+                          )["largest"]["adamw"] == {"0.5": None}
+  compiled = len(compiles)
+  resumed = _common.Partial(str(tmp_path), "memory", resume=True)
+  assert resumed.reused == set(partial.cases)
+  memory.what_fits([24, 40, 80], ["adamw", "subtrack"], args(), resumed)
+  assert len(compiles) == compiled
+  resumed.remove()
+  assert _common.Partial(str(tmp_path), "memory", resume=True).cases == {}
 
 
 def test_merge_keeps_other_sizes_in_order_and_refuses_another_batch():
@@ -69,8 +76,8 @@ def test_merge_keeps_other_sizes_in_order_and_refuses_another_batch():
 
 
 def test_readme_renders_the_fits_table(compiles, tmp_path):
-  fits = memory.what_fits([24, 80], ["adamw", "subtrack"], args(), {},
-                          lambda: None)
+  fits = memory.what_fits([24, 80], ["adamw", "subtrack"], args(),
+                          _common.Partial(str(tmp_path), "memory"))
   with open(tmp_path / "memory.json", "w") as f:
     json.dump({"fits": fits}, f)
   lines = readme.fits_table(str(tmp_path)).splitlines()
