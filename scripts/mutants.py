@@ -193,10 +193,9 @@ MUTANTS = [
         (MATH, "-k", "rotates and right and grassjump"),
         "side auto projects the larger dimension"),
     Mutant(
-        "stack-shares-keys", "subspax/_core.py",
-        "keys = jax.vmap(lambda i: jax.random.fold_in(key, i))("
-        "jnp.arange(num))",
-        "keys = jax.vmap(lambda i: jax.random.fold_in(key, 0 * i))("
+        "stack-shares-keys", "subspax/_keys.py",
+        "return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num))",
+        "return jax.vmap(lambda i: jax.random.fold_in(key, 0 * i))("
         "jnp.arange(num))",
         (MATH, "-k", "stacked"),
         "every matrix of a stack gets the same key (the same random subspace)"),
@@ -215,16 +214,15 @@ MUTANTS = [
         (MATH, "-k", "layer_mode"),
         "RSO layer applies half its delta (side left)"),
     Mutant(
-        "mode-merge-keeps-delta", "train/reparam.py",
-        '"delta": jnp.zeros_like(delta)}',
-        '"delta": delta}',
-        (REPARAM, "-k", "mode_reproduces and rso"),
+        "mode-merge-keeps-delta", "subspax/reparam.py",
+        "delta=jnp.zeros_like(layer.delta))",
+        "delta=layer.delta)",
+        (REPARAM, "-k", "merge_layers"),
         "the refresh merges the delta into W but does not zero it"),
     Mutant(
         "mode-moments-not-reset", "train/reparam.py",
-        "opt_state = _reset_delta_moments(tx, state.opt_state, "
-        "split(params)[0])",
-        "opt_state = state.opt_state",
+        "opt_state=subspax.reparam.reset_moments(state.opt_state))",
+        "opt_state=state.opt_state)",
         (REPARAM, "-k", "mode_reproduces and grass and False"),
         "the refresh keeps the deltas' Adam moments"),
 ]

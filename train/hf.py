@@ -430,7 +430,7 @@ def save(directory: str, params: Mapping, cfg: model_lib.LlamaConfig, *,
     directory: Where to write (created; existing files of the same names are
       overwritten).
     params: The model's parameters (plain kernels: merge reparametrised
-      deltas first, `reparam.merge_all`).
+      deltas first, `reparam.merged_weights`).
     cfg: The model config.
     base_config: The config.json the model came from, if any (`hf_config`).
     tokenizer_files: Files to copy beside the weights (a `.model` is copied
