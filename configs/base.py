@@ -166,7 +166,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.profile_steps = ""  # "a,b": a jax.profiler trace of steps a..b in WORKDIR/tensorboard
 
   cfg.opt = ml_collections.ConfigDict()
-  cfg.opt.name = "subtrack"  # adamw | galore | subtrack | grasswalk | grassjump | rso | grass | fira | apollo | apollo_mini | optax_galore
+  cfg.opt.name = "subtrack"  # adamw, a method of subspax.METHODS, or optax_galore
   cfg.opt.learning_rate = 3e-3  # peak learning rate, reached after warmup
   cfg.opt.warmup_fraction = 0.1  # linear warmup from 0 over this fraction of steps, then cosine decay
   cfg.opt.warmup_steps = -1  # warmup length in steps instead (>= 0); -1, or not shorter than the run: warmup_fraction

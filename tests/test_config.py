@@ -166,3 +166,14 @@ def test_every_entry_point_pins_openblas_before_numpy_loads():
   for proc in procs:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
+
+
+def test_a_restart_compares_only_the_section_of_opt_name():
+  from train import resume  # pylint: disable=g-import-not-at-top
+  cfg = test_preset.get_config()
+  saved = (5, resume.to_json(cfg))
+  cfg.opt.grass.selection = "topk"  # not read by opt.name='subtrack'
+  resume.check_config(saved, cfg)
+  cfg.opt.subtrack.eta = 0.5
+  with pytest.raises(errors.UserError, match=r"opt.subtrack.eta None -> 0.5"):
+    resume.check_config(saved, cfg)

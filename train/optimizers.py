@@ -1,9 +1,9 @@
 """Optimizer registry: a config's `opt` section -> an optax GradientTransformation.
 
-Names: `adamw` (optax), the subspax methods `galore`, `subtrack`, `grasswalk`,
-`grassjump`, `rso`, `grass`, `fira`, `apollo`, `apollo_mini` (rank 1 by
-definition: it ignores opt.rank), and `optax_galore` (optax.contrib.galore, the
-reference GaLore, as a peer). Every optimizer gets the same learning-rate
+Names (`NAMES`): `adamw` (optax), the nine subspax methods of
+`subspax.METHODS` (`apollo_mini` is rank 1 by definition: it ignores
+opt.rank), and `optax_galore` (optax.contrib.galore, the reference GaLore, as
+a peer). Every optimizer gets the same learning-rate
 schedule: linear warmup, then cosine decay to `opt.min_lr_ratio` x the peak.
 
 A method's own options are the typed fields of `opt.<name>` (configs/base.py

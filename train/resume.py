@@ -6,7 +6,8 @@ compares it with its own:
 
 * fields that change the parameters' or optimizer state's shapes, the optimizer
   or the data order (`RESUME_FIXED`) must be equal, or the restart is refused
-  with every differing field listed;
+  with every differing field listed; of the `opt.<method>` sections only the
+  one of `opt.name` counts (the others are not read);
 * a changed `steps` is allowed and explained: the learning-rate schedule
   (warmup and cosine) is recomputed for the new length, so the remaining steps
   follow a different schedule than the trained ones did;
@@ -77,7 +78,8 @@ def check_config(saved: tuple[int, dict] | None,
   new = _flatten(to_json(cfg))
   old = _flatten(old)
   changed = [key for key in sorted(old.keys() & new.keys())
-             if old[key] != new[key] and _fixed(key)]
+             if old[key] != new[key] and _fixed(key)
+             and not _unread_option(key, cfg.opt.name)]
   if changed:
     listed = ", ".join(f"{key} {old[key]!r} -> {new[key]!r}" for key in changed)
     raise errors.UserError(
@@ -104,6 +106,13 @@ def _fixed(key: str) -> bool:
   if key in RESUME_FREE:
     return False
   return any(key == f or (f.endswith(".") and key.startswith(f)) for f in RESUME_FIXED)
+
+
+def _unread_option(key: str, opt_name: str) -> bool:
+  """Whether `key` is a field of another optimizer's section `opt.<name>`."""
+  parts = key.split(".")
+  return (len(parts) > 2 and parts[0] == "opt" and parts[1] in optimizers.NAMES
+          and parts[1] != opt_name)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
