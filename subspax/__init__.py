@@ -10,10 +10,17 @@ Methods (each as ``scale_by_<name>`` and ``<name>(learning_rate, ...)``):
   ratio in a random subspace).
 
 All share one reduced-space Adam core, :func:`scale_by_subspace_adam`, and
-differ only in their :class:`SubspacePolicy`.
-"""
+differ only in their :class:`SubspacePolicy`. :data:`METHODS` maps each
+method's name to its factory; :func:`state_bytes` and
+:func:`state_shardings` inspect any optax state. The math, section by
+section, is in ``docs/algorithms.md``.
 
-import types
+Examples:
+  >>> import jax.numpy as jnp, optax, subspax
+  >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
+  ...                  subspax.subtrack(1e-3, rank=4, update_interval=10))
+  >>> state = tx.init({'w': jnp.zeros((16, 32))})
+"""
 
 from subspax._apollo import apollo
 from subspax._apollo import apollo_mini
@@ -46,25 +53,12 @@ from subspax._policies import RandomSubspace
 from subspax._policies import RowSubspace
 from subspax._policies import SubspacePolicy
 from subspax._policies import SvdSubspace
+from subspax._registry import METHODS
 from subspax._state import state_bytes
 from subspax._state import state_shardings
 from subspax import reparam
 
 __version__ = "0.1.0"
-
-# The nine methods by name, in the order the tables list them: the one
-# registry the trainer, its configs and the benchmarks read.
-METHODS = types.MappingProxyType({
-    "galore": galore,
-    "subtrack": subtrack,
-    "grasswalk": grasswalk,
-    "grassjump": grassjump,
-    "rso": rso,
-    "grass": grass,
-    "fira": fira,
-    "apollo": apollo,
-    "apollo_mini": apollo_mini,
-})
 
 __all__ = (
     "DenseBasis",

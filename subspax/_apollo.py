@@ -10,7 +10,8 @@
   scale factor ``sqrt(128)``.
 
 Both are :func:`~subspax.scale_by_subspace_adam` with a policy and options
-(ALGORITHMS.md sections 2.7 and 2.8); nothing here re-implements the step.
+(docs/algorithms.md sections 5.7 and 5.8); nothing here re-implements the
+step.
 
 Differences from the authors' code, on purpose (see README):
 
@@ -35,7 +36,7 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import optax
 
@@ -43,19 +44,18 @@ from subspax import _core
 from subspax import _layout
 from subspax import _methods
 from subspax import _policies
+from subspax import _types
 
 # APOLLO-Mini's scale factor (apollo-torch's ``scale=128``, applied as a root).
 APOLLO_MINI_SCALE = math.sqrt(128.0)
 
-Limiter = Literal["corrected", "uncorrected", "off"]
-ScaleType = Literal["channel", "tensor"]
-
 
 def scale_by_fira(
     rank: int = 128, update_interval: int = 200, *, scale: float = 0.25,
-    recovery_limit: float = 1.01, limiter: Limiter = "corrected",
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, side: str = "auto",
-    projected: _layout.Projected = None, mu_dtype=None, nu_dtype=None,
+    recovery_limit: float = 1.01, limiter: _types.Limiter = "corrected",
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    side: _types.Side = "auto", projected: _layout.Projected = None,
+    mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """Fira: GaLore's SVD subspace plus norm-based recovery scaling.
 
@@ -101,11 +101,12 @@ def scale_by_fira(
 
 def scale_by_apollo(
     rank: int = 128, update_interval: int = 200, *, key: _core.KeyLike = 0,
-    scale_type: ScaleType = "channel", scale: float = 1.0,
-    recovery_limit: float = 1.01, limiter: Limiter = "corrected",
+    scale_type: _types.ScaleType = "channel", scale: float = 1.0,
+    recovery_limit: float = 1.01, limiter: _types.Limiter = "corrected",
     store_basis: bool = False, b1: float = 0.9, b2: float = 0.999,
-    eps: float = 1e-8, side: str = "auto",
-    projected: _layout.Projected = None, mu_dtype=None, nu_dtype=None,
+    eps: float = 1e-8, side: _types.Side = "auto",
+    projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
+    nu_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """APOLLO: the raw gradient scaled by Adam's ratio in a random subspace.
 
@@ -160,9 +161,10 @@ def scale_by_apollo(
 def scale_by_apollo_mini(
     rank: int = 1, update_interval: int = 200, *, key: _core.KeyLike = 0,
     scale: float = APOLLO_MINI_SCALE, recovery_limit: float = 1.01,
-    limiter: Limiter = "corrected", store_basis: bool = False,
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, side: str = "auto",
-    projected: _layout.Projected = None, mu_dtype=None, nu_dtype=None,
+    limiter: _types.Limiter = "corrected", store_basis: bool = False,
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    side: _types.Side = "auto", projected: _layout.Projected = None,
+    mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """APOLLO-Mini: rank-1 APOLLO with one tensor-wise scale per matrix.
 
@@ -208,9 +210,10 @@ def fira(
     learning_rate: optax.ScalarOrSchedule, rank: int = 128,
     update_interval: int = 200, weight_decay: Any = 0.0,
     mask: Optional[Any] = None, *, scale: float = 0.25,
-    recovery_limit: float = 1.01, limiter: Limiter = "corrected",
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, side: str = "auto",
-    projected: _layout.Projected = None, mu_dtype=None, nu_dtype=None,
+    recovery_limit: float = 1.01, limiter: _types.Limiter = "corrected",
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    side: _types.Side = "auto", projected: _layout.Projected = None,
+    mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """Fira with AdamW-style weight decay and a learning rate.
 
@@ -260,11 +263,12 @@ def apollo(
     learning_rate: optax.ScalarOrSchedule, rank: int = 128,
     update_interval: int = 200, weight_decay: Any = 0.0,
     mask: Optional[Any] = None, *, key: _core.KeyLike = 0,
-    scale_type: ScaleType = "channel", scale: float = 1.0,
-    recovery_limit: float = 1.01, limiter: Limiter = "corrected",
+    scale_type: _types.ScaleType = "channel", scale: float = 1.0,
+    recovery_limit: float = 1.01, limiter: _types.Limiter = "corrected",
     store_basis: bool = False, b1: float = 0.9, b2: float = 0.999,
-    eps: float = 1e-8, side: str = "auto",
-    projected: _layout.Projected = None, mu_dtype=None, nu_dtype=None,
+    eps: float = 1e-8, side: _types.Side = "auto",
+    projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
+    nu_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """APOLLO with AdamW-style weight decay and a learning rate.
 
@@ -319,9 +323,10 @@ def apollo_mini(
     update_interval: int = 200, weight_decay: Any = 0.0,
     mask: Optional[Any] = None, *, key: _core.KeyLike = 0,
     scale: float = APOLLO_MINI_SCALE, recovery_limit: float = 1.01,
-    limiter: Limiter = "corrected", store_basis: bool = False,
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, side: str = "auto",
-    projected: _layout.Projected = None, mu_dtype=None, nu_dtype=None,
+    limiter: _types.Limiter = "corrected", store_basis: bool = False,
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    side: _types.Side = "auto", projected: _layout.Projected = None,
+    mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """APOLLO-Mini (rank 1, tensor-wise) with weight decay and a learning rate.
 

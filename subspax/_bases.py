@@ -2,7 +2,8 @@
 
 A basis maps a canonical gradient ``G`` of shape ``(d, D)`` to its reduced form
 ``R`` of shape ``(r, D)`` (:meth:`project`) and maps a reduced update back
-(:meth:`back`). Every method of ALGORITHMS.md uses one of two kinds:
+(:meth:`back`). Every method of docs/algorithms.md (section 5) uses one of
+two kinds:
 
 * :class:`DenseBasis`: an orthonormal (or Gaussian) ``d x r`` matrix ``S``:
   ``R = S^T G``, ``back(X) = S X`` (GaLore, SubTrack++, GrassWalk, GrassJump,
@@ -21,6 +22,20 @@ import jax.numpy as jnp
 
 class DenseBasis(NamedTuple):
   """A dense basis ``S`` with orthonormal columns (for Gaussian RSO: not).
+
+  ``project`` maps a canonical ``(d, D)`` gradient to ``S^T G`` and ``back``
+  maps a reduced ``(r, D)`` matrix to ``S X``; ``coords`` and ``embed`` apply
+  the same maps to activations (the reparametrised layers of
+  :mod:`subspax.reparam`).
+
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> basis = subspax.DenseBasis(jnp.eye(4, 2))  # spans e_1 and e_2
+    >>> g = jnp.arange(12.0).reshape(4, 3)
+    >>> basis.project(g).shape
+    (2, 3)
+    >>> basis.back(basis.project(g), 4)[2:].tolist()  # outside the span: 0
+    [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
 
   Attributes:
     s: ``S``, shape ``(d, r)``, float32.
@@ -65,6 +80,20 @@ class DenseBasis(NamedTuple):
 class RowBasis(NamedTuple):
   """A GRASS row selector: ``R = rho[:, None] * G[sigma]``.
 
+  ``project`` gathers ``r`` scaled rows of a canonical ``(d, D)`` gradient
+  and ``back`` scatters scaled rows into zeros: the update touches only the
+  selected rows. It stores ``2 r`` numbers instead of a ``d x r`` matrix.
+
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> basis = subspax.RowBasis(index=jnp.array([3, 0]),
+    ...                          scale=jnp.array([1.0, 2.0]))
+    >>> g = jnp.arange(8.0).reshape(4, 2)
+    >>> basis.project(g).tolist()  # row 3, then twice row 0
+    [[6.0, 7.0], [0.0, 2.0]]
+    >>> basis.back(basis.project(g), 4)[1:3].tolist()  # unselected rows: 0
+    [[0.0, 0.0], [0.0, 0.0]]
+
   Attributes:
     index: Selected rows ``sigma``, shape ``(r,)``, int32.
     scale: Row scales ``rho``, shape ``(r,)``, float32.
@@ -74,7 +103,8 @@ class RowBasis(NamedTuple):
   scale: jax.Array  # shape=(r,), float32
 
   # With replacement, back(project(G)) is not G on the selected rows: the
-  # recovery residual is G with the selected rows zeroed (ALGORITHMS.md 2.6).
+  # recovery residual is G with the selected rows zeroed (docs/algorithms.md
+  # section 5.6).
   orthogonal_complement = False
 
   @classmethod

@@ -15,7 +15,8 @@ weight ``W`` of shape ``(m, n)`` (Flax kernel convention, ``y = x @ W``):
 All other axes of the parameter (for example the layer axis of a scanned
 ``(L, m, n)`` stack) are batch axes: each matrix gets its own subspace.
 
-The side is decided once from the parameter's shape (ALGORITHMS.md section 0)
+The side is decided once from the parameter's shape (docs/algorithms.md
+section 1)
 and recorded in a static :class:`MatrixLayout`; it is never inferred from the
 shape of a reduced tensor.
 """
@@ -23,15 +24,18 @@ shape of a reduced tensor.
 from __future__ import annotations
 
 import math
+import typing
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from subspax import _types
+
 Axes = Union[int, Sequence[int]]
 
-SIDES = ("auto", "left", "right")
+SIDES = typing.get_args(_types.Side)
 
 # Default routing: project a matrix only when it is at most this elongated.
 MAX_ASPECT_RATIO = 8
@@ -44,6 +48,15 @@ class MatrixSpec(NamedTuple):
   (for example the layer axis of scanned weights) and each repetition gets its
   own subspace and optimizer state.
 
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> # An attention output kernel (heads, head_dim, d_model): the matrix is
+    >>> # (heads * head_dim) x d_model.
+    >>> spec = subspax.MatrixSpec(rows=(0, 1), cols=2)
+    >>> tx = subspax.scale_by_galore(rank=4, projected={'out': spec})
+    >>> grads = {'out': jnp.ones((4, 8, 16))}
+    >>> updates, state = tx.update(grads, tx.init(grads))
+
   Attributes:
     rows: Axis or axes forming the input (row) dimension ``m``.
     cols: Axis or axes forming the output (column) dimension ``n``.
@@ -55,6 +68,21 @@ class MatrixSpec(NamedTuple):
 
 class MatrixLayout(NamedTuple):
   """Static description of one projected parameter (hashable, no arrays).
+
+  The core builds one per projected parameter from its shape, its
+  :class:`MatrixSpec`, the rank and the side, and keeps it as static metadata
+  of the parameter's state, so the side is never guessed from the shape of a
+  reduced tensor.
+
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> layout = subspax.MatrixLayout(
+    ...     shape=(3, 8, 16), batch_axes=(0,), row_axes=(1,), col_axes=(2,),
+    ...     side='left', rank=2)  # three layers of 8 x 16 kernels
+    >>> layout.num_matrices, layout.d, layout.D
+    (3, 8, 16)
+    >>> layout.to_matrices(jnp.ones((3, 8, 16))).shape
+    (3, 8, 16)
 
   Attributes:
     shape: The parameter's shape.
@@ -204,12 +232,19 @@ Projected = Union[None, bool, MatrixSpec, Any, Callable[..., Any]]
 
 
 def default_is_projected(shape: Sequence[int], rank: int) -> bool:
-  """The default routing rule of ALGORITHMS.md section 1.
+  """The default routing rule (docs/algorithms.md section 1).
 
   A parameter is projected when it has at least two dimensions, ``rank`` is
   smaller than both matrix dimensions (else projection saves nothing) and the
   matrix is at most 8 times longer than wide (which leaves embeddings and
   language-model heads to plain Adam).
+
+  Examples:
+    >>> import subspax
+    >>> subspax.default_is_projected((512, 512), rank=128)
+    True
+    >>> subspax.default_is_projected((32000, 512), rank=128)  # an embedding
+    False
 
   Args:
     shape: The parameter's shape; the last two axes form the matrix.

@@ -1,29 +1,30 @@
-"""The six methods: a subspace policy plus the papers' defaults.
+"""The six subspace methods: a policy on the shared core, the papers' defaults.
 
-Each method has two layers, as in optax: ``scale_by_<method>`` (the pure
-rescaling, no learning rate) and ``<method>(learning_rate, ...)``, which chains
-decoupled weight decay and the learning rate after it. Defaults follow
-ALGORITHMS.md section 2.7.
+Each method has two layers, as in optax: ``scale_by_<method>`` is the pure
+rescaling (no learning rate) and ``<method>(learning_rate, ...)`` chains
+decoupled weight decay and the learning rate after it. The defaults are the
+papers' (docs/algorithms.md section 6); the math of each policy is in section 5.
+
+References:
+  Zhao et al., GaLore, https://arxiv.org/abs/2403.03507;
+  Rajabi, Nonta, Rambhatla, SubTrack++, https://arxiv.org/abs/2502.01586;
+  Rajabi et al., Randomized Gradient Subspaces (GrassWalk, GrassJump),
+  https://arxiv.org/abs/2510.01878;
+  Chen et al., RSO, https://arxiv.org/abs/2502.07222;
+  Muhamed et al., GRASS, https://arxiv.org/abs/2406.17660
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Optional
 
-import jax
 import optax
 
 from subspax import _core
 from subspax import _layout
 from subspax import _policies
+from subspax import _types
 from subspax import _validation
-
-_DOC_COMMON = """
-    b1, b2, eps: Adam's constants.
-    side: ``"auto"`` (project the smaller dimension), ``"left"``, ``"right"``.
-    projected: Which parameters to project (see ``scale_by_subspace_adam``).
-    mu_dtype, nu_dtype: dtypes of the reduced moments (float32 by default)."""
 
 
 def _with_learning_rate(transform: optax.GradientTransformation,
@@ -36,30 +37,46 @@ def _with_learning_rate(transform: optax.GradientTransformation,
                      optax.scale_by_learning_rate(learning_rate))
 
 
-def _adam_kwargs(b1, b2, eps, side, projected, mu_dtype, nu_dtype):
-  return dict(b1=b1, b2=b2, eps=eps, side=side, projected=projected,
-              mu_dtype=mu_dtype, nu_dtype=nu_dtype)
-
-
 def scale_by_galore(
     rank: int = 128, update_interval: int = 200, *, scale: float = 0.25,
     align_signs: bool = False, b1: float = 0.9, b2: float = 0.999,
-    eps: float = 1e-8, side: str = "auto",
-    projected: _layout.Projected = None, mu_dtype=None, nu_dtype=None,
+    eps: float = 1e-8, side: _types.Side = "auto",
+    projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
+    nu_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
-  """GaLore: top-``r`` singular subspace by exact SVD, moments kept.
+  """GaLore's rescaling: Adam on the top-``r`` singular subspace of ``G``.
 
-  The baseline the other methods improve on; its refresh is a full SVD of
-  every projected gradient.
+  Every ``update_interval`` steps the basis becomes the top-``r`` singular
+  vectors of the current gradient (an exact SVD); the Adam moments are kept
+  across the change. The update is ``scale`` times the back-projected Adam
+  step. It is the baseline the other methods improve on: its refresh is a
+  full SVD of every projected gradient.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, subspax
+    >>> tx = optax.chain(subspax.scale_by_galore(rank=2, update_interval=10),
+    ...                  optax.scale(-1e-2))  # a plain descent step
+    >>> grads = {'w': jnp.ones((8, 16))}
+    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> updates['w'].shape
+    (8, 16)
 
   Args:
     rank: Subspace rank ``r``.
     update_interval: Steps between SVD refreshes ``T``.
     scale: Back-projection scale ``alpha``.
     align_signs: Flip each new singular vector that points against the old
-      one (``diag(S_new^T S_old) >= 0``), so a sign flip of the SVD does not
-      negate rows of the kept first moment.
-  """ + _DOC_COMMON + """
+      one (``diag(S_new^T S_old) >= 0``), so that an arbitrary sign flip of
+      the SVD does not negate rows of the kept first moment.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, added to ``sqrt(nu_hat)``.
+    side: ``"auto"`` (project the smaller dimension), ``"left"`` or
+      ``"right"``.
+    projected: Which parameters to project (see
+      :func:`~subspax.scale_by_subspace_adam`).
+    mu_dtype: dtype of the reduced first moments (float32 by default).
+    nu_dtype: dtype of the reduced second moments (float32 by default).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -68,42 +85,130 @@ def scale_by_galore(
     Zhao et al., GaLore, https://arxiv.org/abs/2403.03507
   """
   return _core.scale_by_subspace_adam(
-      _policies.SvdSubspace(align_signs=align_signs), rank, update_interval, scale=scale,
-      moments="keep", recovery=False,
-      **_adam_kwargs(b1, b2, eps, side, projected, mu_dtype, nu_dtype))
+      _policies.SvdSubspace(align_signs=align_signs), rank, update_interval,
+      b1=b1, b2=b2, eps=eps, scale=scale, moments="keep", recovery=False,
+      side=side, projected=projected, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+
+
+def galore(
+    learning_rate: optax.ScalarOrSchedule, rank: int = 128,
+    update_interval: int = 200, weight_decay: Any = 0.0,
+    mask: Optional[Any] = None, *, scale: float = 0.25,
+    align_signs: bool = False, b1: float = 0.9, b2: float = 0.999,
+    eps: float = 1e-8, side: _types.Side = "auto",
+    projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
+    nu_dtype: _types.MomentDType = None,
+) -> optax.GradientTransformation:
+  """GaLore with AdamW-style weight decay and a learning rate.
+
+  ``optax.chain(scale_by_galore(...), optax.add_decayed_weights(weight_decay,
+  mask), optax.scale_by_learning_rate(learning_rate))``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, subspax
+    >>> schedule = optax.cosine_decay_schedule(1e-2, decay_steps=100)
+    >>> tx = subspax.galore(schedule, rank=4, update_interval=10,
+    ...                     weight_decay=0.1, align_signs=True)
+    >>> params = {'w': jnp.ones((16, 32)), 'b': jnp.zeros((32,))}
+    >>> updates, state = tx.update(params, tx.init(params), params)
+    >>> params = optax.apply_updates(params, updates)
+
+  Args:
+    learning_rate: A float or an ``optax`` schedule.
+    rank: Subspace rank ``r``.
+    update_interval: Steps between SVD refreshes ``T``.
+    weight_decay: Decoupled weight decay, applied to all parameters (AdamW).
+    mask: Which parameters get weight decay (as in ``optax.adamw``).
+    scale: Back-projection scale ``alpha``.
+    align_signs: Flip each new singular vector towards the old one, so the
+      kept first moment keeps its signs.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, added to ``sqrt(nu_hat)``.
+    side: ``"auto"`` (project the smaller dimension), ``"left"`` or
+      ``"right"``.
+    projected: Which parameters to project (see
+      :func:`~subspax.scale_by_subspace_adam`).
+    mu_dtype: dtype of the reduced first moments (float32 by default).
+    nu_dtype: dtype of the reduced second moments (float32 by default).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Zhao et al., GaLore, https://arxiv.org/abs/2403.03507
+  """
+  return _with_learning_rate(
+      scale_by_galore(rank, update_interval, scale=scale,
+                      align_signs=align_signs, b1=b1, b2=b2, eps=eps,
+                      side=side, projected=projected, mu_dtype=mu_dtype,
+                      nu_dtype=nu_dtype),
+      learning_rate, weight_decay, mask)
+
+
+def _geodesic_eta(step: str, eta: Optional[float]) -> float:
+  """SubTrack++'s ``eta`` after validation (``None``: the step rule's own)."""
+  _validation.choice("step", step, _policies.GEODESIC_STEPS)
+  if eta is None:
+    eta = (_policies.OPTIMAL_DAMPING if step == "optimal"
+           else _policies.PAPER_ETA)
+  _validation.non_negative("eta", eta)
+  if step == "optimal":
+    _validation.in_range("eta", eta, 0.0, 1.0, closed_high=True)
+  return eta
 
 
 def scale_by_subtrack(
     rank: int = 128, update_interval: int = 200, *, key: _core.KeyLike = 0,
-    eta: Optional[float] = None, step: str = "optimal",
-    init: str = "randomized",
-    scale: float = 0.25, recovery: bool = True, recovery_limit: float = 1.01,
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, side: str = "auto",
-    projected: _layout.Projected = None, mu_dtype=None, nu_dtype=None,
+    eta: Optional[float] = None, step: _types.GeodesicStep = "optimal",
+    init: _types.Init = "randomized", scale: float = 0.25,
+    recovery: bool = True, recovery_limit: float = 1.01, b1: float = 0.9,
+    b2: float = 0.999, eps: float = 1e-8, side: _types.Side = "auto",
+    projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
+    nu_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
-  """SubTrack++: geodesic tracking of the gradient subspace.
+  """SubTrack++'s rescaling: Adam in a subspace tracked along geodesics.
 
-  Every ``T`` steps the basis takes one Grassmannian geodesic step that lowers
-  the projection error ``||G - S S^T G||_F`` (no SVD after the randomized
-  initial one); the Adam moments are rotated into the new basis and the part
-  of the gradient outside the subspace is added back with recovery scaling.
+  Every ``update_interval`` steps the basis takes one step along a geodesic of
+  the Grassmannian that lowers the projection error ``||G - S S^T G||_F``;
+  only the first basis needs a (randomized) SVD. The Adam moments are rotated
+  into the new basis, and the part of the gradient outside the subspace is
+  added back with Fira's recovery scaling.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, subspax
+    >>> tx = subspax.scale_by_subtrack(rank=2, update_interval=10, init='svd')
+    >>> grads = {'w': jnp.ones((8, 16))}
+    >>> update = jax.jit(tx.update)
+    >>> updates, state = update(grads, tx.init(grads))
+    >>> updates, state = update(grads, state)  # compiled once
 
   Args:
     rank: Subspace rank ``r``.
     update_interval: Steps between geodesic steps ``T``.
-    key: PRNG key or seed (randomized initial range finder).
-    eta: Geodesic step size (see ``step``); ``None``: 1 for ``"optimal"``
-      (the best angle itself), the paper scripts' 10 for the other rules.
-    step: ``"optimal"``: ``eta`` (a damping factor in ``[0, 1]``) times the
-      angle that minimises the projection error along the geodesic (closed
-      form; never increases it); ``"normalized"`` (angle
-      ``eta sigma / ||G||_F^2``, capped at pi/4), ``"raw"`` (angle
-      ``eta sigma``, the paper's rule) or ``"angle"`` (``eta`` radians).
-    init: ``"randomized"`` range finder or exact ``"svd"`` for the first basis.
+    key: PRNG key or int seed (of the randomized first basis).
+    eta: Step size of the geodesic step, read by ``step``. ``None``: 1 for
+      ``"optimal"`` (the best angle itself), the paper scripts' 10 for the
+      other rules.
+    step: How far to move. ``"optimal"``: ``eta`` (a damping factor in
+      ``[0, 1]``) times the angle that minimises the projection error along
+      the geodesic, in closed form, so a refresh never increases it;
+      ``"normalized"``: the angle ``eta sigma / ||G||_F^2``, at most pi/4;
+      ``"raw"``: the angle ``eta sigma`` (the paper's rule); ``"angle"``:
+      ``eta`` radians.
+    init: The first basis: ``"randomized"`` range finder or exact ``"svd"``.
     scale: Back-projection scale ``alpha``.
-    recovery: Recovery scaling of the residual (Fira).
-    recovery_limit: Norm-growth limiter ``zeta``.
-  """ + _DOC_COMMON + """
+    recovery: Add Fira's scaled residual to the update.
+    recovery_limit: Norm-growth limiter ``zeta`` of the recovery term.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, added to ``sqrt(nu_hat)``.
+    side: ``"auto"`` (project the smaller dimension), ``"left"`` or
+      ``"right"``.
+    projected: Which parameters to project (see
+      :func:`~subspax.scale_by_subspace_adam`).
+    mu_dtype: dtype of the reduced first moments (float32 by default).
+    nu_dtype: dtype of the reduced second moments (float32 by default).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -111,43 +216,128 @@ def scale_by_subtrack(
   References:
     Rajabi, Nonta, Rambhatla, SubTrack++, https://arxiv.org/abs/2502.01586
   """
-  _validation.choice("step", step, _policies.GEODESIC_STEPS)
+  eta = _geodesic_eta(step, eta)
   _validation.choice("init", init, _policies.INITS)
-  if eta is None:
-    eta = (_policies.OPTIMAL_DAMPING if step == "optimal"
-           else _policies.PAPER_ETA)
-  _validation.non_negative("eta", eta)
-  if step == "optimal":
-    _validation.in_range("eta", eta, 0.0, 1.0, closed_high=True)
+  policy = _policies.GeodesicSubspace(eta=eta, step=step, tangent="gradient",
+                                      init=init)
   return _core.scale_by_subspace_adam(
-      _policies.GeodesicSubspace(eta=eta, step=step, tangent="gradient",
-                                 init=init),
-      rank, update_interval, scale=scale, moments="rotate", recovery=recovery,
-      recovery_limit=recovery_limit, key=key,
-      **_adam_kwargs(b1, b2, eps, side, projected, mu_dtype, nu_dtype))
+      policy, rank, update_interval, b1=b1, b2=b2, eps=eps, scale=scale,
+      moments="rotate", recovery=recovery, recovery_limit=recovery_limit,
+      side=side, projected=projected, key=key, mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype)
+
+
+def subtrack(
+    learning_rate: optax.ScalarOrSchedule, rank: int = 128,
+    update_interval: int = 200, weight_decay: Any = 0.0,
+    mask: Optional[Any] = None, *, key: _core.KeyLike = 0,
+    eta: Optional[float] = None, step: _types.GeodesicStep = "optimal",
+    init: _types.Init = "randomized", scale: float = 0.25,
+    recovery: bool = True, recovery_limit: float = 1.01, b1: float = 0.9,
+    b2: float = 0.999, eps: float = 1e-8, side: _types.Side = "auto",
+    projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
+    nu_dtype: _types.MomentDType = None,
+) -> optax.GradientTransformation:
+  """SubTrack++ with AdamW-style weight decay and a learning rate.
+
+  ``optax.chain(scale_by_subtrack(...), optax.add_decayed_weights(
+  weight_decay, mask), optax.scale_by_learning_rate(learning_rate))``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, subspax
+    >>> loss = lambda p: jnp.sum(jnp.sin(p['w']) ** 2)
+    >>> params = {'w': jnp.ones((16, 32))}
+    >>> tx = subspax.subtrack(1e-2, rank=4, update_interval=2)
+    >>> state = tx.init(params)
+    >>> for _ in range(5):
+    ...   updates, state = tx.update(jax.grad(loss)(params), state, params)
+    ...   params = optax.apply_updates(params, updates)
+    >>> bool(loss(params) < loss({'w': jnp.ones((16, 32))}))
+    True
+
+  Args:
+    learning_rate: A float or an ``optax`` schedule.
+    rank: Subspace rank ``r``.
+    update_interval: Steps between geodesic steps ``T``.
+    weight_decay: Decoupled weight decay, applied to all parameters (AdamW).
+    mask: Which parameters get weight decay (as in ``optax.adamw``).
+    key: PRNG key or int seed (of the randomized first basis).
+    eta: Step size of the geodesic step (``None``: 1 for ``"optimal"``, 10
+      for the other rules).
+    step: ``"optimal"`` (default), ``"normalized"``, ``"raw"`` or
+      ``"angle"``; see :func:`scale_by_subtrack`.
+    init: The first basis: ``"randomized"`` range finder or exact ``"svd"``.
+    scale: Back-projection scale ``alpha``.
+    recovery: Add Fira's scaled residual to the update.
+    recovery_limit: Norm-growth limiter ``zeta`` of the recovery term.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, added to ``sqrt(nu_hat)``.
+    side: ``"auto"`` (project the smaller dimension), ``"left"`` or
+      ``"right"``.
+    projected: Which parameters to project (see
+      :func:`~subspax.scale_by_subspace_adam`).
+    mu_dtype: dtype of the reduced first moments (float32 by default).
+    nu_dtype: dtype of the reduced second moments (float32 by default).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Rajabi, Nonta, Rambhatla, SubTrack++, https://arxiv.org/abs/2502.01586
+  """
+  return _with_learning_rate(
+      scale_by_subtrack(rank, update_interval, key=key, eta=eta, step=step,
+                        init=init, scale=scale, recovery=recovery,
+                        recovery_limit=recovery_limit, b1=b1, b2=b2, eps=eps,
+                        side=side, projected=projected, mu_dtype=mu_dtype,
+                        nu_dtype=nu_dtype),
+      learning_rate, weight_decay, mask)
 
 
 def scale_by_grasswalk(
     rank: int = 128, update_interval: int = 200, *, key: _core.KeyLike = 0,
-    eta: float = 0.1, jump_prob: float = 0.0, init: str = "randomized",
+    eta: float = 0.1, jump_prob: float = 0.0, init: _types.Init = "randomized",
     scale: float = 0.25, recovery: bool = True, recovery_limit: float = 1.01,
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, side: str = "auto",
-    projected: _layout.Projected = None, mu_dtype=None, nu_dtype=None,
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    side: _types.Side = "auto", projected: _layout.Projected = None,
+    mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
-  """GrassWalk: a random geodesic step on the Grassmannian every ``T`` steps.
+  """GrassWalk's rescaling: a random geodesic step every ``T`` steps.
+
+  Like SubTrack++, but the geodesic follows a random tangent direction and
+  turns the basis by a fixed angle ``eta``; the moments are rotated and the
+  residual is recovered. With ``jump_prob > 0`` a refresh may instead jump to
+  a fresh Haar-random subspace (the GrassWalk / GrassJump hybrid).
+
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> tx = subspax.scale_by_grasswalk(rank=2, update_interval=10, eta=0.1)
+    >>> layers = {'w': jnp.ones((3, 8, 16))}  # one subspace per layer
+    >>> updates, state = tx.update(layers, tx.init(layers))
+    >>> updates['w'].shape
+    (3, 8, 16)
 
   Args:
     rank: Subspace rank ``r``.
     update_interval: Steps between random steps ``T``.
-    key: PRNG key or seed.
-    eta: Rotation angle per refresh, in radians.
-    jump_prob: With this probability a refresh jumps to a fresh Haar-random
-      subspace instead (the GrassWalk/GrassJump hybrid; 0 = pure walk).
-    init: ``"randomized"`` range finder or exact ``"svd"`` first basis.
+    key: PRNG key or int seed.
+    eta: Rotation angle of one refresh, in radians.
+    jump_prob: Probability that a refresh jumps to a Haar-random subspace
+      instead (0: a pure walk).
+    init: The first basis: ``"randomized"`` range finder or exact ``"svd"``.
     scale: Back-projection scale ``alpha``.
-    recovery: Recovery scaling of the residual.
-    recovery_limit: Norm-growth limiter ``zeta``.
-  """ + _DOC_COMMON + """
+    recovery: Add Fira's scaled residual to the update.
+    recovery_limit: Norm-growth limiter ``zeta`` of the recovery term.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, added to ``sqrt(nu_hat)``.
+    side: ``"auto"`` (project the smaller dimension), ``"left"`` or
+      ``"right"``.
+    projected: Which parameters to project (see
+      :func:`~subspax.scale_by_subspace_adam`).
+    mu_dtype: dtype of the reduced first moments (float32 by default).
+    nu_dtype: dtype of the reduced second moments (float32 by default).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -159,35 +349,121 @@ def scale_by_grasswalk(
   _validation.choice("init", init, _policies.INITS)
   _validation.non_negative("eta", eta)
   _validation.in_range("jump_prob", jump_prob, 0.0, 1.0, closed_high=True)
+  policy = _policies.GeodesicSubspace(eta=eta, step="angle", tangent="random",
+                                      init=init, jump_prob=jump_prob)
   return _core.scale_by_subspace_adam(
-      _policies.GeodesicSubspace(eta=eta, step="angle", tangent="random",
-                                 init=init, jump_prob=jump_prob),
-      rank, update_interval, scale=scale, moments="rotate", recovery=recovery,
-      recovery_limit=recovery_limit, key=key,
-      **_adam_kwargs(b1, b2, eps, side, projected, mu_dtype, nu_dtype))
+      policy, rank, update_interval, b1=b1, b2=b2, eps=eps, scale=scale,
+      moments="rotate", recovery=recovery, recovery_limit=recovery_limit,
+      side=side, projected=projected, key=key, mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype)
+
+
+def grasswalk(
+    learning_rate: optax.ScalarOrSchedule, rank: int = 128,
+    update_interval: int = 200, weight_decay: Any = 0.0,
+    mask: Optional[Any] = None, *, key: _core.KeyLike = 0, eta: float = 0.1,
+    jump_prob: float = 0.0, init: _types.Init = "randomized",
+    scale: float = 0.25, recovery: bool = True, recovery_limit: float = 1.01,
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    side: _types.Side = "auto", projected: _layout.Projected = None,
+    mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
+) -> optax.GradientTransformation:
+  """GrassWalk with AdamW-style weight decay and a learning rate.
+
+  ``optax.chain(scale_by_grasswalk(...), optax.add_decayed_weights(
+  weight_decay, mask), optax.scale_by_learning_rate(learning_rate))``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, subspax
+    >>> tx = optax.inject_hyperparams(
+    ...     subspax.grasswalk, static_args=('rank', 'update_interval'))(
+    ...         learning_rate=1e-2, rank=4, update_interval=10, jump_prob=0.3)
+    >>> params = {'w': jnp.ones((16, 32))}
+    >>> state = tx.init(params)
+    >>> round(float(state.hyperparams['jump_prob']), 6)
+    0.3
+
+  Args:
+    learning_rate: A float or an ``optax`` schedule.
+    rank: Subspace rank ``r``.
+    update_interval: Steps between random steps ``T``.
+    weight_decay: Decoupled weight decay, applied to all parameters (AdamW).
+    mask: Which parameters get weight decay (as in ``optax.adamw``).
+    key: PRNG key or int seed.
+    eta: Rotation angle of one refresh, in radians.
+    jump_prob: Probability that a refresh jumps to a Haar-random subspace
+      instead (0: a pure walk).
+    init: The first basis: ``"randomized"`` range finder or exact ``"svd"``.
+    scale: Back-projection scale ``alpha``.
+    recovery: Add Fira's scaled residual to the update.
+    recovery_limit: Norm-growth limiter ``zeta`` of the recovery term.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, added to ``sqrt(nu_hat)``.
+    side: ``"auto"`` (project the smaller dimension), ``"left"`` or
+      ``"right"``.
+    projected: Which parameters to project (see
+      :func:`~subspax.scale_by_subspace_adam`).
+    mu_dtype: dtype of the reduced first moments (float32 by default).
+    nu_dtype: dtype of the reduced second moments (float32 by default).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Rajabi et al., Randomized Gradient Subspaces,
+    https://arxiv.org/abs/2510.01878
+  """
+  return _with_learning_rate(
+      scale_by_grasswalk(rank, update_interval, key=key, eta=eta,
+                         jump_prob=jump_prob, init=init, scale=scale,
+                         recovery=recovery, recovery_limit=recovery_limit,
+                         b1=b1, b2=b2, eps=eps, side=side,
+                         projected=projected, mu_dtype=mu_dtype,
+                         nu_dtype=nu_dtype),
+      learning_rate, weight_decay, mask)
 
 
 def scale_by_grassjump(
     rank: int = 128, update_interval: int = 200, *, key: _core.KeyLike = 0,
     store_basis: bool = True, scale: float = 0.25, recovery: bool = True,
     recovery_limit: float = 1.01, b1: float = 0.9, b2: float = 0.999,
-    eps: float = 1e-8, side: str = "auto",
-    projected: _layout.Projected = None, mu_dtype=None, nu_dtype=None,
+    eps: float = 1e-8, side: _types.Side = "auto",
+    projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
+    nu_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
-  """GrassJump: a fresh Haar-random subspace every ``T`` steps.
+  """GrassJump's rescaling: a fresh Haar-random subspace every ``T`` steps.
 
-  No SVD at all. With ``store_basis=False`` the basis is regenerated from the
-  key every step (one thin QR) and costs 0 bytes of state.
+  No SVD at all: every basis, the first included, is the ``Q`` factor of a
+  Gaussian matrix. The moments are rotated into each new basis and the
+  residual is recovered. With ``store_basis=False`` the basis is rebuilt
+  from the key at every step (one thin QR) and takes no state.
+
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> only_w = lambda path, p: path[0].key == 'w'  # 'v' gets plain Adam
+    >>> tx = subspax.scale_by_grassjump(rank=2, update_interval=10,
+    ...                                 projected=only_w)
+    >>> grads = {'w': jnp.ones((8, 16)), 'v': jnp.ones((8, 16))}
+    >>> updates, state = tx.update(grads, tx.init(grads))
 
   Args:
     rank: Subspace rank ``r``.
     update_interval: Steps between jumps ``T``.
-    key: PRNG key or seed.
+    key: PRNG key or int seed.
     store_basis: Store the basis, or regenerate it from the key.
     scale: Back-projection scale ``alpha``.
-    recovery: Recovery scaling of the residual.
-    recovery_limit: Norm-growth limiter ``zeta``.
-  """ + _DOC_COMMON + """
+    recovery: Add Fira's scaled residual to the update.
+    recovery_limit: Norm-growth limiter ``zeta`` of the recovery term.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, added to ``sqrt(nu_hat)``.
+    side: ``"auto"`` (project the smaller dimension), ``"left"`` or
+      ``"right"``.
+    projected: Which parameters to project (see
+      :func:`~subspax.scale_by_subspace_adam`).
+    mu_dtype: dtype of the reduced first moments (float32 by default).
+    nu_dtype: dtype of the reduced second moments (float32 by default).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -198,40 +474,122 @@ def scale_by_grassjump(
   """
   return _core.scale_by_subspace_adam(
       _policies.RandomSubspace(orthonormal=True), rank, update_interval,
-      scale=scale, moments="rotate", recovery=recovery,
-      recovery_limit=recovery_limit, store_basis=store_basis, key=key,
-      **_adam_kwargs(b1, b2, eps, side, projected, mu_dtype, nu_dtype))
+      b1=b1, b2=b2, eps=eps, scale=scale, moments="rotate", recovery=recovery,
+      recovery_limit=recovery_limit, side=side, projected=projected,
+      store_basis=store_basis, key=key, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+
+
+def grassjump(
+    learning_rate: optax.ScalarOrSchedule, rank: int = 128,
+    update_interval: int = 200, weight_decay: Any = 0.0,
+    mask: Optional[Any] = None, *, key: _core.KeyLike = 0,
+    store_basis: bool = True, scale: float = 0.25, recovery: bool = True,
+    recovery_limit: float = 1.01, b1: float = 0.9, b2: float = 0.999,
+    eps: float = 1e-8, side: _types.Side = "auto",
+    projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
+    nu_dtype: _types.MomentDType = None,
+) -> optax.GradientTransformation:
+  """GrassJump with AdamW-style weight decay and a learning rate.
+
+  ``optax.chain(scale_by_grassjump(...), optax.add_decayed_weights(
+  weight_decay, mask), optax.scale_by_learning_rate(learning_rate))``.
+
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> params = {'w': jnp.zeros((64, 64))}
+    >>> stored = subspax.grassjump(1e-2, rank=8)
+    >>> rebuilt = subspax.grassjump(1e-2, rank=8, store_basis=False)
+    >>> bytes_of = lambda tx: subspax.state_bytes(tx.init(params))
+    >>> bytes_of(stored) - bytes_of(rebuilt)  # the 64 x 8 float32 basis
+    2048
+
+  Args:
+    learning_rate: A float or an ``optax`` schedule.
+    rank: Subspace rank ``r``.
+    update_interval: Steps between jumps ``T``.
+    weight_decay: Decoupled weight decay, applied to all parameters (AdamW).
+    mask: Which parameters get weight decay (as in ``optax.adamw``).
+    key: PRNG key or int seed.
+    store_basis: Store the basis, or regenerate it from the key.
+    scale: Back-projection scale ``alpha``.
+    recovery: Add Fira's scaled residual to the update.
+    recovery_limit: Norm-growth limiter ``zeta`` of the recovery term.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, added to ``sqrt(nu_hat)``.
+    side: ``"auto"`` (project the smaller dimension), ``"left"`` or
+      ``"right"``.
+    projected: Which parameters to project (see
+      :func:`~subspax.scale_by_subspace_adam`).
+    mu_dtype: dtype of the reduced first moments (float32 by default).
+    nu_dtype: dtype of the reduced second moments (float32 by default).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Rajabi et al., Randomized Gradient Subspaces,
+    https://arxiv.org/abs/2510.01878
+  """
+  return _with_learning_rate(
+      scale_by_grassjump(rank, update_interval, key=key,
+                         store_basis=store_basis, scale=scale,
+                         recovery=recovery, recovery_limit=recovery_limit,
+                         b1=b1, b2=b2, eps=eps, side=side,
+                         projected=projected, mu_dtype=mu_dtype,
+                         nu_dtype=nu_dtype),
+      learning_rate, weight_decay, mask)
 
 
 def scale_by_rso(
     rank: int = 128, update_interval: int = 200, *, key: _core.KeyLike = 0,
     orthonormal: bool = True, store_basis: bool = True, scale: float = 1.0,
     prox: float = 0.0, prox_learning_rate: optax.ScalarOrSchedule = 1.0,
-    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, side: str = "auto",
-    projected: _layout.Projected = None, mu_dtype=None, nu_dtype=None,
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    side: _types.Side = "auto", projected: _layout.Projected = None,
+    mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
-  """RSO: Adam on a random subspace subproblem, restarted every ``T`` steps.
+  """RSO's rescaling: Adam on random subspace subproblems of ``T`` steps.
 
-  As a gradient transformation: a random basis (Haar, or Gaussian
-  ``N(0, 1/r)`` with ``orthonormal=False``), moments reset at every refresh,
-  no recovery.
+  Each block of ``update_interval`` steps is one subproblem in a random
+  subspace (Haar-random, or Gaussian with ``N(0, 1/r)`` entries when
+  ``orthonormal=False``); the moments are reset when it starts and nothing
+  outside the subspace is recovered. ``prox > 0`` adds the paper's proximal
+  term to the reduced gradient.
+
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> tx = subspax.scale_by_rso(rank=2, update_interval=10,
+    ...                           orthonormal=False, side='right')
+    >>> grads = {'w': jnp.ones((8, 16))}  # the basis spans 2 of the 16 columns
+    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> updates['w'].shape
+    (8, 16)
 
   Args:
     rank: Subspace rank ``r``.
     update_interval: Steps per subproblem ``T``.
-    key: PRNG key or seed.
-    orthonormal: Haar-random orthonormal basis, or a Gaussian one.
+    key: PRNG key or int seed.
+    orthonormal: A Haar-random orthonormal basis, or a Gaussian one.
     store_basis: Store the basis, or regenerate it from the key.
     scale: Back-projection scale ``alpha``.
     prox: The proximal coefficient ``1 / eta_k`` of the subproblem
-      ``f(W + S B) + ||B||_F^2 / (2 eta_k)``: adds ``prox * B`` to the reduced
-      gradient, ``B`` the parameter's reduced displacement since the last
-      refresh (extra ``r x D`` state). 0 (default) turns it off. The same
-      value as the trainer's ``opt.prox`` gives the same steps.
+      ``f(W + S B) + ||B||_F^2 / (2 eta_k)``: adds ``prox * B`` to the
+      reduced gradient, ``B`` the parameter's reduced displacement since the
+      last refresh (an extra ``r x D`` state). 0 (default) turns it off; the
+      same value as the trainer's ``opt.prox`` gives the same steps.
     prox_learning_rate: The learning rate chained after this transformation,
-      needed to know ``B`` (``subspax.rso`` passes its own). Weight decay is
-      not part of ``B``.
-  """ + _DOC_COMMON + """
+      needed to accumulate ``B`` (:func:`subspax.rso` passes its own).
+      Weight decay is not part of ``B``.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, added to ``sqrt(nu_hat)``.
+    side: ``"auto"`` (project the smaller dimension), ``"left"`` or
+      ``"right"``.
+    projected: Which parameters to project (see
+      :func:`~subspax.scale_by_subspace_adam`).
+    mu_dtype: dtype of the reduced first moments (float32 by default).
+    nu_dtype: dtype of the reduced second moments (float32 by default).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -241,38 +599,125 @@ def scale_by_rso(
   """
   return _core.scale_by_subspace_adam(
       _policies.RandomSubspace(orthonormal=orthonormal), rank, update_interval,
-      scale=scale, moments="reset", recovery=False, store_basis=store_basis,
-      prox=prox, prox_learning_rate=prox_learning_rate,
-      key=key, **_adam_kwargs(b1, b2, eps, side, projected, mu_dtype,
-                              nu_dtype))
+      b1=b1, b2=b2, eps=eps, scale=scale, moments="reset", recovery=False,
+      side=side, projected=projected, store_basis=store_basis, key=key,
+      mu_dtype=mu_dtype, nu_dtype=nu_dtype, prox=prox,
+      prox_learning_rate=prox_learning_rate)
+
+
+def rso(
+    learning_rate: optax.ScalarOrSchedule, rank: int = 128,
+    update_interval: int = 200, weight_decay: Any = 0.0,
+    mask: Optional[Any] = None, *, key: _core.KeyLike = 0,
+    orthonormal: bool = True, store_basis: bool = True, scale: float = 1.0,
+    prox: float = 0.0,
+    prox_learning_rate: Optional[optax.ScalarOrSchedule] = None,
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+    side: _types.Side = "auto", projected: _layout.Projected = None,
+    mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
+) -> optax.GradientTransformation:
+  """RSO (random subspace optimization) with weight decay and a learning rate.
+
+  ``optax.chain(scale_by_rso(..., prox_learning_rate=learning_rate),
+  optax.add_decayed_weights(weight_decay, mask),
+  optax.scale_by_learning_rate(learning_rate))``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax, subspax
+    >>> tx = subspax.rso(1e-2, rank=4, update_interval=10, prox=1.0,
+    ...                  weight_decay=0.1, mask={'w': True, 'b': False})
+    >>> params = {'w': jnp.ones((16, 32)), 'b': jnp.zeros((32,))}
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+
+  Args:
+    learning_rate: A float or an ``optax`` schedule.
+    rank: Subspace rank ``r``.
+    update_interval: Steps per subproblem ``T``.
+    weight_decay: Decoupled weight decay, applied to all parameters (AdamW).
+    mask: Which parameters get weight decay (as in ``optax.adamw``).
+    key: PRNG key or int seed.
+    orthonormal: A Haar-random orthonormal basis, or a Gaussian one.
+    store_basis: Store the basis, or regenerate it from the key.
+    scale: Back-projection scale ``alpha``.
+    prox: The proximal coefficient ``1 / eta_k`` (0: off); see
+      :func:`scale_by_rso`.
+    prox_learning_rate: The learning rate that moves the reduced
+      displacement ``B``; ``None`` (default) uses ``learning_rate``.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, added to ``sqrt(nu_hat)``.
+    side: ``"auto"`` (project the smaller dimension), ``"left"`` or
+      ``"right"``.
+    projected: Which parameters to project (see
+      :func:`~subspax.scale_by_subspace_adam`).
+    mu_dtype: dtype of the reduced first moments (float32 by default).
+    nu_dtype: dtype of the reduced second moments (float32 by default).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Chen et al., RSO, https://arxiv.org/abs/2502.07222
+  """
+  if prox_learning_rate is None:
+    prox_learning_rate = learning_rate
+  return _with_learning_rate(
+      scale_by_rso(rank, update_interval, key=key, orthonormal=orthonormal,
+                   store_basis=store_basis, scale=scale, prox=prox,
+                   prox_learning_rate=prox_learning_rate, b1=b1, b2=b2,
+                   eps=eps, side=side, projected=projected,
+                   mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+      learning_rate, weight_decay, mask)
 
 
 def scale_by_grass(
     rank: int = 128, update_interval: int = 200, *, key: _core.KeyLike = 0,
-    selection: str = "multinomial", replacement: bool = False,
+    selection: _types.Selection = "multinomial", replacement: bool = False,
     keep_overlap: bool = False, scale: float = 1.0, recovery: bool = False,
     recovery_limit: float = 1.01, b1: float = 0.9, b2: float = 0.999,
-    eps: float = 1e-8, side: str = "auto",
-    projected: _layout.Projected = None, mu_dtype=None, nu_dtype=None,
+    eps: float = 1e-8, side: _types.Side = "auto",
+    projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
+    nu_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
-  """GRASS: Adam on ``r`` selected rows of each gradient.
+  """GRASS's rescaling: Adam on ``r`` selected, scaled rows of each gradient.
 
-  The "basis" is ``r`` row indices and scales (``2 r`` numbers). Every ``T``
-  steps rows are re-selected from the row norms and the moments are reset
-  (or, with ``keep_overlap``, kept for rows selected both times).
+  The "basis" is ``r`` row indices and ``r`` scales. Every
+  ``update_interval`` steps the rows are selected anew from the gradient's
+  row norms and the moments are reset (with ``keep_overlap``, the moments of
+  rows selected both times are carried over).
+
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> tx = subspax.scale_by_grass(rank=2, update_interval=10,
+    ...                             selection='topk')
+    >>> grads = {'w': jnp.arange(8.0)[:, None] * jnp.ones((8, 16))}
+    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> jnp.nonzero(updates['w'].any(axis=1))[0].tolist()  # the largest rows
+    [6, 7]
 
   Args:
     rank: Number of rows ``r``.
     update_interval: Steps between selections ``T``.
-    key: PRNG key or seed.
-    selection: ``"topk"``, ``"multinomial"`` (norm-proportional) or
-      ``"uniform"``.
+    key: PRNG key or int seed.
+    selection: ``"topk"`` (the largest row norms), ``"multinomial"``
+      (probabilities proportional to the row norms) or ``"uniform"``.
     replacement: Sample with replacement (unbiased scales) or without.
-    keep_overlap: Keep the moments of rows selected before and after.
+    keep_overlap: Keep the moments of rows selected before and after a
+      refresh.
     scale: Back-projection scale ``alpha``.
     recovery: Add the scaled unselected rows back (off in the paper).
-    recovery_limit: Norm-growth limiter ``zeta``.
-  """ + _DOC_COMMON + """
+    recovery_limit: Norm-growth limiter ``zeta`` of the recovery term.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, added to ``sqrt(nu_hat)``.
+    side: ``"auto"`` (project the smaller dimension), ``"left"`` or
+      ``"right"``.
+    projected: Which parameters to project (see
+      :func:`~subspax.scale_by_subspace_adam`).
+    mu_dtype: dtype of the reduced first moments (float32 by default).
+    nu_dtype: dtype of the reduced second moments (float32 by default).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -283,69 +728,74 @@ def scale_by_grass(
   _validation.choice("selection", selection, _policies.SELECTIONS)
   return _core.scale_by_subspace_adam(
       _policies.RowSubspace(selection=selection, replacement=replacement),
-      rank, update_interval, scale=scale,
+      rank, update_interval, b1=b1, b2=b2, eps=eps, scale=scale,
       moments="overlap" if keep_overlap else "reset", recovery=recovery,
-      recovery_limit=recovery_limit, key=key,
-      **_adam_kwargs(b1, b2, eps, side, projected, mu_dtype, nu_dtype))
+      recovery_limit=recovery_limit, side=side, projected=projected, key=key,
+      mu_dtype=mu_dtype, nu_dtype=nu_dtype)
 
 
-def _alias(scale_by, summary: str, *, passes_learning_rate: bool = False):
-  """Builds ``method(learning_rate, rank, update_interval, weight_decay, mask,
-  **kwargs)`` from ``scale_by_method`` (``passes_learning_rate``: also as its
-  ``prox_learning_rate``)."""
+def grass(
+    learning_rate: optax.ScalarOrSchedule, rank: int = 128,
+    update_interval: int = 200, weight_decay: Any = 0.0,
+    mask: Optional[Any] = None, *, key: _core.KeyLike = 0,
+    selection: _types.Selection = "multinomial", replacement: bool = False,
+    keep_overlap: bool = False, scale: float = 1.0, recovery: bool = False,
+    recovery_limit: float = 1.01, b1: float = 0.9, b2: float = 0.999,
+    eps: float = 1e-8, side: _types.Side = "auto",
+    projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
+    nu_dtype: _types.MomentDType = None,
+) -> optax.GradientTransformation:
+  """GRASS (structured sparse rows) with weight decay and a learning rate.
 
-  def method(learning_rate: optax.ScalarOrSchedule, rank: int = 128,
-             update_interval: int = 200, weight_decay: Any = 0.0,
-             mask: Optional[Any] = None, **kwargs
-             ) -> optax.GradientTransformation:
-    if passes_learning_rate:
-      kwargs.setdefault("prox_learning_rate", learning_rate)
-    return _with_learning_rate(scale_by(rank, update_interval, **kwargs),
-                               learning_rate, weight_decay, mask)
-
-  name = scale_by.__name__.removeprefix("scale_by_")
-  method.__name__ = method.__qualname__ = name
-  # Expose the keyword-only options of `scale_by` in the signature, so that
-  # `inspect.signature` (and `optax.inject_hyperparams`) sees every argument.
-  own = inspect.signature(method).parameters
-  method.__signature__ = inspect.Signature(
-      [p for p in own.values() if p.kind != p.VAR_KEYWORD] +
-      [p for p in inspect.signature(scale_by).parameters.values()
-       if p.kind == p.KEYWORD_ONLY])
-  method.__doc__ = f"""{summary}
-
-  ``optax.chain({scale_by.__name__}(rank, update_interval, **kwargs),
-  optax.add_decayed_weights(weight_decay, mask),
-  optax.scale_by_learning_rate(learning_rate))``.
+  ``optax.chain(scale_by_grass(...), optax.add_decayed_weights(weight_decay,
+  mask), optax.scale_by_learning_rate(learning_rate))``.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax, subspax
-    >>> tx = subspax.{name}(learning_rate=1e-2, rank=4, update_interval=10)
-    >>> params = {{'w': jnp.ones((16, 32)), 'b': jnp.zeros((32,))}}
-    >>> state = tx.init(params)
+    >>> tx = subspax.grass(1e-2, rank=4, update_interval=10,
+    ...                    replacement=True, keep_overlap=True)
+    >>> params = {'w': jnp.ones((16, 32)), 'b': jnp.zeros((32,))}
     >>> grads = jax.tree.map(jnp.ones_like, params)
-    >>> updates, state = tx.update(grads, state, params)
-    >>> params = optax.apply_updates(params, updates)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> int(updates['w'].any(axis=1).sum()) <= 4  # at most r rows move
+    True
 
   Args:
     learning_rate: A float or an ``optax`` schedule.
-    rank: Subspace rank ``r``.
-    update_interval: Steps between subspace refreshes ``T``.
+    rank: Number of rows ``r``.
+    update_interval: Steps between selections ``T``.
     weight_decay: Decoupled weight decay, applied to all parameters (AdamW).
     mask: Which parameters get weight decay (as in ``optax.adamw``).
-    **kwargs: Keyword arguments of ``subspax.{scale_by.__name__}``.
+    key: PRNG key or int seed.
+    selection: ``"topk"``, ``"multinomial"`` (norm-proportional) or
+      ``"uniform"``.
+    replacement: Sample with replacement (unbiased scales) or without.
+    keep_overlap: Keep the moments of rows selected before and after a
+      refresh.
+    scale: Back-projection scale ``alpha``.
+    recovery: Add the scaled unselected rows back (off in the paper).
+    recovery_limit: Norm-growth limiter ``zeta`` of the recovery term.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: Adam's epsilon, added to ``sqrt(nu_hat)``.
+    side: ``"auto"`` (project the smaller dimension), ``"left"`` or
+      ``"right"``.
+    projected: Which parameters to project (see
+      :func:`~subspax.scale_by_subspace_adam`).
+    mu_dtype: dtype of the reduced first moments (float32 by default).
+    nu_dtype: dtype of the reduced second moments (float32 by default).
 
   Returns:
     An ``optax.GradientTransformation``.
+
+  References:
+    Muhamed et al., GRASS, https://arxiv.org/abs/2406.17660
   """
-  return method
-
-
-galore = _alias(scale_by_galore, "GaLore with AdamW-style weight decay.")
-subtrack = _alias(scale_by_subtrack, "SubTrack++ with a learning rate.")
-grasswalk = _alias(scale_by_grasswalk, "GrassWalk with a learning rate.")
-grassjump = _alias(scale_by_grassjump, "GrassJump with a learning rate.")
-rso = _alias(scale_by_rso, "RSO (random subspace optimization) with a "
-             "learning rate.", passes_learning_rate=True)
-grass = _alias(scale_by_grass, "GRASS (structured sparse rows) with a "
-               "learning rate.")
+  return _with_learning_rate(
+      scale_by_grass(rank, update_interval, key=key, selection=selection,
+                     replacement=replacement, keep_overlap=keep_overlap,
+                     scale=scale, recovery=recovery,
+                     recovery_limit=recovery_limit, b1=b1, b2=b2, eps=eps,
+                     side=side, projected=projected, mu_dtype=mu_dtype,
+                     nu_dtype=nu_dtype),
+      learning_rate, weight_decay, mask)

@@ -9,13 +9,15 @@ A policy is a small frozen dataclass. The reduced-space Adam core
 * ``zeros(d, r)``: a placeholder basis of the right shapes for ``init``.
 
 Policies never touch the Adam moments; the core applies the moment policy
-(keep / reset / rotate) around every basis change. Math: ALGORITHMS.md section 2.
+(keep / reset / rotate) around every basis change. Math: docs/algorithms.md
+section 5 (the policies) and section 3 (the moment transitions).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from typing import ClassVar
 
 import jax
@@ -23,11 +25,12 @@ import jax.numpy as jnp
 
 from subspax import _bases
 from subspax import _linalg
+from subspax import _types
 
-GEODESIC_STEPS = ("optimal", "normalized", "raw", "angle")
-GEODESIC_TANGENTS = ("gradient", "random")
-INITS = ("randomized", "svd")
-SELECTIONS = ("topk", "multinomial", "uniform")
+GEODESIC_STEPS = typing.get_args(_types.GeodesicStep)
+GEODESIC_TANGENTS = typing.get_args(_types.GeodesicTangent)
+INITS = typing.get_args(_types.Init)
+SELECTIONS = typing.get_args(_types.Selection)
 
 # Largest rotation of one basis direction per refresh under step="normalized".
 MAX_NORMALIZED_ANGLE = math.pi / 4
@@ -49,7 +52,34 @@ def _is_zero(value) -> bool:
 
 
 class SubspacePolicy:
-  """Base class of the subspace policies (see the module docstring)."""
+  """Base class of the subspace policies: how a subspace is chosen and moved.
+
+  A policy sees one canonical float32 gradient ``G`` of shape ``(d, D)`` at
+  a time (the core vmaps it over stacked matrices). A subclass implements
+  :meth:`refresh` and may override :meth:`initial` (the basis at step 0,
+  by default a refresh of zeros). Policies never touch the Adam moments.
+  Write a policy as a frozen dataclass, so that it is hashable.
+
+  Examples:
+    >>> import dataclasses, jax.numpy as jnp, subspax
+    >>> @dataclasses.dataclass(frozen=True)
+    ... class LeadingAxes(subspax.SubspacePolicy):
+    ...   '''Always the first r coordinate directions.'''
+    ...   def refresh(self, basis, g, key, r):
+    ...     return subspax.DenseBasis(jnp.eye(g.shape[0], r))
+    >>> tx = subspax.scale_by_subspace_adam(LeadingAxes(), rank=2)
+    >>> grads = {'w': jnp.ones((8, 16))}
+    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> updates['w'][2:].tolist() == [[0.0] * 16] * 6  # rows 0, 1 only
+    True
+
+  Attributes:
+    basis_type: The basis class, :class:`DenseBasis` or :class:`RowBasis`.
+    key_only: Whether the basis is a function of the key alone, so that it
+      can be regenerated instead of stored (``store_basis=False``).
+    orthonormal: Whether the basis has orthonormal columns (recovery scaling
+      needs it).
+  """
 
   basis_type: ClassVar[type] = _bases.DenseBasis
   # True when the basis is a function of the key alone, so it can be
@@ -95,6 +125,14 @@ class SvdSubspace(SubspacePolicy):
 
   References:
     Zhao et al., GaLore, https://arxiv.org/abs/2403.03507
+
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> policy = subspax.SvdSubspace()
+    >>> g = jnp.diag(jnp.array([3.0, 2.0, 1.0]))
+    >>> basis = policy.refresh(policy.zeros(3, 2), g, None, 2)
+    >>> jnp.abs(basis.s).round(3).tolist()  # the two largest directions
+    [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]
   """
 
   align_signs: bool = False
@@ -143,12 +181,22 @@ class GeodesicSubspace(SubspacePolicy):
     Rajabi et al., SubTrack++, https://arxiv.org/abs/2502.01586;
     Rajabi et al., GrassWalk/GrassJump, https://arxiv.org/abs/2510.01878;
     Edelman, Arias, Smith (1998), the Grassmannian geodesic.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, subspax
+    >>> policy = subspax.GeodesicSubspace()  # SubTrack++'s optimal step
+    >>> g = jax.random.normal(jax.random.key(0), (6, 10))
+    >>> old = subspax.DenseBasis(jnp.eye(6, 2))
+    >>> new = policy.refresh(old, g, jax.random.key(1), 2)
+    >>> error = lambda b: jnp.linalg.norm(g - b.back(b.project(g), 6))
+    >>> bool(error(new) <= error(old))  # a refresh never raises the error
+    True
   """
 
   eta: float = OPTIMAL_DAMPING
-  step: str = "optimal"
-  tangent: str = "gradient"
-  init: str = "randomized"
+  step: _types.GeodesicStep = "optimal"
+  tangent: _types.GeodesicTangent = "gradient"
+  init: _types.Init = "randomized"
   jump_prob: float = 0.0
 
   def initial(self, g, key, r):
@@ -200,6 +248,12 @@ class RandomSubspace(SubspacePolicy):
   References:
     Rajabi et al., GrassJump, https://arxiv.org/abs/2510.01878;
     Chen et al., RSO, https://arxiv.org/abs/2502.07222
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, subspax
+    >>> basis = subspax.RandomSubspace().sample(jax.random.key(0), 6, 2)
+    >>> bool(jnp.allclose(basis.s.T @ basis.s, jnp.eye(2), atol=1e-5))
+    True
   """
 
   key_only: ClassVar[bool] = True
@@ -229,10 +283,18 @@ class RowSubspace(SubspacePolicy):
 
   References:
     Muhamed et al., GRASS, https://arxiv.org/abs/2406.17660
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, subspax
+    >>> policy = subspax.RowSubspace(selection='topk')
+    >>> g = jnp.arange(5.0)[:, None] * jnp.ones((5, 3))  # row norms grow
+    >>> basis = policy.refresh(policy.zeros(5, 2), g, jax.random.key(0), 2)
+    >>> sorted(basis.index.tolist())
+    [3, 4]
   """
 
   basis_type: ClassVar[type] = _bases.RowBasis
-  selection: str = "multinomial"
+  selection: _types.Selection = "multinomial"
   replacement: bool = False
 
   def refresh(self, basis, g, key, r):
