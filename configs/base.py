@@ -223,7 +223,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 def llama_config(*, d_model: int, n_layers: int, n_heads: int, d_ff: int, rank: int,
                  learning_rate: float, update_interval: int = 200,
                  steps: int = 10_000) -> ml_collections.ConfigDict:
-  """A GaLore / SubTrack++ C4 LLaMA preset (ALGORITHMS.md section 2.7).
+  """A GaLore / SubTrack++ C4 LLaMA preset (docs/algorithms.md section 6).
 
   Batch 16 x seq 256, vocab 32000, 10% warmup, cosine to 0.1x, bf16 compute on
   float32 master weights, scanned and rematerialised layers, SubTrack++.

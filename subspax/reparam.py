@@ -5,8 +5,8 @@ Adam's moments but never the gradient buffer, the weight-gradient FLOPs, the
 data-parallel all-reduce or the activations saved for the backward pass. These
 functions move the subspace into the layer instead. A kernel ``W`` (``m x n``,
 ``y = x W``) is frozen between refreshes and gets a trainable reduced delta
-``Delta`` of shape ``(r, D)`` in the canonical layout of ALGORITHMS.md section
-0; the effective weight is ``W + back(Delta)``:
+``Delta`` of shape ``(r, D)`` in the canonical layout of docs/algorithms.md
+section 1; the effective weight is ``W + back(Delta)``:
 
 * side ``"left"`` (basis on the input dimension, ``d = m``):
   ``y = x W + coords(x) Delta``, so the weight gradient is

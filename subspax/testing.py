@@ -7,7 +7,7 @@ built on :func:`~subspax.scale_by_subspace_adam`) tests it in one line::
   subspax.testing.check(MyPolicy())          # a policy
   subspax.testing.check(subspax.apollo)      # a method factory
 
-Policy checks (ALGORITHMS.md section 4), each over shapes drawn by
+Policy checks (docs/algorithms.md section 9), each over shapes drawn by
 hypothesis:
 
 * orthonormal bases stay orthonormal after many refreshes;

@@ -1,6 +1,6 @@
 """Correctness checks found by comparing subspax with reference implementations.
 
-Each test pins one behaviour of ALGORITHMS.md that an earlier version got
+Each test pins one behaviour of docs/algorithms.md that an earlier version got
 wrong (GRASS moment transitions and recovery with replacement, complex leaves,
 RSO's proximal term, GaLore's right side against ``optax.contrib.galore``,
 SubTrack++'s step rule), plus regression tests for bugs reported in other

@@ -2,7 +2,7 @@
 
 These tests read the optimizer state through the public API (``tx.init``,
 ``tx.update`` and the fields of :class:`subspax.ProjectedState`) and recompute
-what each step must produce from ALGORITHMS.md, in float64:
+what each step must produce from docs/algorithms.md, in float64:
 
 * the LDAdam rotation of the moments at a refresh, on the generic (dense,
   non-permutation) change of basis ``C = S_new^T S_old`` that a real refresh
@@ -32,9 +32,10 @@ import subspax
 
 B1, B2, EPS = 0.9, 0.999, 1e-8
 
-# The methods whose moments are rotated at a refresh (ALGORITHMS.md 2.2-2.4),
-# with a step large enough that C is far from the identity. SubTrack++'s step
-# rule is pinned: its default may change, the rotation must not.
+# The methods whose moments are rotated at a refresh (docs/algorithms.md
+# sections 5.2-5.4), with a step large enough that C is far from the
+# identity. SubTrack++'s step rule is pinned: its default may change, the
+# rotation must not.
 ROTATING = {
     "subtrack": lambda **kw: subspax.scale_by_subtrack(
         step="normalized", eta=10.0, **kw),
@@ -74,7 +75,7 @@ def _canonical(g, side):
 
 
 def _rotate(c, mu, nu):
-  """LDAdam (ALGORITHMS.md section 1): ``C mu`` and ``|C^2 (nu - mu^2) +
+  """LDAdam (docs/algorithms.md section 3): ``C mu`` and ``|C^2 (nu - mu^2) +
   (C mu)^2|``, written with explicit sums so it shares no code with the core."""
   r = c.shape[0]
   new_mu = np.zeros_like(mu)
@@ -148,8 +149,8 @@ def _expected_recovery_update(snapshot_before, s, g, t, zeta, alpha):
   """``alpha S N + Lambda`` and ``||Lambda||`` for one canonical matrix.
 
   ``Lambda = (G - S S^T G) diag(phi)``, ``phi_j = ||N_j|| / (||R_j|| + 1e-8)``,
-  scaled down to ``zeta * last_norm`` when it grew faster (ALGORITHMS.md
-  section 1, step 6).
+  scaled down to ``zeta * last_norm`` when it grew faster (docs/algorithms.md
+  section 4).
   """
   reduced = s.T @ g
   _, _, normalized = _adam(snapshot_before["mu"], snapshot_before["nu"],
@@ -216,7 +217,8 @@ def test_recovery_update_in_closed_form_with_the_limiter_firing(name, shape):
 
 def test_stacked_matrices_get_their_own_random_subspaces():
   """Each matrix of a ``(3, m, n)`` stack draws its own subspace, even when
-  the three gradients are equal (per-matrix keys, ALGORITHMS.md section 0)."""
+  the three gradients are equal (per-matrix keys, docs/algorithms.md
+  section 1)."""
   tx = subspax.scale_by_grassjump(rank=3, update_interval=4, key=2)
   state = tx.init({"w": jnp.zeros((3, 12, 16))})
   g = jnp.broadcast_to(jax.random.normal(jax.random.key(0), (12, 16)),
@@ -350,7 +352,7 @@ def test_grasswalk_refresh_turns_one_direction_by_eta():
 
 def test_grass_multinomial_scales_are_those_of_norm_proportional_sampling():
   """With replacement, row ``i`` is drawn with ``q_i = ||G_i|| / sum ||G_j||``
-  and scaled by ``1 / sqrt(r q_i)`` (ALGORITHMS.md 2.6)."""
+  and scaled by ``1 / sqrt(r q_i)`` (docs/algorithms.md 5.6)."""
   r = 4
   tx = subspax.scale_by_grass(rank=r, update_interval=2, replacement=True)
   _, after, g = _refresh_pair(tx, (12, 20))

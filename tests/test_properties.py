@@ -1,4 +1,4 @@
-"""Closed-form properties of ALGORITHMS.md section 4, per policy and method.
+"""Closed-form properties of docs/algorithms.md section 9, per policy and method.
 
 Orthonormality after 100 refreshes, projector idempotence and finite bases
 under non-finite gradients are checked for every policy and method by the
