@@ -50,20 +50,24 @@ def _hint(factory: Callable[..., Any], annotation: Any) -> Any:
 
 def _option(factory: Callable[..., Any], param: inspect.Parameter) -> Option | None:
   """The config field of one keyword-only parameter, None if it has none."""
+  default = param.default
+  if not (default is None or isinstance(default, _SCALARS)):
+    return None
   hint = _hint(factory, param.annotation)
-  args = [a for a in typing.get_args(hint) if a is not type(None)]
-  if typing.get_origin(hint) is typing.Union and len(args) == 1:
-    hint, args = args[0], list(typing.get_args(args[0]))  # Optional[X] -> X
-  choices = tuple(args) if typing.get_origin(hint) is typing.Literal else ()
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):  # Optional[X]
+    rest = [a for a in typing.get_args(hint) if a is not type(None)]
+    hint = rest[0] if len(rest) == 1 else None
+  literal = typing.get_origin(hint) is typing.Literal
+  choices = tuple(typing.get_args(hint)) if literal else ()
   if hint in _SCALARS:
-    kind = hint
-  elif choices or isinstance(param.default, _SCALARS):
-    kind = type(choices[0] if choices else param.default)
+    field_type = hint
+  elif default is not None or choices:
+    field_type = type(default if default is not None else choices[0])
   else:
-    return None
-  if not (param.default is None or isinstance(param.default, _SCALARS)):
-    return None
-  return Option(param.name, param.default, kind, choices)
+    return None  # None by default and no scalar type to give a value
+  if field_type is float and isinstance(default, int) and not isinstance(default, bool):
+    default = float(default)  # `scale: float = 1` still takes 0.5
+  return Option(param.name, default, field_type, choices)
 
 
 def method_options(name: str) -> dict[str, Option]:
