@@ -21,8 +21,15 @@ for a dense basis (RSO), a scaled column gather / scatter for a row selector
 rows into ``W`` before the one matmul, so only the weight gradient shrinks. At ``Delta = 0`` the gradient with respect to ``Delta`` is exactly
 the reduced gradient ``project(G)`` the subspax transformations compute, so
 Adam on ``Delta`` with its moments reset at every refresh is GRASS (reset
-moments, ``alpha = 1``) or RSO; every ``T`` steps :func:`merge` folds
-``Delta`` into ``W`` and a new basis is chosen.
+moments, ``alpha = 1``) or RSO. Every ``T`` steps a refresh, run outside
+the train step:
+
+1. :func:`merge_layers` folds every ``Delta`` into its ``W`` and zeroes it;
+2. :func:`refresh_bases` picks each matrix's new basis with the policy, key
+   and non-finite guard the transformations use (so the layers reproduce
+   ``subspax.grass`` / ``subspax.rso``);
+3. :func:`reset_moments` zeroes the deltas' Adam state
+   (:func:`scale_by_delta_adam`) wherever it sits in the optimizer state.
 
 References:
   Muhamed et al., GRASS, https://arxiv.org/abs/2406.17660 (section 3);

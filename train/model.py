@@ -315,12 +315,6 @@ class Llama(nnx.Module):
     return self.head(x_BxLxD).astype(jnp.float32)
 
 
-def _abstract(cfg: LlamaConfig) -> Llama:
-  """The model with `jax.ShapeDtypeStruct`s for arrays (nothing allocated)."""
-  with nnx.use_eager_sharding(False):
-    return nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
-
-
 def abstract_model(cfg: LlamaConfig) -> tuple[nnx.GraphDef, dict, dict]:
   """Shapes and logical sharding names of the parameters, without allocating.
 
@@ -329,7 +323,9 @@ def abstract_model(cfg: LlamaConfig) -> tuple[nnx.GraphDef, dict, dict]:
     `jax.ShapeDtypeStruct` and a nested dict of `PartitionSpec`s of logical axis
     names, both in the layout `init_params` returns.
   """
-  graphdef, state = nnx.split(_abstract(cfg))
+  with nnx.use_eager_sharding(False):
+    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
   is_var = lambda x: isinstance(x, nnx.Variable)
   shapes = nnx.to_pure_dict(jax.tree.map(
       lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state, is_leaf=is_var))
@@ -392,5 +388,8 @@ def trainable(graphdef: nnx.GraphDef, tree: dict) -> dict:
 def count_params(cfg: LlamaConfig) -> int:
   """Number of model weights (`WEIGHTS`: the deltas and bases of
   reparametrised layers, training state rather than weights, are not
-  counted)."""
-  return sum(x.size for x in jax.tree.leaves(nnx.state(_abstract(cfg), WEIGHTS)))
+  counted). Nothing is allocated; works under any mesh."""
+  def weights() -> dict:
+    with nnx.use_eager_sharding(False):
+      return nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(0)), WEIGHTS))
+  return sum(x.size for x in jax.tree.leaves(jax.eval_shape(weights)))

@@ -192,8 +192,8 @@ def merged_weights(graphdef: nnx.GraphDef, params: dict, side: str) -> dict:
     The `model.WEIGHTS` of the merged model, in the layout of a plain model
     of the same shape (`model.init_params` without `reparam`).
   """
-  return model_lib.partition(graphdef, nnx.to_pure_dict(nnx.state(
-      _merged_model(graphdef, params, side))), model_lib.WEIGHTS)[0]
+  model = _merged_model(graphdef, params, side)
+  return nnx.to_pure_dict(nnx.state(model, model_lib.WEIGHTS))
 
 
 def side_option(opt_cfg: Any) -> str:
