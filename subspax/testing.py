@@ -144,13 +144,26 @@ def assert_orthonormal_after_refreshes(policy: _policies.SubspacePolicy,
                                        d: int, big_d: int, r: int, *,
                                        refreshes: int = 100,
                                        seed: int = 0) -> None:
-  """A dense orthonormal basis has ``||S^T S - I||_max < 1e-5`` after
-  ``refreshes`` refreshes; a row basis keeps valid indices and scales.
+  """Checks that refreshed bases stay valid.
+
+  A dense orthonormal basis must have ``||S^T S - I||_max < 1e-5`` after
+  ``refreshes`` refreshes; a row basis must keep valid indices and scales.
 
   Examples:
     >>> import subspax, subspax.testing
     >>> subspax.testing.assert_orthonormal_after_refreshes(
     ...     subspax.RandomSubspace(), 8, 12, 2, refreshes=10)
+
+  Args:
+    policy: The policy under test.
+    d: Projected dimension of the canonical gradient.
+    big_d: Kept dimension ``D``.
+    r: Rank.
+    refreshes: Refreshes after the initial basis.
+    seed: Seed of the gradients and keys.
+
+  Raises:
+    AssertionError: when a basis drifts or holds invalid entries.
   """
   basis = jax.jit(lambda key: _refreshed(policy, d, big_d, r, refreshes, key))(
       jax.random.key(seed))
@@ -159,8 +172,25 @@ def assert_orthonormal_after_refreshes(policy: _policies.SubspacePolicy,
 
 def assert_projector(policy: _policies.SubspacePolicy, d: int, big_d: int,
                      r: int, *, seed: int = 0) -> None:
-  """``P = back o project`` satisfies ``P(P G) = P G`` and ``P X = X`` for
-  ``X = back(Y)`` inside the span."""
+  """Checks that ``P = back o project`` is a projector, exact on its span.
+
+  ``P(P G) = P G`` for a random ``G``, and ``P X = X`` for ``X = back(Y)``.
+
+  Examples:
+    >>> import subspax, subspax.testing
+    >>> subspax.testing.assert_projector(subspax.SvdSubspace(), 8, 12, 3)
+
+  Args:
+    policy: The policy under test (orthonormal, or rows without
+      replacement).
+    d: Projected dimension of the canonical gradient.
+    big_d: Kept dimension ``D``.
+    r: Rank.
+    seed: Seed of the gradient and keys.
+
+  Raises:
+    AssertionError: when either identity fails.
+  """
   _check_projector(jax.jit(
       lambda key: _projector_images(policy, d, big_d, r, key))(
           jax.random.key(seed)))
@@ -168,8 +198,26 @@ def assert_projector(policy: _policies.SubspacePolicy, d: int, big_d: int,
 
 def assert_rotate_identity(policy: _policies.SubspacePolicy, d: int,
                            big_d: int, r: int, *, seed: int = 0) -> None:
-  """Rotating the moments from a basis to itself (``C = I``) changes
-  nothing."""
+  """Checks that rotating the moments from a basis to itself is the identity.
+
+  With ``C = S^T S = I`` the ``rotate`` transition must return ``mu`` and
+  ``nu`` unchanged.
+
+  Examples:
+    >>> import subspax, subspax.testing
+    >>> subspax.testing.assert_rotate_identity(
+    ...     subspax.RandomSubspace(), 8, 12, 3)
+
+  Args:
+    policy: The policy under test (an orthonormal basis).
+    d: Projected dimension of the canonical gradient.
+    big_d: Kept dimension ``D``.
+    r: Rank.
+    seed: Seed of the moments and keys.
+
+  Raises:
+    AssertionError: when the moments change.
+  """
   _check_rotated(jax.jit(
       lambda key: _rotated_moments(policy, d, big_d, r, key))(
           jax.random.key(seed)))
@@ -178,8 +226,29 @@ def assert_rotate_identity(policy: _policies.SubspacePolicy, d: int,
 def assert_unbiased(policy: _policies.SubspacePolicy, d: int, big_d: int,
                     r: int, unbiased_scale: float, *, num_keys: int = 4000,
                     seed: int = 0) -> None:
-  """The mean of ``unbiased_scale * back(project(G))`` over fresh bases is
-  ``G``, within 4x the standard error estimated from the samples."""
+  """Checks that ``unbiased_scale * back(project(G))`` averages to ``G``.
+
+  The mean over ``num_keys`` fresh bases must be within 4 standard errors
+  (estimated from the samples) of ``G``.
+
+  Examples:
+    >>> import subspax, subspax.testing
+    >>> subspax.testing.assert_unbiased(  # a Haar basis: E[S S^T] = r/d I
+    ...     subspax.RandomSubspace(), 6, 4, 2, unbiased_scale=3.0,
+    ...     num_keys=500)
+
+  Args:
+    policy: The policy under test.
+    d: Projected dimension of the canonical gradient.
+    big_d: Kept dimension ``D``.
+    r: Rank.
+    unbiased_scale: The ``c`` with ``E[c back(project(G))] = G``.
+    num_keys: Bases drawn.
+    seed: Seed of the gradient and keys.
+
+  Raises:
+    AssertionError: naming the squared error and its expected size.
+  """
   g = jax.random.normal(jax.random.key(seed), (d, big_d))
 
   def estimate(key):
@@ -220,8 +289,22 @@ def _bases_of(state):
 
 def assert_finite_basis_under_non_finite_gradients(
     tx: optax.GradientTransformation) -> None:
-  """NaN gradients at the first and at a later refresh leave every basis
-  finite (``tx`` refreshes every 2 steps)."""
+  """Checks that non-finite gradients never reach a basis.
+
+  NaN gradients at the first and at a later refresh must leave every basis
+  finite, on a small tree of a wide and a tall matrix, a stack and a bias.
+
+  Examples:
+    >>> import subspax, subspax.testing
+    >>> subspax.testing.assert_finite_basis_under_non_finite_gradients(
+    ...     subspax.scale_by_grassjump(rank=3, update_interval=2))
+
+  Args:
+    tx: The transformation under test; it should refresh every 2 steps.
+
+  Raises:
+    AssertionError: when it projects nothing or a basis is not finite.
+  """
   params = _params()
   state = tx.init(params)
   assert _bases_of(state), "the transformation projects no parameter"
@@ -234,8 +317,21 @@ def assert_finite_basis_under_non_finite_gradients(
 
 def assert_jit_matches_no_jit(tx: optax.GradientTransformation, *,
                               steps: int = 3) -> None:
-  """Jitted and eager updates agree over ``steps`` steps (crossing a
-  refresh when ``tx`` refreshes every 2 steps) and the update traces once."""
+  """Checks that jitted and eager updates agree and the update traces once.
+
+  Examples:
+    >>> import subspax, subspax.testing
+    >>> subspax.testing.assert_jit_matches_no_jit(
+    ...     subspax.scale_by_grass(rank=3, update_interval=2), steps=2)
+
+  Args:
+    tx: The transformation under test (refreshing every 2 steps, ``steps``
+      of 3 or more cross a refresh).
+    steps: Updates compared.
+
+  Raises:
+    AssertionError: when updates or states differ, or it traces again.
+  """
   params = _params()
   traces = []
 
@@ -256,8 +352,24 @@ def assert_jit_matches_no_jit(tx: optax.GradientTransformation, *,
 
 def assert_state_and_dtype_stability(tx: optax.GradientTransformation, *,
                                      steps: int = 3) -> None:
-  """Updates keep each parameter's dtype (float32 and bfloat16) and shape;
-  the state keeps its structure, shapes and dtypes across steps."""
+  """Checks that dtypes, shapes and the state's structure are stable.
+
+  For float32 and bfloat16 parameters, updates must keep each parameter's
+  dtype and shape and be finite, and the state must keep its structure,
+  shapes and dtypes across ``steps`` steps.
+
+  Examples:
+    >>> import subspax, subspax.testing
+    >>> subspax.testing.assert_state_and_dtype_stability(
+    ...     subspax.scale_by_rso(rank=3, update_interval=2), steps=2)
+
+  Args:
+    tx: The transformation under test.
+    steps: Updates taken per dtype.
+
+  Raises:
+    AssertionError: naming the leaf whose dtype, shape or structure changed.
+  """
   for dtype in (jnp.float32, jnp.bfloat16):
     params = _params(dtype)
     state = init = tx.init(params)
@@ -277,8 +389,10 @@ def check_policy(policy: _policies.SubspacePolicy, *,
                  projector: Optional[bool] = None, refreshes: int = 100,
                  max_examples: int = 2, transformation: bool = True,
                  **core_kwargs: Any) -> None:
-  """Runs every policy check, then the transformation checks on
-  ``scale_by_subspace_adam(policy, ...)``.
+  """Runs every policy check, then the transformation checks on the core.
+
+  The transformation checks run on ``scale_by_subspace_adam(policy, ...)``
+  with ``core_kwargs``.
 
   Examples:
     >>> import subspax, subspax.testing
@@ -367,6 +481,8 @@ def check_transformation(make: MakeTransformation, **kwargs: Any) -> None:
 def check(target: Union[_policies.SubspacePolicy, MakeTransformation],
           **kwargs: Any) -> None:
   """Runs :func:`check_policy` on a policy, else :func:`check_transformation`.
+
+  The one-line entry point for a new policy or method.
 
   Examples:
     >>> import subspax, subspax.testing
