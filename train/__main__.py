@@ -1,7 +1,8 @@
 """Command line: `python -m train --config configs/<preset>.py --workdir DIR`.
 
 Any config field can be overridden, e.g. `--config.opt.name=adamw
---config.opt.rank=32 --config.steps=500`. `--workdir` defaults to
+--config.opt.rank=32 --config.steps=500`, and a method's own options are the
+fields of its section, e.g. `--config.opt.subtrack.eta=5` (configs/base.py). `--workdir` defaults to
 `runs/<preset>-<opt.name>`; a run started in a workdir that holds a checkpoint
 resumes from it. `--dry_run` compiles the train step from abstract shapes,
 prints its memory and writes `WORKDIR/memory.json` without allocating the
