@@ -92,14 +92,11 @@ def test_small_corpus_short_run_relative_paths(tmp_path):
     (["--config.data.files=missing.txt"], ["data.files: 'missing.txt' names no file"]),
     (["--config.steps=ten"], ["--config.steps=ten"]),
     (["--config=configs/nonexistent.py"], ["no preset file", "tiny"]),
-    (["--config.opt.name=grass", "--config.opt.grass.selection=foo"],
-     ["opt.grass.selection='foo' is not one of topk, multinomial, uniform"]),
+    (["--config.opt.subtrack.step=fast", "--config.opt.subspace_layers=True"],
+     ["2 problems", "opt.subtrack.step='fast' is not one of optimal, normalized, "
+      "raw, angle", "opt.subspace_layers=True is a mode of opt.name 'grass' or "
+      "'rso', not 'subtrack'"]),
     (["--config.opt.subtrack.etaa=0.5"], ["unknown config key 'etaa'"]),
-    (["--config.opt.kwargs={}"], ["unknown config key 'kwargs'"]),
-    (["--config.opt.subtrack.eta=fast"], ["--config.opt.subtrack.eta=fast"]),
-    (["--config.opt.subspace_layers=True"],
-     ["opt.subspace_layers=True is a mode of opt.name 'grass' or 'rso', not "
-      "'subtrack'"]),
 ])
 def test_input_errors_are_one_line_with_status_2(tmp_path, args, fragments):
   status, out = run(tmp_path, "--config", "configs/test.py", "--workdir=run", *args)
@@ -107,6 +104,7 @@ def test_input_errors_are_one_line_with_status_2(tmp_path, args, fragments):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_method_option_on_the_command_line_trains(corpus, tmp_path):
   """`--config.opt.subtrack.eta=0.5` reaches the run's stored config."""
   status, out = run(tmp_path, *preset_args(
