@@ -168,14 +168,14 @@ class SubspaceLinear(nnx.Linear):
                                          self.basis())
 
   def set_layer(self, layer: subspax.reparam.SubspaceLayer) -> None:
-    """Writes a refreshed layer (merged kernel, zero delta, new basis) back."""
-    self.kernel[...] = layer.kernel
-    self.delta[...] = layer.delta
+    """Sets a refreshed layer (merged kernel, zero delta, new basis)."""
+    self.kernel.set_value(layer.kernel)
+    self.delta.set_value(layer.delta)
     if self.kind == "rows":
-      self.subspace_index[...] = layer.basis.index
-      self.subspace_scale[...] = layer.basis.scale
+      self.subspace_index.set_value(layer.basis.index)
+      self.subspace_scale.set_value(layer.basis.scale)
     else:
-      self.subspace_basis[...] = layer.basis.s
+      self.subspace_basis.set_value(layer.basis.s)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return subspax.reparam.dense(
