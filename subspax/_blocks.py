@@ -61,6 +61,10 @@ class StackedMatrix:
     basis: The matrix's ``DenseBasis`` or ``RowBasis`` (canonical ``(d, r)``).
     rank: The subspace rank ``r``.
     right: Whether the basis acts on the columns (side ``"right"``).
+    zero: A float32 zero computed where the matrix's turn comes (a traced
+      scalar XLA cannot fold); accumulators start from it. A constant zero
+      would let XLA fill every parameter's accumulators up front and keep
+      them all alive for the whole update.
   """
 
   stack: jax.Array
@@ -68,6 +72,10 @@ class StackedMatrix:
   basis: Any
   rank: int
   right: bool
+  zero: Any = 0.0
+
+  def _zeros(self, shape) -> jax.Array:
+    return jnp.full(shape, self.zero, jnp.float32)
 
   @property
   def rows(self) -> int:
@@ -109,13 +117,13 @@ class StackedMatrix:
       def add_block(start, acc):
         return acc + self._row_basis(start).project(self._read(start))
       return self._for_each_block(
-          add_block, jnp.zeros((r, self.cols), jnp.float32))
+          add_block, self._zeros((r, self.cols)))
 
     def put_block(start, reduced):
       cols = self.basis.coords(self._read(start)).T  # (r, block)
       return jax.lax.dynamic_update_slice(reduced, cols, (0, start))
     return self._for_each_block(
-        put_block, jnp.zeros((r, self.rows), jnp.float32))
+        put_block, self._zeros((r, self.rows)))
 
   def _back(self, x: jax.Array, start) -> jax.Array:
     """The block's rows of ``back(x)`` (``x``: canonical ``(r, D)``)."""
@@ -148,7 +156,7 @@ class StackedMatrix:
     def add_block(start, total):
       residual = self._residual(self._read(start), reduced, start)
       return total + jnp.sum(jnp.square(residual * self._kept(phi, start)))
-    return self._for_each_block(add_block, jnp.zeros([], jnp.float32))
+    return self._for_each_block(add_block, self._zeros(()))
 
   def kept_sq_norms(self) -> jax.Array:
     """Squared norms of ``G`` along the kept side, ``(D,)``."""
@@ -156,12 +164,12 @@ class StackedMatrix:
       def add_block(start, acc):
         return acc + jnp.sum(jnp.square(self._read(start)), axis=0)
       return self._for_each_block(add_block,
-                                  jnp.zeros((self.cols,), jnp.float32))
+                                  self._zeros((self.cols,)))
 
     def put_block(start, acc):
       norms = jnp.sum(jnp.square(self._read(start)), axis=1)
       return jax.lax.dynamic_update_slice_in_dim(acc, norms, start, 0)
-    return self._for_each_block(put_block, jnp.zeros((self.rows,), jnp.float32))
+    return self._for_each_block(put_block, self._zeros((self.rows,)))
 
   def write_update(self, x: Optional[jax.Array],
                    kept: Optional[jax.Array] = None,

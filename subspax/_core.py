@@ -338,7 +338,7 @@ def _scale_by_projected_adam(config: _Config, route, side: str,
       update, leaf_state = update_parameter(
           g, leaf_state, count, _keys.parameter_key(base_key, index))
       results.append((update, leaf_state))
-      count = _after((update, leaf_state), state.count)
+      count = _after(leaf_state, state.count)
     new_updates = treedef.unflatten([u for u, _ in results])
     new_matrices = treedef.unflatten([s for _, s in results])
     return new_updates, SubspaceAdamState(
@@ -361,6 +361,11 @@ def _after(outputs, count: jax.Array) -> jax.Array:
   firsts = [_first_element(x) for x in jax.tree.leaves(outputs) if x.size]
   unfinished = jnp.isnan(sum(firsts)) & (count < 0)
   return jnp.where(unfinished, 0, count)
+
+
+def _zero_after(count: jax.Array) -> jax.Array:
+  """A float32 0 that XLA can only compute once ``count`` exists."""
+  return jnp.where(count < 0, jnp.nan, 0.0).astype(jnp.float32)
 
 
 def _first_element(x: jax.Array) -> jax.Array:
@@ -479,7 +484,8 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
     else:
       basis = config.policy.sample(_epoch_key(config, keys[i], count),
                                    layout.d, layout.rank)
-    matrix = _blocks.StackedMatrix(stack, i, basis, layout.rank, right)
+    matrix = _blocks.StackedMatrix(stack, i, basis, layout.rank, right,
+                                   zero=_zero_after(count))
     stack, new_state = _update_matrix(config, matrix, fields_i, count=count)
     return stack, _write_index(fields, new_state, i)
 
