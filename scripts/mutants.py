@@ -81,8 +81,14 @@ MUTANTS = [
         "LDAdam's variance correction dropped: nu_new = C^2 nu"),
     Mutant(
         "subtrack-keeps-moments", "subspax/_methods.py",
-        'init=init),\n      rank, update_interval, scale=scale, moments="rotate",',
-        'init=init),\n      rank, update_interval, scale=scale, moments="keep",',
+        'tangent="gradient",\n                                      init=init)\n'
+        '  return _core.scale_by_subspace_adam(\n      policy, rank, '
+        'update_interval, b1=b1, b2=b2, eps=eps, scale=scale,\n'
+        '      moments="rotate",',
+        'tangent="gradient",\n                                      init=init)\n'
+        '  return _core.scale_by_subspace_adam(\n      policy, rank, '
+        'update_interval, b1=b1, b2=b2, eps=eps, scale=scale,\n'
+        '      moments="keep",',
         (MATH, "-k", "rotates and subtrack"),
         'SubTrack++ with moments="keep" instead of "rotate"'),
     Mutant(

@@ -623,13 +623,14 @@ def rso(
   optax.scale_by_learning_rate(learning_rate))``.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, optax, subspax
+    >>> import jax, jax.numpy as jnp, subspax
     >>> tx = subspax.rso(1e-2, rank=4, update_interval=10, prox=1.0,
     ...                  weight_decay=0.1, mask={'w': True, 'b': False})
-    >>> params = {'w': jnp.ones((16, 32)), 'b': jnp.zeros((32,))}
-    >>> state = tx.init(params)
+    >>> params = {'w': jnp.ones((16, 32)), 'b': jnp.ones((32,))}
     >>> grads = jax.tree.map(jnp.ones_like, params)
-    >>> updates, state = tx.update(grads, state, params)
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> round(float(updates['b'][0]), 6)  # Adam's first step, no decay
+    -0.01
 
   Args:
     learning_rate: A float or an ``optax`` schedule.
