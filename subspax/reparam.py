@@ -31,6 +31,16 @@ the train step:
 3. :func:`reset_moments` zeroes the deltas' Adam state
    (:func:`scale_by_delta_adam`) wherever it sits in the optimizer state.
 
+Examples:
+  >>> import jax.numpy as jnp, subspax
+  >>> w = jnp.zeros((8, 16))
+  >>> basis = subspax.DenseBasis(jnp.eye(8, 2))
+  >>> delta = jnp.ones(subspax.reparam.delta_shape(8, 16, 2, 'auto'))
+  >>> y = subspax.reparam.dense(jnp.ones((3, 8)), w, delta, basis, side='auto')
+  >>> y.shape
+  (3, 16)
+  >>> w = subspax.reparam.merge(w, delta, basis, side='auto')  # every T steps
+
 References:
   Muhamed et al., GRASS, https://arxiv.org/abs/2406.17660 (section 3);
   Chen et al., RSO, https://arxiv.org/abs/2502.07222 (Algorithm 1)
@@ -73,6 +83,16 @@ class SubspaceLayer(NamedTuple):
 def resolve_side(m: int, n: int, side: str = "auto") -> str:
   """The projected side of an ``m x n`` kernel (``"auto"``: the smaller one).
 
+  Examples:
+    >>> from subspax import reparam
+    >>> reparam.resolve_side(64, 256), reparam.resolve_side(256, 64)
+    ('left', 'right')
+
+  Args:
+    m: Rows of the kernel (its input dimension).
+    n: Columns of the kernel (its output dimension).
+    side: ``"auto"``, ``"left"`` or ``"right"``.
+
   Returns:
     ``"left"`` or ``"right"`` (ties go to ``"left"``, the input side).
   """
@@ -83,7 +103,22 @@ def resolve_side(m: int, n: int, side: str = "auto") -> str:
 
 
 def delta_shape(m: int, n: int, rank: int, side: str) -> tuple[int, int]:
-  """Shape ``(r, D)`` of the reduced delta of an ``m x n`` kernel."""
+  """Shape ``(r, D)`` of the reduced delta of an ``m x n`` kernel.
+
+  Examples:
+    >>> import subspax
+    >>> subspax.reparam.delta_shape(64, 256, rank=8, side='auto')
+    (8, 256)
+
+  Args:
+    m: Rows of the kernel.
+    n: Columns of the kernel.
+    rank: The rank ``r``.
+    side: ``"auto"``, ``"left"`` or ``"right"``.
+
+  Returns:
+    ``(rank, n)`` on side ``"left"``, ``(rank, m)`` on side ``"right"``.
+  """
   return (rank, n) if resolve_side(m, n, side) == "left" else (rank, m)
 
 
@@ -100,6 +135,15 @@ def dense(x: jax.Array, kernel: jax.Array, delta: jax.Array, basis: Basis, *,
   FLOPs in place of the ``2 N m n`` of a full weight gradient. For a
   ``DenseBasis`` (RSO) it is ``x W + (x S) Delta``, so only ``x S``
   (``N x r``) is saved for ``dDelta``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, subspax
+    >>> x, w = jnp.ones((4, 8)), jnp.zeros((8, 16))
+    >>> basis = subspax.RowBasis(jnp.array([1, 5]), jnp.ones((2,)))
+    >>> loss = lambda delta: subspax.reparam.dense(
+    ...     x, w, delta, basis, side='left').sum()
+    >>> jax.grad(loss)(jnp.zeros((2, 16))).shape  # only the r x D delta
+    (2, 16)
 
   Args:
     x: Activations ``(..., m)``, in the compute dtype.
@@ -170,6 +214,14 @@ _row_linear.defvjp(_row_linear_fwd, _row_linear_bwd)
 def merge(kernel: jax.Array, delta: jax.Array, basis: Basis, *,
           side: str) -> jax.Array:
   """Folds the delta into the kernel: ``W + back(Delta)``, in ``W``'s dtype.
+
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> basis = subspax.RowBasis(jnp.array([1, 3]), jnp.ones((2,)))
+    >>> merged = subspax.reparam.merge(jnp.zeros((4, 6)), jnp.ones((2, 6)),
+    ...                                basis, side='left')
+    >>> merged.sum(axis=1).tolist()  # rows 1 and 3 took the delta
+    [0.0, 6.0, 0.0, 6.0]
 
   Args:
     kernel: ``W``, ``(..., m, n)``; leading axes are stacked matrices.
@@ -404,6 +456,16 @@ def scale_by_delta_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
 def reset_moments(opt_state: Any) -> Any:
   """``opt_state`` with every :class:`DeltaAdamState` back at its init.
 
+  Examples:
+    >>> import jax.numpy as jnp, optax, subspax
+    >>> tx = optax.chain(subspax.reparam.scale_by_delta_adam(),
+    ...                  optax.scale_by_learning_rate(1e-2))
+    >>> delta = {'q': jnp.zeros((2, 6))}
+    >>> _, state = tx.update(delta, tx.init(delta))
+    >>> state = subspax.reparam.reset_moments(state)  # found inside the chain
+    >>> int(state[0].count)
+    0
+
   Args:
     opt_state: Any optimizer state containing :func:`scale_by_delta_adam`'s.
 
@@ -420,6 +482,19 @@ def reset_moments(opt_state: Any) -> Any:
 
 
 def canonical(g: jax.Array, side: str) -> jax.Array:
-  """A full ``(m, n)`` kernel gradient in the canonical ``(d, D)`` layout."""
+  """A full ``(m, n)`` kernel gradient in the canonical ``(d, D)`` layout.
+
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> subspax.reparam.canonical(jnp.zeros((256, 64)), 'auto').shape
+    (64, 256)
+
+  Args:
+    g: The kernel's gradient, ``(m, n)``.
+    side: ``"auto"``, ``"left"`` or ``"right"``.
+
+  Returns:
+    ``g`` on side ``"left"``, ``g.T`` on side ``"right"``.
+  """
   m, n = g.shape
   return g if resolve_side(m, n, side) == "left" else g.T

@@ -31,9 +31,7 @@ import subspax.testing
 
 # Defined in modules whose docstrings are still to be written; flip to
 # passing by removing the name once its docstring has Attributes and Examples.
-PENDING = frozenset({"ProjectedState", "SubspaceAdamState", "reparam",
-                     "canonical", "delta_shape", "dense", "merge",
-                     "reset_moments", "resolve_side"})
+PENDING = frozenset({"ProjectedState", "SubspaceAdamState"})
 # Factories whose string options are still annotated ``str``.
 PENDING_LITERALS = frozenset({"scale_by_subspace_adam"})
 
