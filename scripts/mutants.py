@@ -226,6 +226,12 @@ MUTANTS = [
         (REPARAM, "-k", "merge_layers"),
         "the refresh merges the delta into W but does not zero it"),
     Mutant(
+        "layer-keys-out-of-order", "subspax/reparam.py",
+        "_keys.parameter_key(key, index)",
+        "_keys.parameter_key(key, len(flat) - 1 - index)",
+        (REPARAM, "-k", "refresh_bases_are"),
+        "the layers' keys do not follow the parameters' flatten order"),
+    Mutant(
         "mode-moments-not-reset", "train/reparam.py",
         "opt_state=subspax.reparam.reset_moments(state.opt_state))",
         "opt_state=state.opt_state)",
