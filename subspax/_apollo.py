@@ -13,7 +13,8 @@ Both are :func:`~subspax.scale_by_subspace_adam` with a policy and options
 (docs/algorithms.md sections 5.7 and 5.8); nothing here re-implements the
 step.
 
-Differences from the authors' code, on purpose (see README):
+Differences from the authors' code, on purpose (docs/algorithms.md section
+10):
 
 * eps is added to ``sqrt(nu_hat)`` (optax); the authors add it to
   ``sqrt(nu)`` before bias correction, i.e. their eps is ours times
