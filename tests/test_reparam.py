@@ -109,9 +109,9 @@ def test_merge_layers_folds_each_stacked_delta_into_its_kernel(kind, side):
 
 def _core_bases(tx, params, grads):
   """The bases `tx` holds after one update per gradient, by parameter path."""
-  state = tx.init(params)
+  state, update = tx.init(params), jax.jit(tx.update)
   for g in grads:
-    _, state = tx.update(g, state, params)
+    _, state = update(g, state, params)
   is_projected = lambda x: isinstance(x, subspax.ProjectedState)
   for x in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, subspax.SubspaceAdamState)):
     if isinstance(x, subspax.SubspaceAdamState):
@@ -160,9 +160,9 @@ def test_refresh_bases_are_the_transformations_bases(name):
   for step in (0, interval):
     want = _core_bases(tx, params, grads[:step + 1])
     full = {k: v for k, v in grads[step].items() if "kernel" in v}
-    got = subspax.reparam.refresh_bases(
-        layers, policy, interval, jax.random.key(seed), jnp.asarray(step),
-        grads=full if name == "grass" else None, side=side)
+    got = jax.jit(lambda g, step: subspax.reparam.refresh_bases(
+        layers, policy, interval, jax.random.key(seed), step, grads=g,
+        side=side))(full if name == "grass" else None, jnp.asarray(step))
     got = dict(jax.tree_util.tree_flatten_with_path(
         got, is_leaf=lambda x: isinstance(x, subspax.reparam.SubspaceLayer))[0])
     assert got.keys() == want.keys()
