@@ -348,9 +348,7 @@ def refresh_bases(layers: Any, policy: _policies.SubspacePolicy,
   if grads is None and not policy.key_only:
     raise ValueError(f"grads=None needs a policy that depends on the key alone; "
                      f"{type(policy).__name__} needs the kernels' gradients.")
-  if not (isinstance(key, jax.Array)
-          and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)):
-    key = jax.random.key(key)
+  key = jax.random.wrap_key_data(_core._key_data(key))  # pylint: disable=protected-access
   flat, treedef = jax.tree.flatten(layers, is_leaf=_is_layer)
   flat_grads = ([None] * len(flat) if grads is None
                 else treedef.flatten_up_to(grads))
@@ -381,8 +379,9 @@ def _layer_bases(layer: SubspaceLayer, grad: Optional[jax.Array], policy,
   else:
     g = jax.vmap(lambda x: canonical(x, side))(flat(grad.astype(jnp.float32)))
     new = jax.lax.map(
-        lambda args: _core._new_basis(policy, args[2], args[0], args[1], r,  # pylint: disable=protected-access
-                                      step, right=side == "right"),
+        lambda args: policy.next_basis(args[2], args[0], args[1], r,
+                                       first=step == 0,
+                                       right=side == "right"),
         (g, epoch_keys, old))
   return jax.tree.map(lambda a, o: a.reshape(o.shape).astype(o.dtype), new,
                       layer.basis)
