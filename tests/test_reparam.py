@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 import helpers
@@ -212,6 +213,26 @@ def test_reset_moments_reinitialises_the_deltas_adam_wherever_it_is_nested():
   assert int(inner(state)["other"].inner_state.count) == 2
   # The same fields (and so the same checkpoint paths) as optax's Adam state.
   assert subspax.reparam.DeltaAdamState._fields == optax.ScaleByAdamState._fields
+
+
+def test_checkpoints_of_plain_adam_deltas_restore_into_delta_adam(tmp_path):
+  """Layer-mode checkpoints written when the deltas used optax.scale_by_adam
+  restore into subspax.reparam.scale_by_delta_adam's state (same paths)."""
+  params = {"layer": {"delta": jnp.ones((2, 3))}, "norm": jnp.ones((3,))}
+  labels = {"layer": {"delta": "delta"}, "norm": "other"}
+  tx = lambda delta_tx: optax.partition(
+      {"delta": delta_tx, "other": optax.scale_by_adam()}, labels)
+  old = tx(optax.scale_by_adam())
+  _, saved = old.update(params, old.init(params), params)
+  target = jax.eval_shape(tx(subspax.reparam.scale_by_delta_adam()).init, params)
+  with ocp.CheckpointManager(tmp_path) as manager:
+    manager.save(1, args=ocp.args.StandardSave(saved))
+    manager.wait_until_finished()
+    restored = manager.restore(1, args=ocp.args.StandardRestore(target))
+  delta_state = restored.inner_states["delta"].inner_state
+  assert isinstance(delta_state, subspax.reparam.DeltaAdamState)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.leaves(restored),
+               jax.tree.leaves(saved))
 
 
 def _programs(corpus, name, mode, **overrides):
