@@ -3,7 +3,7 @@
 Every method in subspax is this one transformation with a different
 :class:`~subspax.SubspacePolicy` (how the subspace is chosen and moved) and a
 moment policy (what happens to the Adam moments when the subspace changes).
-The step is ALGORITHMS.md section 1:
+The step is docs/algorithms.md section 2 (moments: section 3; recovery: section 4):
 
 1. every ``update_interval`` steps, refresh the basis and transform the moments
    (``keep``, ``reset``, ``rotate``; ``overlap`` for row selectors);
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -36,12 +37,13 @@ from subspax import _blocks
 from subspax import _keys
 from subspax import _layout
 from subspax import _policies
+from subspax import _types
 from subspax import _validation
 
-MOMENTS = ("keep", "reset", "rotate", "overlap")
-OUTPUTS = ("back", "scaled_gradient")
-SCALE_TYPES = ("channel", "tensor")
-LIMITERS = ("corrected", "uncorrected", "off")
+MOMENTS = typing.get_args(_types.Moments)
+OUTPUTS = typing.get_args(_types.Output)
+SCALE_TYPES = typing.get_args(_types.ScaleType)
+LIMITERS = typing.get_args(_types.Limiter)
 MaskedNode = optax.MaskedNode
 
 KeyLike = Union[int, jax.Array]
@@ -73,6 +75,17 @@ class ProjectedState:
       parameter since the last refresh, ``(*B, r, D)`` float32 (zero after
       every refresh); ``MaskedNode`` when ``prox`` is 0.
     layout: Static: how the parameter maps to canonical matrices.
+
+  The core's loop over the stacked matrices works on one matrix at a time
+  through the same record: the fields sliced to that matrix (no ``*B``), the
+  layout unchanged.
+
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> state = subspax.scale_by_galore(rank=2).init({'w': jnp.zeros((8, 16))})
+    >>> leaf = state.inner_states['subspace'].inner_state.matrices['w']
+    >>> leaf.basis.s.shape, leaf.mu.shape, leaf.layout.side
+    ((8, 2), (2, 16), 'left')
   """
 
   basis: Any
@@ -83,13 +96,34 @@ class ProjectedState:
   displacement: Any
   layout: _layout.MatrixLayout
 
+  def replace(self, **changes) -> ProjectedState:
+    """A copy with the given fields changed."""
+    return dataclasses.replace(self, **changes)
+
 
 class SubspaceAdamState(NamedTuple):
-  """State of the projected part of :func:`scale_by_subspace_adam`."""
+  """State of the projected part of :func:`scale_by_subspace_adam`.
 
-  count: jax.Array  # shape=(), int32: steps taken
-  key: jax.Array  # shape=(2,), uint32: raw PRNG key data (checkpointable)
-  matrices: optax.Params  # ProjectedState per projected leaf, else MaskedNode
+  One step count and one key serve every projected parameter; each one's
+  basis and moments are a :class:`ProjectedState` in ``matrices``.
+
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> state = subspax.scale_by_grass(rank=2).init({'w': jnp.zeros((8, 16))})
+    >>> inner = state.inner_states['subspace'].inner_state
+    >>> int(inner.count), inner.key.shape, type(inner.matrices['w']).__name__
+    (0, (2,), 'ProjectedState')
+
+  Attributes:
+    count: Steps taken, shape ``()``, int32.
+    key: Raw PRNG key data, shape ``(2,)``, uint32 (checkpointable).
+    matrices: A ``ProjectedState`` per projected leaf, ``MaskedNode`` for the
+      others.
+  """
+
+  count: jax.Array
+  key: jax.Array
+  matrices: optax.Params
 
 
 def _register_flax_serialization() -> None:
@@ -176,18 +210,18 @@ def scale_by_subspace_adam(
     eps: float = 1e-8,
     scale: float = 1.0,
     *,
-    moments: str = "keep",
+    moments: Optional[_types.Moments] = None,
     recovery: bool = False,
     recovery_limit: float = 1.01,
-    side: str = "auto",
+    side: _types.Side = "auto",
     projected: _layout.Projected = None,
     store_basis: bool = True,
     key: KeyLike = 0,
-    mu_dtype: Optional[jax.typing.DTypeLike] = None,
-    nu_dtype: Optional[jax.typing.DTypeLike] = None,
-    output: str = "back",
-    scale_type: str = "channel",
-    limiter: str = "corrected",
+    mu_dtype: _types.MomentDType = None,
+    nu_dtype: _types.MomentDType = None,
+    output: _types.Output = "back",
+    scale_type: _types.ScaleType = "channel",
+    limiter: _types.Limiter = "corrected",
     prox: float = 0.0,
     prox_learning_rate: optax.ScalarOrSchedule = 1.0,
 ) -> optax.GradientTransformation:
@@ -214,10 +248,13 @@ def scale_by_subspace_adam(
     moments: At a refresh, ``"keep"`` the moments, ``"reset"`` them to zero
       (with bias correction restarted), ``"rotate"`` them into the new basis
       (LDAdam), or keep the rows two row selections share (``"overlap"``).
+      One of ``policy.moment_rules``; ``None``: the policy's default (the
+      first of them: ``"keep"`` for ``SvdSubspace``, ``"rotate"`` for the
+      geodesic and random policies, ``"reset"`` for ``RowSubspace``).
     recovery: Add Fira's scaled residual ``G - back(R)`` to the update.
     recovery_limit: Norm-growth limiter ``zeta`` of the recovery term.
     side: ``"auto"`` projects the smaller matrix dimension; ``"left"`` or
-      ``"right"`` force one (ALGORITHMS.md section 0).
+      ``"right"`` force one (docs/algorithms.md section 1).
     projected: Which parameters to project. ``None``: every parameter with at
       least 2 dimensions whose smaller side exceeds ``rank`` and whose aspect
       ratio is at most 8. Otherwise a bool / :class:`MatrixSpec`, a pytree of
@@ -241,7 +278,7 @@ def scale_by_subspace_adam(
       applied); ``"uncorrected"`` bounds it before Adam's bias correction
       ``sqrt(1 - b2^t) / (1 - b1^t)`` as Fira's and APOLLO's code do;
       ``"off"`` disables it.
-    prox: RSO's proximal coefficient ``1 / eta_k`` (ALGORITHMS.md 2.5): adds
+    prox: RSO's proximal coefficient ``1 / eta_k`` (docs/algorithms.md section 5.5): adds
       ``prox * B`` to the reduced gradient, ``B`` the reduced displacement of
       the parameter since the last refresh (an extra ``r x D`` state, reset at
       every refresh). 0 turns it off.
@@ -264,6 +301,8 @@ def scale_by_subspace_adam(
   _validation.in_range("b1", b1, 0.0, 1.0)
   _validation.in_range("b2", b2, 0.0, 1.0)
   _validation.non_negative("eps", eps)
+  if moments is None:
+    moments = policy.moment_rules[0]
   _validation.choice("moments", moments, MOMENTS)
   _validation.choice("side", side, _layout.SIDES)
   _validation.in_range("recovery_limit", recovery_limit, 1.0, float("inf"))
@@ -276,9 +315,11 @@ def scale_by_subspace_adam(
   if limiter == "uncorrected" and moments == "overlap":
     raise ValueError('limiter="uncorrected" needs one step count per matrix; '
                      'moments="overlap" counts per row. Use "corrected".')
-  if moments == "overlap" and not isinstance(policy, _policies.RowSubspace):
-    raise ValueError('moments="overlap" needs a row-selection policy '
-                     '(subspax.grass); use "rotate" for dense bases.')
+  if moments not in policy.moment_rules:
+    raise ValueError(
+        f'moments="{moments}" does not suit {type(policy).__name__} (it '
+        f'supports {", ".join(policy.moment_rules)}); "overlap" needs a '
+        'row-selection policy (subspax.grass).')
   if recovery and not policy.orthonormal:
     raise ValueError("recovery=True needs an orthonormal basis; the Gaussian "
                      "basis (orthonormal=False) has none. Turn one of them off.")
@@ -427,17 +468,6 @@ def _init_matrices(config: _Config, layout: _layout.MatrixLayout
       layout=layout)
 
 
-class _MatrixState(NamedTuple):
-  """The per-matrix slice of a ProjectedState (what the core vmaps over)."""
-
-  basis: Any
-  mu: jax.Array
-  nu: jax.Array
-  age: Any
-  last_norm: Any
-  displacement: Any
-
-
 def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
                       count: jax.Array, key: jax.Array):
   """Updates every matrix of one projected parameter.
@@ -457,10 +487,8 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
   nb = len(layout.batch_shape)
   num = layout.num_matrices
   right = layout.side == "right"
-  fields = _MatrixState(state.basis, state.mu, state.nu, state.age,
-                        state.last_norm, state.displacement)
   flat_fields = jax.tree.map(lambda a: a.reshape((num,) + a.shape[nb:]),
-                             fields)
+                             state)
   keys = _keys.matrix_keys(key, num)
   stack = layout.to_matrices(g, dtype=g.dtype)  # (num, m, n), a view
 
@@ -491,10 +519,9 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
 
   stack, new_fields = jax.lax.fori_loop(0, num, update_one,
                                         (stack, flat_fields))
-  new_fields = jax.tree.map(lambda a, old: a.reshape(old.shape), new_fields,
-                            fields)
-  return layout.from_matrices(stack, g.dtype), ProjectedState(
-      *new_fields, layout=layout)
+  new_state = jax.tree.map(lambda a, old: a.reshape(old.shape), new_fields,
+                           state)
+  return layout.from_matrices(stack, g.dtype), new_state
 
 
 def _write_index(stacked, values, i):
@@ -523,7 +550,7 @@ def _materialized(tree, count: jax.Array, num: int):
 
 
 def _update_matrix(config: _Config, matrix: _blocks.StackedMatrix,
-                   state: _MatrixState, *, count: jax.Array):
+                   state: ProjectedState, *, count: jax.Array):
   """One reduced-space Adam step on one matrix, written over its gradient.
 
   Returns:
@@ -535,14 +562,14 @@ def _update_matrix(config: _Config, matrix: _blocks.StackedMatrix,
   if config.output == "scaled_gradient":
     kept, last_norm = _scaled_gradient(config, matrix, reduced, normalized,
                                        state.last_norm, steps)
-    return matrix.write_update(None, kept), state._replace(last_norm=last_norm)
+    return matrix.write_update(None, kept), state.replace(last_norm=last_norm)
   direction = config.scale * normalized
   if not config.recovery:
     return matrix.write_update(direction), state
   phi, last_norm = _recovery_scales(config, matrix, reduced, normalized,
                                     state.last_norm, steps)
   stack = matrix.write_update(direction, phi, residual_of=reduced)
-  return stack, state._replace(last_norm=last_norm)
+  return stack, state.replace(last_norm=last_norm)
 
 
 def _epoch_key(config: _Config, key: jax.Array, count: jax.Array,
@@ -551,9 +578,9 @@ def _epoch_key(config: _Config, key: jax.Array, count: jax.Array,
   return _keys.epoch_key(key, count, config.update_interval, offset)
 
 
-def _refresh_matrix(config: _Config, g: jax.Array, state: _MatrixState,
+def _refresh_matrix(config: _Config, g: jax.Array, state: ProjectedState,
                     key: jax.Array, *, count: jax.Array,
-                    right: bool = False) -> _MatrixState:
+                    right: bool = False) -> ProjectedState:
   """New basis for one canonical matrix, and the moment policy applied.
 
   ``right`` tells that ``g`` is the transpose of the matrix as stored (for
@@ -565,7 +592,8 @@ def _refresh_matrix(config: _Config, g: jax.Array, state: _MatrixState,
   epoch_key = _epoch_key(config, key, count)
   if config.stores_basis:
     old = state.basis
-    new = _new_basis(policy, old, g, epoch_key, r, count, right=right)
+    new = policy.next_basis(old, g, epoch_key, r, first=count == 0,
+                            right=right)
     stored = new
   else:
     old = policy.sample(_epoch_key(config, key, count, offset=-1), d, r)
@@ -574,10 +602,11 @@ def _refresh_matrix(config: _Config, g: jax.Array, state: _MatrixState,
   mu, nu, age = _transition(config.moments, old, new, state.mu, state.nu,
                             state.age)
   displacement = jax.tree.map(jnp.zeros_like, state.displacement)
-  return _MatrixState(stored, mu, nu, age, state.last_norm, displacement)
+  return state.replace(basis=stored, mu=mu, nu=nu, age=age,
+                       displacement=displacement)
 
 
-def _adam_step(config: _Config, reduced: jax.Array, state: _MatrixState, *,
+def _adam_step(config: _Config, reduced: jax.Array, state: ProjectedState, *,
                count: jax.Array):
   """Adam on one matrix's reduced gradient ``R`` (canonical ``(r, D)``).
 
@@ -603,25 +632,13 @@ def _adam_step(config: _Config, reduced: jax.Array, state: _MatrixState, *,
   mu_hat = mu / (1 - config.b1**steps)
   nu_hat = nu / (1 - config.b2**steps)
   normalized = mu_hat / (jnp.sqrt(nu_hat) + config.eps)
-  state = state._replace(mu=mu, nu=nu, age=age)
+  state = state.replace(mu=mu, nu=nu, age=age)
   if config.uses_prox:
     lr = config.prox_learning_rate
     lr = lr(count) if callable(lr) else lr
-    state = state._replace(displacement=state.displacement
+    state = state.replace(displacement=state.displacement
                            - lr * config.scale * normalized)
   return normalized, steps, state
-
-
-def _new_basis(policy, old, g, key, r, count, *, right: bool = False):
-  """Initial or refreshed basis; keeps ``old`` when ``g`` is not finite."""
-  refresh = functools.partial(policy.refresh_oriented, right=right)
-  if type(policy).initial is _policies.SubspacePolicy.initial:
-    new = refresh(old, g, key, r)
-  else:
-    new = jax.lax.cond(count == 0, lambda: policy.initial(g, key, r),
-                       lambda: refresh(old, g, key, r))
-  finite = jnp.all(jnp.isfinite(g))
-  return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
 
 def _transition(moments: str, old, new, mu, nu, age):

@@ -16,6 +16,7 @@ section 5 (the policies) and section 3 (the moment transitions).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 from typing import ClassVar
@@ -79,6 +80,10 @@ class SubspacePolicy:
       can be regenerated instead of stored (``store_basis=False``).
     orthonormal: Whether the basis has orthonormal columns (recovery scaling
       needs it).
+    distinct_initial: Whether :meth:`initial` differs from a refresh of the
+      zero basis (the core then branches on the first step).
+    moment_rules: The moment rules that suit this policy's bases (see
+      ``scale_by_subspace_adam``'s ``moments``); the first is the default.
   """
 
   basis_type: ClassVar[type] = _bases.DenseBasis
@@ -87,6 +92,10 @@ class SubspacePolicy:
   key_only: ClassVar[bool] = False
   # True when the basis has orthonormal columns (recovery scaling needs it).
   orthonormal: bool = True
+  # True when `initial` is not a refresh of the zero basis.
+  distinct_initial: ClassVar[bool] = False
+  # The moment rules this policy's bases support, the default first.
+  moment_rules: ClassVar[tuple[str, ...]] = ("keep", "reset", "rotate")
 
   def zeros(self, d: int, r: int):
     return self.basis_type.zeros(d, r)
@@ -106,6 +115,33 @@ class SubspacePolicy:
     """
     del right
     return self.refresh(basis, g, key, r)
+
+  def next_basis(self, basis, g: jax.Array, key: jax.Array, r: int, *,
+                 first: jax.Array, right: bool = False):
+    """The basis after a refresh step; ``basis`` itself if ``g`` is not finite.
+
+    What the core (and :mod:`subspax.reparam`) calls at every refresh.
+
+    Args:
+      basis: The basis in use (zeros before the first refresh).
+      g: The canonical float32 gradient ``(d, D)``.
+      key: This matrix's key for this refresh.
+      r: The rank.
+      first: Whether this is the first refresh (a traced bool); only read
+        when ``distinct_initial``.
+      right: Whether ``g`` is the transpose of the matrix as stored.
+
+    Returns:
+      The new basis, of ``basis``'s type and shapes.
+    """
+    refresh = functools.partial(self.refresh_oriented, right=right)
+    if self.distinct_initial:
+      new = jax.lax.cond(first, lambda: self.initial(g, key, r),
+                         lambda: refresh(basis, g, key, r))
+    else:
+      new = refresh(basis, g, key, r)
+    finite = jnp.all(jnp.isfinite(g))
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, basis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +234,8 @@ class GeodesicSubspace(SubspacePolicy):
   tangent: _types.GeodesicTangent = "gradient"
   init: _types.Init = "randomized"
   jump_prob: float = 0.0
+  distinct_initial: ClassVar[bool] = True
+  moment_rules: ClassVar[tuple[str, ...]] = ("rotate", "keep", "reset")
 
   def initial(self, g, key, r):
     return _bases.DenseBasis(_top_subspace(g, key, r, self.init))
@@ -257,6 +295,7 @@ class RandomSubspace(SubspacePolicy):
   """
 
   key_only: ClassVar[bool] = True
+  moment_rules: ClassVar[tuple[str, ...]] = ("rotate", "keep", "reset")
   orthonormal: bool = True
 
   def refresh(self, basis, g, key, r):
@@ -294,6 +333,8 @@ class RowSubspace(SubspacePolicy):
   """
 
   basis_type: ClassVar[type] = _bases.RowBasis
+  moment_rules: ClassVar[tuple[str, ...]] = ("reset", "overlap", "keep",
+                                             "rotate")
   selection: _types.Selection = "multinomial"
   replacement: bool = False
 

@@ -31,9 +31,9 @@ import subspax.testing
 
 # Defined in modules whose docstrings are still to be written; flip to
 # passing by removing the name once its docstring has Attributes and Examples.
-PENDING = frozenset({"ProjectedState", "SubspaceAdamState"})
+PENDING = frozenset()
 # Factories whose string options are still annotated ``str``.
-PENDING_LITERALS = frozenset({"scale_by_subspace_adam"})
+PENDING_LITERALS = frozenset()
 
 FACTORIES = sorted(
     name for name in subspax.__all__
