@@ -8,8 +8,8 @@ XLA's temp and the peak (argument + temp + output - alias) as a ratio to
 `optax.adam`'s, for optax.contrib.galore (leaves only) and every subspax
 method at rank 128. Nothing is allocated or timed.
 
-  python -m bench.update_memory                    # 56 separate leaves
-  python -m bench.update_memory --layout stacked
+  python -m bench.update_memory                    # both layouts
+  python -m bench.update_memory --layouts leaves   # 56 separate leaves
 """
 
 import argparse
@@ -26,6 +26,7 @@ SHAPES = {"q": (512, 512), "k": (512, 512), "v": (512, 512),
           "o": (512, 512), "gate": (512, 1376), "up": (512, 1376),
           "down": (1376, 512)}
 LAYERS = 8
+NAME = "update_memory"
 
 
 def params(layout: str) -> dict:
@@ -43,29 +44,59 @@ def measure(tx, tree) -> dict:
   return memory_lib.compiled_memory(compiled)
 
 
-def main() -> None:
+def state_mib(tx, tree) -> float:
+  """Exact bytes of the optimizer state, in MiB."""
+  state = jax.eval_shape(tx.init, tree)
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) / 2**20
+
+
+def table(layout: str, rows: dict) -> str:
+  base = rows["adam"]["peak"]
+  galore = rows.get("optax_galore", {}).get("peak")
+  header = [f"method ({layout})", "state MiB", "temp MiB", "peak MiB",
+            "peak x adam", "peak x optax_galore"]
+  return _common.markdown_table(header, [
+      [name, row["state"], row["temp"] / 2**20, row["peak"] / 2**20,
+       row["peak"] / base, row["peak"] / galore if galore else "-"]
+      for name, row in rows.items()])
+
+
+def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--layout", choices=("leaves", "stacked"),
-                      default="leaves")
+  parser.add_argument("--layouts", default="leaves,stacked")
   parser.add_argument("--rank", type=int, default=128)
   parser.add_argument("--methods", default=",".join(_common.METHODS))
-  args = parser.parse_args()
-  tree = params(args.layout)
-  txs = {"adam": optax.adam(1e-3)}
-  if args.layout == "leaves":
-    txs["optax_galore"] = optax.contrib.galore(1e-3, rank=args.rank)
-  for name in args.methods.split(","):
-    if name in ("adamw", "optax_galore"):
-      continue
-    txs[name] = getattr(subspax, name)(1e-3, args.rank, 200)
-  print(f"| method ({args.layout}) | temp MiB | peak MiB | peak x adam |")
-  print("|---|---|---|---|")
-  base = None
-  for name, tx in txs.items():
-    mem = measure(tx, tree)
-    base = base or mem["peak"]
-    print(f"| {name} | {mem['temp'] / 2**20:.1f} | {mem['peak'] / 2**20:.1f} "
-          f"| {mem['peak'] / base:.3f} |", flush=True)
+  parser.add_argument("--out", default=_common.RESULTS)
+  args = parser.parse_args(argv)
+  results, tables = {}, []
+  for layout in args.layouts.split(","):
+    tree = params(layout)
+    txs = {"adam": optax.adam(1e-3)}
+    if layout == "leaves":  # optax.contrib.galore projects 2-D leaves only
+      txs["optax_galore"] = optax.contrib.galore(1e-3, rank=args.rank)
+    for name in args.methods.split(","):
+      if name not in ("adamw", "optax_galore"):
+        txs[name] = getattr(subspax, name)(1e-3, args.rank, 200)
+    rows = {}
+    for name, tx in txs.items():
+      rows[name] = {**measure(tx, tree), "state": state_mib(tx, tree)}
+      print(f"{layout} {name}: temp {rows[name]['temp'] / 2**20:.1f} MiB, "
+            f"peak {rows[name]['peak'] / 2**20:.1f} MiB", flush=True)
+    results[layout] = rows
+    tables.append(table(layout, rows))
+  record = _common.call_record(args, argv, batch=None, seq_len=None)
+  payload = _common.with_call(
+      {"benchmark": NAME, "machine": record["machine"], "args": record["args"],
+       "results": results}, None, record)
+  note = (f"One `tx.update` (gradients and state donated) of the attention "
+          f"and MLP kernels of LLaMA-60M, rank {args.rank}: 56 separate "
+          f"leaves, or 7 stacked (8, m, n) leaves. Peak = argument + temp + "
+          f"output - alias (`train.memory.compiled_memory`); state = exact "
+          f"optimizer-state bytes. optax.contrib.galore projects the larger "
+          f"side of each matrix (subspax: the smaller, as galore-torch), so "
+          f"its state is smaller on the rectangular MLP kernels.")
+  _common.write_results(NAME, payload, note + "\n\n" + "\n\n".join(tables),
+                        args.out)
 
 
 if __name__ == "__main__":
