@@ -2,13 +2,14 @@
 
 For a ``--m x --n`` float32 weight at ``--rank`` (default 1024 x 1024, rank
 128, the single-matrix case of the memory targets), compiles ``tx.update(grads, state, params)`` with
-the state donated and reports, per method:
+the gradient and the state donated (as in a train step, where the gradient is
+a temporary the optimizer may overwrite) and reports, per method:
 
 * the exact optimizer-state bytes (``subspax.state_bytes``);
 * XLA's ``memory_analysis()`` of the compiled update: arguments, temp, output,
   alias, and the peak ``arguments + temp + output - alias``
-  (``train.memory.compiled_memory``: the donated state is reused for the new
-  state, so only the updates are new output);
+  (``train.memory.compiled_memory``: the donated buffers are reused for the
+  new state and the updates);
 * each as a ratio to ``optax.adam``.
 
 Nothing is timed: the figures are exact sizes from the compiler, so they are
@@ -54,7 +55,7 @@ def measure(tx, m: int, n: int) -> dict[str, int]:
   params = {"w": jax.ShapeDtypeStruct((m, n), jnp.float32)}
   state = jax.eval_shape(tx.init, params)
   mem = memory.compiled_memory(
-      jax.jit(tx.update, donate_argnums=1).lower(params, state, params).compile())
+      jax.jit(tx.update, donate_argnums=(0, 1)).lower(params, state, params).compile())
   return {"state": subspax.state_bytes(state), "arguments": mem["argument"],
           "temp": mem["temp"], "output": mem["output"], "alias": mem["alias"],
           "peak": mem["peak"]}
