@@ -6,7 +6,7 @@ The attention and MLP kernels of LLaMA-60M (d 512, d_ff 1376, 8 layers) as
 `tx.update(grads, state, params)` with gradients and state donated and reports
 XLA's temp and the peak (argument + temp + output - alias) as a ratio to
 `optax.adam`'s, for optax.contrib.galore (leaves only) and every subspax
-method at rank 128. Nothing is allocated or timed.
+method at rank 128 (apollo_mini at rank 1). Nothing is allocated or timed.
 
   python -m bench.update_memory                    # both layouts
   python -m bench.update_memory --layouts leaves   # 56 separate leaves
@@ -21,6 +21,7 @@ import optax
 import subspax
 from bench import _common
 from train import memory as memory_lib
+from train import optimizers
 
 SHAPES = {"q": (512, 512), "k": (512, 512), "v": (512, 512),
           "o": (512, 512), "gate": (512, 1376), "up": (512, 1376),
@@ -76,7 +77,8 @@ def main(argv=None) -> None:
       txs["optax_galore"] = optax.contrib.galore(1e-3, rank=args.rank)
     for name in args.methods.split(","):
       if name not in ("adamw", "optax_galore"):
-        txs[name] = getattr(subspax, name)(1e-3, args.rank, 200)
+        rank = optimizers.method_rank(name, args.rank)  # apollo_mini: 1
+        txs[name] = subspax.METHODS[name](1e-3, rank, 200)
     rows = {}
     for name, tx in txs.items():
       rows[name] = {**measure(tx, tree), "state": state_mib(tx, tree)}
