@@ -97,3 +97,18 @@ def records(workdir):
   """The metrics.jsonl records of a run, by step."""
   from train import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
   return {r["step"]: r for r in metrics_lib.read(str(workdir))}
+
+
+def decaying_spectrum(key, d, big_d, decay=0.8):
+  """A random ``(d, D)`` matrix with singular values ``decay**k``, like gradients."""
+  from subspax import _linalg  # pylint: disable=g-import-not-at-top
+  ku, kv = jax.random.split(key)
+  k = min(d, big_d)
+  u = _linalg.haar_basis(ku, d, k)
+  v = _linalg.haar_basis(kv, big_d, k)
+  return (u * decay ** jnp.arange(k)) @ v.T
+
+
+def projection_sq_error(s, g):
+  """``||G - S S^T G||_F^2``."""
+  return jnp.sum(jnp.square(g - s @ (s.T @ g)))

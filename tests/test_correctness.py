@@ -38,17 +38,11 @@ def _projected(state, name="w"):
   raise KeyError(name)
 
 
-def _decaying(key, d, big_d, decay=0.8):
-  """A ``(d, D)`` matrix with singular values ``decay**k``."""
-  ku, kv = jax.random.split(key)
-  k = min(d, big_d)
-  u = _linalg.haar_basis(ku, d, k)
-  v = _linalg.haar_basis(kv, big_d, k)
-  return (u * decay ** jnp.arange(k)) @ v.T
+_decaying = helpers.decaying_spectrum
 
 
 def _sq_error(s, g):
-  return float(jnp.sum(jnp.square(g - s @ (s.T @ g))))
+  return float(helpers.projection_sq_error(s, g))
 
 
 # --- GRASS: keep_overlap and recovery with replacement ----------------------

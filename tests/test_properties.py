@@ -24,17 +24,11 @@ SETTINGS = hypothesis.settings(max_examples=8, deadline=None,
                                derandomize=True)
 
 
-def _gradient(key, d, big_d, decay=0.7):
-  """A random ``(d, D)`` matrix with a decaying spectrum, like gradients."""
-  ku, kv = jax.random.split(key)
-  k = min(d, big_d)
-  u = _linalg.haar_basis(ku, d, k)
-  v = _linalg.haar_basis(kv, big_d, k)
-  return (u * decay ** jnp.arange(k)) @ v.T
+def _gradient(key, d, big_d):
+  return helpers.decaying_spectrum(key, d, big_d, decay=0.7)
 
 
-def _projection_error(s, g):
-  return jnp.sum(jnp.square(g - s @ (s.T @ g)))
+_projection_error = helpers.projection_sq_error
 
 
 def test_row_projection_without_replacement_is_a_projector():

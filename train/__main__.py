@@ -128,6 +128,10 @@ def _reporting():
   except errors.UserError as e:
     if _VERBOSE.value:
       raise
+    # A failed restore leaves orbax's read coroutines with their exception;
+    # collected at exit, Python would print each one's traceback after the
+    # error line. The error already says what went wrong.
+    sys.unraisablehook = lambda unraisable: None
     _fail(str(e))
   except preemption.Interrupted as e:
     print(e, file=sys.stderr, flush=True)
