@@ -393,11 +393,14 @@ def _after(outputs, count: jax.Array) -> jax.Array:
   """``count``, as a value that XLA can only compute once ``outputs`` exist.
 
   Parameters are updated one after the other: each parameter's step reads
-  its count through this, from the previous parameter's update and new state.
-  Otherwise XLA may start every parameter's projection first, or write every
+  its count through this, from the previous parameter's new state. Otherwise
+  XLA may start every parameter's projection first, or write every
   parameter's new moments last, and keep all their reduced gradients (and
-  other workspace) alive at once. The select never changes the value
-  (``count >= 0``), but XLA cannot prove that.
+  other workspace) alive at once. The chain reads the new state, not the
+  update: reading the update would keep each update buffer alive until the
+  next parameter runs, so a chained learning-rate scale could not be applied
+  in place. The select never changes the value (``count >= 0``), but XLA
+  cannot prove that.
   """
   firsts = [_first_element(x) for x in jax.tree.leaves(outputs) if x.size]
   unfinished = jnp.isnan(sum(firsts)) & (count < 0)
