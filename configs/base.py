@@ -165,6 +165,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.eval_batches = 8  # held-out batches per evaluation (at most what data holds)
   cfg.checkpoint_every = 100  # save a checkpoint every N steps and at the end
   cfg.keep_checkpoints = 2  # keep the latest K checkpoints
+  cfg.grad_accum = 1  # micro-batches per step: their gradients are averaged before one update
   cfg.stop_after = 0  # stop (with a checkpoint) after this step; 0: run all steps
   cfg.init_from = ""  # a Hugging Face LLaMA directory to fine-tune (its config sets `model`; train/hf.py)
   cfg.profile_steps = ""  # "a,b": a jax.profiler trace of steps a..b in WORKDIR/tensorboard
@@ -182,6 +183,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.opt.b1 = 0.9  # Adam first-moment decay
   cfg.opt.b2 = 0.999  # Adam second-moment decay
   cfg.opt.eps = 1e-6  # Adam epsilon
+  cfg.opt.clip_norm = 0.0  # clip the gradient to this global norm before the update; 0: off
+  # True (scanned models): update each layer inside the backward scan as soon as
+  # its gradient exists, so the model-wide gradient never exists (train/layerwise.py)
+  cfg.opt.layerwise = False
   # grass or rso only: True trains through r x D deltas in subspace layers
   # (frozen kernels, merged every T; train/reparam.py) instead of full gradients
   cfg.opt.subspace_layers = False

@@ -56,6 +56,8 @@ from subspax._policies import SvdSubspace
 from subspax._registry import METHODS
 from subspax._state import state_bytes
 from subspax._state import state_shardings
+from subspax._layerwise import layerwise
+from subspax._layerwise import LayerwiseUpdate
 from subspax import reparam
 
 __version__ = "0.1.0"
@@ -63,6 +65,7 @@ __version__ = "0.1.0"
 __all__ = (
     "DenseBasis",
     "GeodesicSubspace",
+    "LayerwiseUpdate",
     "METHODS",
     "MatrixLayout",
     "MatrixSpec",

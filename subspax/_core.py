@@ -367,26 +367,48 @@ def _scale_by_projected_adam(config: _Config, route, side: str,
     return SubspaceAdamState(
         count=jnp.zeros([], jnp.int32), key=_key_data(key), matrices=matrices)
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, *, layer=None, **extra_args):
+    """One step; ``layer``: the stacked leaves hold only that layer.
+
+    A parameter whose update is ``MaskedNode`` while its state is a
+    ``ProjectedState`` is skipped (its state is returned unchanged): this is
+    how :func:`subspax.layerwise` updates a part of the tree while every
+    projected parameter keeps its leaf index (its key).
+    """
+    del params, extra_args
     base_key = jax.random.wrap_key_data(state.key)
-    flat, treedef = jax.tree.flatten(updates)
-    leaf_states = treedef.flatten_up_to(state.matrices)
+    flat, treedef = jax.tree.flatten(updates, is_leaf=_is_masked)
+    leaf_states = jax.tree.leaves(state.matrices, is_leaf=_is_leaf_state)
+    if len(flat) != len(leaf_states):
+      raise ValueError("The updates do not have the structure of the state's "
+                       "parameters.")
     update_parameter = _sharding_agnostic(
-        functools.partial(_update_parameter, config))
-    results, count = [], state.count
-    for index, (g, leaf_state) in enumerate(zip(flat, leaf_states)):
-      update, leaf_state = update_parameter(
-          g, leaf_state, count, _keys.parameter_key(base_key, index))
-      results.append((update, leaf_state))
-      count = _after(leaf_state, state.count)
-    new_updates = treedef.unflatten([u for u, _ in results])
-    new_matrices = treedef.unflatten([s for _, s in results])
-    return new_updates, SubspaceAdamState(
+        functools.partial(_update_parameter, config, layer=layer))
+    new_updates, new_states, count, index = [], [], state.count, 0
+    for g, leaf_state in zip(flat, leaf_states):
+      if isinstance(leaf_state, ProjectedState):
+        if not _is_masked(g):
+          g, leaf_state = update_parameter(
+              g, leaf_state, count, _keys.parameter_key(base_key, index))
+          count = _after(leaf_state, state.count)
+        index += 1
+      new_updates.append(g)
+      new_states.append(leaf_state)
+    new_matrices = jax.tree.structure(
+        state.matrices, is_leaf=_is_leaf_state).unflatten(new_states)
+    return treedef.unflatten(new_updates), SubspaceAdamState(
         count=optax.safe_int32_increment(state.count), key=state.key,
         matrices=new_matrices)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _is_masked(x) -> bool:
+  return isinstance(x, MaskedNode)
+
+
+def _is_leaf_state(x) -> bool:
+  return isinstance(x, (ProjectedState, MaskedNode))
 
 
 def _after(outputs, count: jax.Array) -> jax.Array:
@@ -472,7 +494,8 @@ def _init_matrices(config: _Config, layout: _layout.MatrixLayout
 
 
 def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
-                      count: jax.Array, key: jax.Array):
+                      count: jax.Array, key: jax.Array, *,
+                      layer: Optional[jax.Array] = None):
   """Updates every matrix of one projected parameter.
 
   Memory: nothing full-size is added beyond the output. The matrices are
@@ -485,6 +508,9 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
   as an operand makes XLA copy it before the in-place loop), and CPU LAPACK
   calls are not batched (batched ones can deadlock jaxlib 0.10's CPU runtime
   with many devices).
+
+  ``layer``: ``g`` and ``state`` are the slice ``[layer:layer + 1]`` of a
+  stacked parameter (the keys are those of its matrices in the stack).
   """
   layout = state.layout
   nb = len(layout.batch_shape)
@@ -492,7 +518,8 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
   right = layout.side == "right"
   flat_fields = jax.tree.map(lambda a: a.reshape((num,) + a.shape[nb:]),
                              state)
-  keys = _keys.matrix_keys(key, num)
+  # One layer of a stack (`layer` given): its matrices' keys in the stack.
+  keys = _keys.matrix_keys(key, num, 0 if layer is None else layer * num)
   stack = layout.to_matrices(g, dtype=g.dtype)  # (num, m, n), a view
 
   refreshing = count % config.update_interval == 0

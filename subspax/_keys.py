@@ -33,9 +33,16 @@ def parameter_key(base_key: jax.Array, leaf_index: int | jax.Array
   return jax.random.fold_in(base_key, leaf_index)
 
 
-def matrix_keys(key: jax.Array, num: int) -> jax.Array:
-  """The keys of a parameter's ``num`` stacked matrices, shape ``(num,)``."""
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num))
+def matrix_keys(key: jax.Array, num: int, offset: int | jax.Array = 0
+                ) -> jax.Array:
+  """The keys of ``num`` stacked matrices of a parameter, shape ``(num,)``.
+
+  ``offset`` is the position of the first of them in the whole stack (non-zero
+  when one layer of a stacked parameter is updated on its own,
+  :func:`subspax.layerwise`).
+  """
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(
+      offset + jnp.arange(num))
 
 
 def epoch_key(matrix_key: jax.Array, count: jax.Array, update_interval: int,

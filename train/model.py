@@ -295,9 +295,18 @@ class Llama(nnx.Module):
     self.head = _linear(cfg, cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs,
                         preferred_element_type=jnp.float32)
 
+  def embed_tokens(self, tokens_BxL: jax.Array) -> jax.Array:
+    """The residual stream's input: token ids (B, L) -> (B, L, D)."""
+    return self.embed(tokens_BxL)
+
+  def logits(self, x_BxLxD: jax.Array) -> jax.Array:
+    """The last block's output (B, L, D) -> float32 logits (B, L, V)."""
+    x_BxLxD = self.final_norm(x_BxLxD).astype(self.cfg.dtype)
+    return self.head(x_BxLxD).astype(jnp.float32)
+
   def __call__(self, tokens_BxL: jax.Array) -> jax.Array:
     cfg = self.cfg
-    x_BxLxD = self.embed(tokens_BxL)
+    x_BxLxD = self.embed_tokens(tokens_BxL)
 
     def apply_block(x_BxLxD: jax.Array, block: Block) -> jax.Array:
       return block(x_BxLxD)
@@ -311,8 +320,7 @@ class Llama(nnx.Module):
     else:
       for block in self.blocks:
         x_BxLxD = apply_block(x_BxLxD, block)
-    x_BxLxD = self.final_norm(x_BxLxD).astype(cfg.dtype)
-    return self.head(x_BxLxD).astype(jnp.float32)
+    return self.logits(x_BxLxD)
 
 
 def abstract_model(cfg: LlamaConfig) -> tuple[nnx.GraphDef, dict, dict]:

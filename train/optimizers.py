@@ -188,6 +188,18 @@ def _check_schedule(opt_cfg: Any) -> None:
         f"opt.min_lr_ratio must be in [0, 1], got {opt_cfg.min_lr_ratio!r}")
 
 
+def with_clipping(opt_cfg: Any, tx: optax.GradientTransformation
+                  ) -> optax.GradientTransformation:
+  """`tx` after clipping the gradient to global norm `opt.clip_norm` (if > 0).
+
+  Example:
+    tx = with_clipping(cfg.opt, build(cfg.opt, cfg.steps, cfg.seed))
+  """
+  if not opt_cfg.clip_norm:
+    return tx
+  return optax.chain(optax.clip_by_global_norm(opt_cfg.clip_norm), tx)
+
+
 def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
   """Builds the optimizer named by opt_cfg.name (call `validate` first).
 

@@ -25,6 +25,7 @@ from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 from train import errors
 from train import hf
+from train import layerwise
 from train import metrics as metrics_lib
 from train import memory as memory_lib
 from train import model as model_lib
@@ -67,14 +68,27 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
   errors.gather(
       *(at_least(key, 1, "positive") for key in (
           "steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
-          "keep_checkpoints")),
+          "keep_checkpoints", "grad_accum")),
       *(at_least(key, 0, "non-negative") for key in (
           "eval_every", "eval_batches", "stop_after")),
       dtype("dtype"), dtype("param_dtype"),
       lambda: reparam.validate(cfg.opt),
+      lambda: layerwise.validate(cfg),
+      lambda: _check_grad_accum(cfg),
       lambda: optimizers.validate(
           cfg.opt, model_lib.LlamaConfig.from_config(cfg.model, 1),
           cfg.steps if steps_ok else 1))
+
+
+def _check_grad_accum(cfg: ml_collections.ConfigDict) -> None:
+  if isinstance(cfg.grad_accum, int) and cfg.grad_accum > 1 and (
+      cfg.batch_size % cfg.grad_accum):
+    raise errors.UserError(
+        f"batch_size={cfg.batch_size} must be a multiple of grad_accum="
+        f"{cfg.grad_accum} (each step averages grad_accum equal micro-batches)")
+  if cfg.opt.clip_norm < 0:
+    raise errors.UserError(
+        f"opt.clip_norm must be >= 0 (0 turns clipping off), got {cfg.opt.clip_norm!r}")
 
 
 def check_and_mesh(cfg: ml_collections.ConfigDict
@@ -104,20 +118,42 @@ def loss_fn(params: dict, graphdef: nnx.GraphDef, batch_BxL1: jax.Array) -> jax.
       logits_BxLxV, batch_BxL1[:, 1:]).mean()
 
 
+def _loss_and_grads(graphdef: nnx.GraphDef, trainable: dict, frozen: dict,
+                    batch_BxL1: jax.Array, micro_batches: int):
+  """The loss and its gradient, averaged over `micro_batches` equal parts of
+  the batch (computed one after the other, their gradients summed)."""
+  value_and_grad = jax.value_and_grad(
+      lambda p, b: loss_fn(model_lib.combine(p, frozen), graphdef, b))
+  if micro_batches == 1:
+    return value_and_grad(trainable, batch_BxL1)
+  b, length = batch_BxL1.shape
+  # Part j takes rows j, j + k, j + 2k, ...: each device's rows stay local.
+  parts = batch_BxL1.reshape(b // micro_batches, micro_batches, length).swapaxes(0, 1)
+
+  def add(carry, part):
+    loss, grads = value_and_grad(trainable, part)
+    return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+  zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros(()), trainable))
+  (loss, grads), _ = jax.lax.scan(add, zeros, parts)
+  return jax.tree.map(lambda x: x / micro_batches, (loss, grads))
+
+
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    lr: optax.Schedule) -> Callable:
+                    lr: optax.Schedule, micro_batches: int = 1) -> Callable:
   """The (state, batch) -> (state, metrics) function that jit compiles.
 
   Only the `model.TRAINABLE` parameters (all of them, unless the model has
   reparametrised layers, whose kernels and bases stay frozen) are
-  differentiated and updated.
+  differentiated and updated. `micro_batches` > 1 (`grad_accum`) averages the
+  gradients of that many parts of the batch before the one update.
   """
 
   def train_step(state: TrainState, batch_BxL1: jax.Array):
     trainable, frozen = model_lib.partition(
         graphdef, state.params, model_lib.TRAINABLE, ...)
-    loss, grads = jax.value_and_grad(
-        lambda p: loss_fn(model_lib.combine(p, frozen), graphdef, batch_BxL1))(trainable)
+    loss, grads = _loss_and_grads(graphdef, trainable, frozen, batch_BxL1,
+                                  micro_batches)
     # The norm reads the gradients before the optimizer may overwrite them in
     # place (the barrier orders it; otherwise XLA keeps a copy for it).
     grads, grad_norm = jax.lax.optimization_barrier((grads, optax.tree.norm(grads)))
@@ -173,6 +209,7 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
                           reparam.delta_labels(graphdef, param_shapes))
   else:
     tx = optimizers.build(cfg.opt, cfg.steps, cfg.seed)
+  tx = optimizers.with_clipping(cfg.opt, tx)
   lr = optimizers.schedule(cfg.opt, cfg.steps)
 
   def init() -> TrainState:
@@ -186,8 +223,14 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
         dataclasses.replace(model_cfg, reparam=""))[0]
     refresh = reparam.make_refresh(lambda p, b: loss_fn(p, plain_graphdef, b),
                                    graphdef, cfg.opt, cfg.seed)
+  if cfg.opt.layerwise:
+    train_step = layerwise.make_train_step(
+        graphdef, tx, lr, param_shapes,
+        lambda p, u, step, layer=None: optax.apply_updates(p, u), TrainState)
+  else:
+    train_step = make_train_step(graphdef, tx, lr, cfg.grad_accum)
   return Programs(model_cfg, graphdef, param_shapes, param_names, tx, lr, init,
-                  make_train_step(graphdef, tx, lr), refresh)
+                  train_step, refresh)
 
 
 def initial_state(cfg: ml_collections.ConfigDict, programs: Programs,
