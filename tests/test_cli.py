@@ -97,6 +97,14 @@ def test_small_corpus_short_run_relative_paths(tmp_path):
       "raw, angle", "opt.subspace_layers=True is a mode of opt.name 'grass' or "
       "'rso', not 'subtrack'"]),
     (["--config.opt.subtrack.etaa=0.5"], ["unknown config key 'etaa'"]),
+    # A layer-wise step never holds the whole gradient.
+    (["--config.opt.layerwise=True", "--config.opt.clip_norm=1.0",
+      "--config.grad_accum=2", "--config.model.scan=False"],
+     ["3 problems", "needs model.scan=True", "set opt.clip_norm=0",
+      "grad_accum=2 sums micro-batch gradients", "opt.layerwise=False"]),
+    (["--config.opt.layerwise=True", "--config.opt.name=optax_galore"],
+     ["does not support opt.name='optax_galore'"]),
+    (["--config.grad_accum=3"], ["batch_size=8 must be a multiple of grad_accum=3"]),
 ])
 def test_input_errors_are_one_line_with_status_2(tmp_path, args, fragments):
   status, out = run(tmp_path, "--config", "configs/test.py", "--workdir=run", *args)

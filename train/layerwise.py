@@ -71,6 +71,21 @@ def validate(cfg: Any) -> None:
         f"grad_accum=1 and raise batch_size instead, {fix}")
 
 
+def _read_layer(stacks: Any, layer: jax.Array) -> Any:
+  """Layer `layer` of stacked arrays that a scan reads but does not write.
+
+  Sliced inside a conditional on a predicate XLA cannot fold (`layer >= 0`).
+  Otherwise XLA's CPU compiler, which slices bfloat16 arrays in float32,
+  converts the whole stack to float32 once, outside the loop: a float32 copy
+  of every stacked bfloat16 weight. Inside the conditional only the slice is
+  converted, and the conversions fold away.
+  """
+  return jax.lax.cond(
+      layer >= 0, lambda t: jax.tree.map(lambda a: a[layer], t),
+      lambda t: jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), t),
+      stacks)
+
+
 def _masked_like(tree: Any) -> Any:
   return jax.tree.map(lambda _: optax.MaskedNode(), tree)
 
@@ -121,11 +136,13 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     x_BxLxD, embed_vjp = jax.vjp(lambda r: model(r).embed_tokens(tokens_BxL),
                                  rest)
 
-    def forward(x, params_l):
-      return block_apply(params_l, x), x
+    stacked = model_lib.combine(blocks, frozen_blocks)
+    num_layers = jax.tree.leaves(blocks)[0].shape[0]
 
-    x_BxLxD, inputs = jax.lax.scan(
-        forward, x_BxLxD, model_lib.combine(blocks, frozen_blocks))
+    def forward(x, layer):
+      return block_apply(_read_layer(stacked, layer), x), x
+
+    x_BxLxD, inputs = jax.lax.scan(forward, x_BxLxD, jnp.arange(num_layers))
 
     def head_loss(r, x):
       logits = model(r).logits(x)
@@ -138,7 +155,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     def backward(carry, inputs_l):
       dx, blocks, opt_state, sq = carry
-      x_l, frozen_l, layer = inputs_l
+      layer = inputs_l
+      x_l, frozen_l = _read_layer((inputs, frozen_blocks), layer)
       params_l = jax.tree.map(lambda a: a[layer], blocks)
       _, vjp = jax.vjp(
           lambda p, x: block_apply(model_lib.combine(p, frozen_l), x),
@@ -154,10 +172,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
           blocks, new_l)
       return (dx, blocks, opt_state, sq), None
 
-    num_layers = jax.tree.leaves(blocks)[0].shape[0]
     (dx, blocks, opt_state, sq), _ = jax.lax.scan(
         backward, (dx, blocks, state.opt_state, jnp.zeros((), jnp.float32)),
-        (inputs, frozen_blocks, jnp.arange(num_layers)), reverse=True)
+        jnp.arange(num_layers), reverse=True)
     embed_grads, = embed_vjp(dx)
     rest_grads = jax.tree.map(jnp.add, head_grads, embed_grads)
     sq = sq + _sum_squares(rest_grads)
