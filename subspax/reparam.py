@@ -295,7 +295,8 @@ def merge_layers(layers: Any, *, side: str = "auto") -> Any:
 def refresh_bases(layers: Any, policy: _policies.SubspacePolicy,
                   update_interval: int, key: Union[jax.Array, int],
                   step: jax.Array, *, grads: Optional[Any] = None,
-                  side: str = "auto") -> Any:
+                  side: str = "auto",
+                  layer: Optional[Union[int, jax.Array]] = None) -> Any:
   """New bases for every layer, as the subspax transformations would pick.
 
   Each stacked matrix gets the key the optimizer core uses for the same
@@ -330,6 +331,10 @@ def refresh_bases(layers: Any, policy: _policies.SubspacePolicy,
       ``layers``' structure; ``None`` for a policy that needs none
       (``policy.key_only``, RSO).
     side: The layers' side option (see :func:`resolve_side`).
+    layer: ``None``, or the index of the one layer the stacked arrays hold
+      (a ``[layer:layer + 1]`` slice of their leading axis): each matrix then
+      gets its key in the whole stack (a layer-wise refresh, one layer at a
+      time inside a backward pass).
 
   Returns:
     The same tree with new bases (kernels and deltas unchanged).
@@ -353,17 +358,18 @@ def refresh_bases(layers: Any, policy: _policies.SubspacePolicy,
   flat_grads = ([None] * len(flat) if grads is None
                 else treedef.flatten_up_to(grads))
   new = [
-      layer._replace(basis=_layer_bases(
-          layer, g, policy, update_interval, _keys.parameter_key(key, index),
-          step, side))
-      for index, (layer, g) in enumerate(zip(flat, flat_grads))]
+      one._replace(basis=_layer_bases(
+          one, g, policy, update_interval, _keys.parameter_key(key, index),
+          step, side, layer))
+      for index, (one, g) in enumerate(zip(flat, flat_grads))]
   return treedef.unflatten(new)
 
 
 def _layer_bases(layer: SubspaceLayer, grad: Optional[jax.Array], policy,
                  update_interval: int, key: jax.Array, step: jax.Array,
-                 side_option: str) -> Basis:
-  """One (stacked) layer's new bases, one matrix at a time (``lax.map``)."""
+                 side_option: str, index: Optional[jax.Array] = None) -> Basis:
+  """One (stacked) layer's new bases, one matrix at a time (``lax.map``);
+  ``index``: the stack holds only that layer (see :func:`refresh_bases`)."""
   kernel = layer.kernel
   m, n = kernel.shape[-2:]
   side = resolve_side(m, n, side_option)
@@ -371,7 +377,7 @@ def _layer_bases(layer: SubspaceLayer, grad: Optional[jax.Array], policy,
   batch_dims = kernel.ndim - 2
   num = math.prod(kernel.shape[:batch_dims])
   epoch_keys = jax.vmap(lambda k: _keys.epoch_key(k, step, update_interval))(
-      _keys.matrix_keys(key, num))
+      _keys.matrix_keys(key, num, 0 if index is None else index * num))
   flat = lambda a: a.reshape((num,) + a.shape[batch_dims:])
   old = jax.tree.map(flat, layer.basis)
   if grad is None:

@@ -37,6 +37,7 @@ from flax import nnx
 
 from train import errors
 from train import model as model_lib
+from train import reparam
 
 BLOCKS = "blocks"  # the stacked (L, ...) parameters of a scanned model
 
@@ -136,26 +137,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     x_BxLxD, embed_vjp = jax.vjp(lambda r: model(r).embed_tokens(tokens_BxL),
                                  rest)
 
-    stacked = model_lib.combine(blocks, frozen_blocks)
-    num_layers = jax.tree.leaves(blocks)[0].shape[0]
-
-    def forward(x, layer):
-      return block_apply(_read_layer(stacked, layer), x), x
-
-    x_BxLxD, inputs = jax.lax.scan(forward, x_BxLxD, jnp.arange(num_layers))
-
-    def head_loss(r, x):
-      logits = model(r).logits(x)
-      return optax.softmax_cross_entropy_with_integer_labels(
-          logits, targets_BxL).mean()
-
-    loss, head_vjp = jax.vjp(head_loss, rest, x_BxLxD)
+    x_BxLxD, inputs = _forward(block_apply, model_lib.combine(
+        blocks, frozen_blocks), x_BxLxD)
+    loss, head_vjp = jax.vjp(
+        lambda r, x: _cross_entropy(model(r).logits(x), targets_BxL),
+        rest, x_BxLxD)
     head_grads, dx = head_vjp(jnp.ones((), loss.dtype))
     masked_rest = _masked_like(rest)
 
-    def backward(carry, inputs_l):
+    def backward(carry, layer):
       dx, blocks, opt_state, sq = carry
-      layer = inputs_l
       x_l, frozen_l = _read_layer((inputs, frozen_blocks), layer)
       params_l = jax.tree.map(lambda a: a[layer], blocks)
       _, vjp = jax.vjp(
@@ -167,14 +158,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
           {**masked_rest, BLOCKS: grads_l}, opt_state,
           {**masked_rest, BLOCKS: params_l}, layer)
       new_l = apply_updates(params_l, updates_l[BLOCKS], state.step, layer)
-      blocks = jax.tree.map(
-          lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, layer, 0),
-          blocks, new_l)
-      return (dx, blocks, opt_state, sq), None
+      blocks = _write_layer(blocks, new_l, layer)
+      return dx, blocks, opt_state, sq
 
-    (dx, blocks, opt_state, sq), _ = jax.lax.scan(
-        backward, (dx, blocks, state.opt_state, jnp.zeros((), jnp.float32)),
-        jnp.arange(num_layers), reverse=True)
+    dx, blocks, opt_state, sq = _backward(
+        backward, (dx, blocks, state.opt_state, jnp.zeros((), jnp.float32)))
     embed_grads, = embed_vjp(dx)
     rest_grads = jax.tree.map(jnp.add, head_grads, embed_grads)
     sq = sq + _sum_squares(rest_grads)
@@ -191,6 +179,108 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     return state_type(state.step + 1, params, opt_state), metrics
 
   return train_step
+
+
+def make_refresh(graphdef: nnx.GraphDef, param_shapes: dict,
+                 plain_graphdef: nnx.GraphDef, plain_shapes: dict, opt_cfg: Any,
+                 seed: int) -> Callable:
+  """GRASS's refresh (train/reparam.py), one layer at a time.
+
+  The same program as `reparam.make_refresh` (merge every delta, select new
+  rows from the full gradient of the merged weights, reset the deltas'
+  moments), but the gradient of each layer's merged kernels is computed in a
+  backward scan and used at once: no full-size gradient of the model exists,
+  and each layer is merged as its turn comes.
+
+  Args:
+    graphdef: The reparametrised model's graph.
+    param_shapes: Its parameters' `jax.ShapeDtypeStruct`s.
+    plain_graphdef: The graph of the same model without subspace layers.
+    plain_shapes: Its parameters' shapes.
+    opt_cfg: The `opt` section (grass, `opt.subspace_layers=True`).
+    seed: The run's seed (the key of the bases).
+
+  Returns:
+    `(state, batch) -> state`; it equals `reparam.make_refresh`'s.
+  """
+  side, policy = reparam.side_option(opt_cfg), reparam.subspace_policy(opt_cfg)
+  block_graphdef = _block_graphdef(graphdef, param_shapes)
+  plain_block_graphdef = _block_graphdef(plain_graphdef, plain_shapes)
+  is_layer = lambda x: isinstance(x, subspax.reparam.SubspaceLayer)
+
+  def refresh(state, batch_BxL1: jax.Array):
+    params = dict(state.params)
+    blocks = params.pop(BLOCKS)
+    model = nnx.merge(graphdef, {**params, BLOCKS: blocks})
+    x_BxLxD = model.embed_tokens(batch_BxL1[:, :-1])
+    x_BxLxD, inputs = _forward(
+        lambda p, x: nnx.merge(block_graphdef, p)(x), blocks, x_BxLxD)
+    dx = jax.grad(lambda x: _cross_entropy(model.logits(x), batch_BxL1[:, 1:]))(
+        x_BxLxD)
+
+    def backward(carry, layer):
+      dx, blocks = carry
+      block = nnx.merge(block_graphdef, jax.tree.map(lambda a: a[layer], blocks))
+      reparam.set_layers(block, subspax.reparam.merge_layers(
+          reparam.layers(block), side=side))
+      weights = nnx.to_pure_dict(nnx.state(block, model_lib.WEIGHTS))
+      _, vjp = jax.vjp(lambda w, x: nnx.merge(plain_block_graphdef, w)(x),
+                       weights, _read_layer(inputs, layer))
+      grads, dx = vjp(dx)
+      layers = reparam.layers(block)
+      kernel_grads = jax.tree_util.tree_map_with_path(
+          lambda path, _: _at(grads, path), layers, is_leaf=is_layer)
+      one = lambda tree: jax.tree.map(lambda a: a[None], tree)
+      new = subspax.reparam.refresh_bases(
+          one(layers), policy, opt_cfg.update_interval, jax.random.key(seed),
+          state.step, grads=one(kernel_grads), side=side, layer=layer)
+      reparam.set_layers(block, jax.tree.map(lambda a: a[0], new))
+      return dx, _write_layer(blocks, nnx.to_pure_dict(nnx.state(block)), layer)
+
+    _, blocks = _backward(backward, (dx, blocks))
+    return state._replace(
+        params={**params, BLOCKS: blocks},
+        opt_state=subspax.reparam.reset_moments(state.opt_state))
+
+  return refresh
+
+
+def _at(tree: Any, path: tuple) -> Any:
+  """The subtree of nested dicts `tree` at a key path."""
+  for key in path:
+    tree = tree[key.key]
+  return tree
+
+
+def _cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxLxV, targets_BxL).mean()
+
+
+def _forward(block_apply: Callable, stacked: dict, x_BxLxD: jax.Array):
+  """The forward scan over the blocks: (last output, every block's input)."""
+  num_layers = jax.tree.leaves(stacked)[0].shape[0]
+
+  def forward(x, layer):
+    return block_apply(_read_layer(stacked, layer), x), x
+
+  return jax.lax.scan(forward, x_BxLxD, jnp.arange(num_layers))
+
+
+def _backward(body: Callable, carry: Any) -> Any:
+  """`carry = body(carry, layer)` for the layers from the last to the first;
+  the number of layers is that of the stacked `carry[1]`."""
+  num_layers = jax.tree.leaves(carry[1])[0].shape[0]
+  return jax.lax.scan(lambda c, layer: (body(c, layer), None), carry,
+                      jnp.arange(num_layers), reverse=True)[0]
+
+
+def _write_layer(stacks: Any, layer_values: Any, layer: jax.Array) -> Any:
+  """`stacks` with layer `layer` replaced (in place in a donated buffer)."""
+  return jax.tree.map(
+      lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v.astype(a.dtype),
+                                                       layer, 0),
+      stacks, layer_values)
 
 
 def _block_graphdef(graphdef: nnx.GraphDef, param_shapes: dict) -> nnx.GraphDef:

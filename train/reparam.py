@@ -153,20 +153,21 @@ def _subspace_modules(model: nnx.Module):
           if isinstance(node, model_lib.SubspaceLinear)]
 
 
-def _layers(model: nnx.Module) -> dict:
+def layers(model: nnx.Module) -> dict:
   """Every reparametrised layer as a `subspax.reparam.SubspaceLayer`, placed
   at its kernel's path of the parameter dict: the layout the plain model's
   parameters have, so the library derives the keys the plain
   transformation's core derives for those kernels (subspax/_keys.py)."""
-  layers = {}
+  tree = {}
   for path, module in _subspace_modules(model):
-    _set_path(layers, tuple(path) + ("kernel",), module.layer())
-  return layers
+    _set_path(tree, tuple(path) + ("kernel",), module.layer())
+  return tree
 
 
-def _set_layers(model: nnx.Module, layers: dict) -> None:
+def set_layers(model: nnx.Module, tree: dict) -> None:
+  """Sets every reparametrised layer of `model` from a `layers` tree."""
   for path, module in _subspace_modules(model):
-    layer = layers
+    layer = tree
     for key in tuple(path) + ("kernel",):
       layer = layer[key]
     module.set_layer(layer)
@@ -176,7 +177,7 @@ def _merged_model(graphdef: nnx.GraphDef, params: dict,
                   side: str) -> nnx.Module:
   """The model with every delta folded into its kernel and zeroed."""
   model = nnx.merge(graphdef, params)
-  _set_layers(model, subspax.reparam.merge_layers(_layers(model), side=side))
+  set_layers(model, subspax.reparam.merge_layers(layers(model), side=side))
   return model
 
 
@@ -201,6 +202,15 @@ def side_option(opt_cfg: Any) -> str:
   return _options(opt_cfg)["side"]
 
 
+def subspace_policy(opt_cfg: Any) -> subspax.SubspacePolicy:
+  """The mode's policy: GRASS's row selection or RSO's random basis."""
+  options = _options(opt_cfg)
+  if kind(opt_cfg) == "rows":
+    return subspax.RowSubspace(selection=options["selection"],
+                               replacement=options["replacement"])
+  return subspax.RandomSubspace(orthonormal=options["orthonormal"])
+
+
 def make_refresh(plain_loss: Callable[[dict, jax.Array], jax.Array],
                  graphdef: nnx.GraphDef, opt_cfg: Any, seed: int) -> Callable:
   """The refresh program: merge deltas, choose new bases, reset moments.
@@ -218,13 +228,7 @@ def make_refresh(plain_loss: Callable[[dict, jax.Array], jax.Array],
     `(state, batch) -> state` for a `TrainState`-like named tuple with
     `step`, `params` and `opt_state`; jit it with the state donated.
   """
-  options = _options(opt_cfg)
-  side = options["side"]
-  if kind(opt_cfg) == "rows":
-    policy = subspax.RowSubspace(selection=options["selection"],
-                                 replacement=options["replacement"])
-  else:
-    policy = subspax.RandomSubspace(orthonormal=options["orthonormal"])
+  side, policy = side_option(opt_cfg), subspace_policy(opt_cfg)
 
   def kernel_gradients(model: nnx.Module, batch) -> dict:
     """d loss / d kernel of every reparametrised layer (the deltas are 0)."""
@@ -236,8 +240,8 @@ def make_refresh(plain_loss: Callable[[dict, jax.Array], jax.Array],
   def refresh(state, batch):
     model = _merged_model(graphdef, state.params, side)
     grads = kernel_gradients(model, batch) if kind(opt_cfg) == "rows" else None
-    _set_layers(model, subspax.reparam.refresh_bases(
-        _layers(model), policy, opt_cfg.update_interval, jax.random.key(seed),
+    set_layers(model, subspax.reparam.refresh_bases(
+        layers(model), policy, opt_cfg.update_interval, jax.random.key(seed),
         state.step, grads=grads, side=side))
     return state._replace(
         params=nnx.to_pure_dict(nnx.state(model)),

@@ -219,10 +219,14 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
 
   refresh = None
   if model_cfg.reparam:
-    plain_graphdef = model_lib.abstract_model(
-        dataclasses.replace(model_cfg, reparam=""))[0]
-    refresh = reparam.make_refresh(lambda p, b: loss_fn(p, plain_graphdef, b),
-                                   graphdef, cfg.opt, cfg.seed)
+    plain_graphdef, plain_shapes, _ = model_lib.abstract_model(
+        dataclasses.replace(model_cfg, reparam=""))
+    if cfg.opt.layerwise and model_cfg.reparam == "rows":
+      refresh = layerwise.make_refresh(graphdef, param_shapes, plain_graphdef,
+                                       plain_shapes, cfg.opt, cfg.seed)
+    else:
+      refresh = reparam.make_refresh(lambda p, b: loss_fn(p, plain_graphdef, b),
+                                     graphdef, cfg.opt, cfg.seed)
   if cfg.opt.layerwise:
     train_step = layerwise.make_train_step(
         graphdef, tx, lr, param_shapes,
