@@ -75,13 +75,13 @@ def preset(size: str):
 
 
 def projected_only(params: dict, rank: int) -> dict:
-  """The sub-tree of the leaves the default routing projects."""
-  def keep(node):
+  """The sub-tree of the leaves the trainer projects (`optimizers.is_projected`)."""
+  def keep(path, node):
     if isinstance(node, dict):
-      kept = {k: keep(v) for k, v in node.items()}
+      kept = {k: keep(path + (jax.tree_util.DictKey(k),), v) for k, v in node.items()}
       return {k: v for k, v in kept.items() if v is not None and v != {}}
-    return node if subspax.default_is_projected(node.shape, rank) else None
-  return keep(params)
+    return node if optimizers.is_projected(path, node, rank) else None
+  return keep((), params)
 
 
 def activation_bytes(m: model_lib.LlamaConfig, batch: int, seq: int) -> dict:

@@ -77,14 +77,15 @@ def test_build_passes_the_section_of_opt_name():
   cfg.opt.update_interval, cfg.opt.rank = 1, 2
   cfg.opt.subtrack.step, cfg.opt.subtrack.eta = "angle", 0.5
   cfg.opt.grass.selection = "topk"  # another method's section: not read
-  params = {"w": jnp.zeros((6, 8))}
-  grads = [{"w": jax.random.normal(jax.random.key(i), (6, 8))} for i in range(3)]
+  params = {"blocks": {"w": jnp.zeros((6, 8))}}  # the trainer projects blocks
+  grads = [{"blocks": {"w": jax.random.normal(jax.random.key(i), (6, 8))}}
+           for i in range(3)]
 
   def updates(tx):
     state, out, update = tx.init(params), [], jax.jit(tx.update)
     for g in grads:
       u, state = update(g, state, params)
-      out.append(u["w"])
+      out.append(u["blocks"]["w"])
     return np.stack(out)
 
   ours = updates(optimizers.build(cfg.opt, 10, seed=3))
@@ -177,3 +178,17 @@ def test_a_restart_compares_only_the_section_of_opt_name():
   cfg.opt.subtrack.eta = 0.5
   with pytest.raises(errors.UserError, match=r"opt.subtrack.eta None -> 0.5"):
     resume.check_config(saved, cfg)
+
+
+def test_the_trainer_projects_the_blocks_kernels_only():
+  """LLaMA-7B's embedding and head (32000 x 4096) pass subspax's shape rule,
+  but the trainer leaves them to Adam, as the papers do."""
+  key = jax.tree_util.DictKey
+  embedding = jax.ShapeDtypeStruct((32000, 4096), jnp.float32)
+  kernel = jax.ShapeDtypeStruct((32, 4096, 11008), jnp.float32)
+  assert subspax.default_is_projected(embedding.shape, 1024)
+  assert not optimizers.is_projected((key("embed"), key("embedding")), embedding, 1024)
+  assert not optimizers.is_projected((key("head"), key("kernel")), embedding.update(
+      shape=(4096, 32000)), 1024)
+  assert optimizers.is_projected((key("blocks"), key("mlp"), key("up"), key("kernel")),
+                                 kernel, 1024)

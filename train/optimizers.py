@@ -74,18 +74,26 @@ def _decay_mask(opt_cfg: Any) -> Callable[[Any], Any] | None:
   return lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def _galore_dims(rank: int) -> Callable[[Any], Any]:
-  """optax.contrib.galore routing equal to subspax's default one.
+def is_projected(path: tuple, param: Any, rank: int) -> bool:
+  """Whether the trainer projects a parameter: the attention and MLP kernels.
 
-  Project 2-D matrices with rank < min(m, n) and an aspect ratio of at most 8
-  (this leaves the embedding and the LM head to Adam).
+  As in the papers' code, only the blocks' weight matrices are projected
+  (subspax's default rule on their shapes: rank below both sides, aspect
+  ratio at most 8); the embedding and the LM head always get plain Adam,
+  even where their shape would pass (LLaMA-7B's 32000 x 4096 does).
+
+  Example:
+    is_projected((jax.tree_util.DictKey("head"),), head_kernel, 64)  # False
   """
-  def is_projected(p):
-    small, large = sorted(p.shape) if p.ndim == 2 else (0, 0)
-    return p.ndim == 2 and rank < small and large <= 8 * small
+  return (bool(path) and getattr(path[0], "key", None) == "blocks"
+          and subspax.default_is_projected(param.shape, rank))
 
-  return lambda params: jax.tree.map(
-      lambda p: optax.contrib.GaLoreDimensionNumbers() if is_projected(p) else None,
+
+def _galore_dims(rank: int) -> Callable[[Any], Any]:
+  """optax.contrib.galore routing equal to the subspax methods' (`is_projected`)."""
+  return lambda params: jax.tree_util.tree_map_with_path(
+      lambda path, p: (optax.contrib.GaLoreDimensionNumbers()
+                       if p.ndim == 2 and is_projected(path, p, rank) else None),
       params)
 
 
@@ -227,6 +235,7 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
   if "key" in inspect.signature(factory).parameters:
     kwargs["key"] = seed
   rank = method_rank(opt_cfg.name, opt_cfg.rank)
+  kwargs["projected"] = lambda path, p: is_projected(path, p, rank)
   return factory(lr, rank=rank, update_interval=opt_cfg.update_interval,
                  weight_decay=opt_cfg.weight_decay, mask=mask, b1=opt_cfg.b1,
                  b2=opt_cfg.b2, eps=opt_cfg.eps, **kwargs)
