@@ -182,6 +182,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.opt.b1 = 0.9  # Adam first-moment decay
   cfg.opt.b2 = 0.999  # Adam second-moment decay
   cfg.opt.eps = 1e-6  # Adam epsilon
+  cfg.opt.mu_dtype = "float32"  # dtype of the Adam first moments: float32 | bfloat16
+  cfg.opt.nu_dtype = "float32"  # dtype of the Adam second moments: float32 | bfloat16
+  # Unbiased stochastic rounding of each update to bfloat16 weights (train/precision.py);
+  # None: on iff model.param_dtype="bfloat16"
+  cfg.opt.stochastic_rounding = ml_collections.config_dict.placeholder(bool)
   # grass or rso only: True trains through r x D deltas in subspace layers
   # (frozen kernels, merged every T; train/reparam.py) instead of full gradients
   cfg.opt.subspace_layers = False

@@ -29,6 +29,7 @@ from train import metrics as metrics_lib
 from train import memory as memory_lib
 from train import model as model_lib
 from train import optimizers
+from train import precision
 from train import preemption
 from train import reparam
 from train import resume
@@ -105,13 +106,17 @@ def loss_fn(params: dict, graphdef: nnx.GraphDef, batch_BxL1: jax.Array) -> jax.
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    lr: optax.Schedule) -> Callable:
+                    lr: optax.Schedule,
+                    update_params: precision.Updater | None = None) -> Callable:
   """The (state, batch) -> (state, metrics) function that jit compiles.
 
   Only the `model.TRAINABLE` parameters (all of them, unless the model has
   reparametrised layers, whose kernels and bases stay frozen) are
-  differentiated and updated.
+  differentiated and updated, by `update_params` (`precision.updater`:
+  float32 sum, stochastic rounding to bfloat16 weights; default: round to
+  nearest).
   """
+  update_params = update_params or precision.updater()
 
   def train_step(state: TrainState, batch_BxL1: jax.Array):
     trainable, frozen = model_lib.partition(
@@ -122,7 +127,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     # place (the barrier orders it; otherwise XLA keeps a copy for it).
     grads, grad_norm = jax.lax.optimization_barrier((grads, optax.tree.norm(grads)))
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    params = model_lib.combine(optax.apply_updates(trainable, updates), frozen)
+    params = model_lib.combine(update_params(trainable, updates, state.step), frozen)
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                "lr": lr(state.step)}
     return TrainState(state.step + 1, params, opt_state), metrics
@@ -187,7 +192,7 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
     refresh = reparam.make_refresh(lambda p, b: loss_fn(p, plain_graphdef, b),
                                    graphdef, cfg.opt, cfg.seed)
   return Programs(model_cfg, graphdef, param_shapes, param_names, tx, lr, init,
-                  make_train_step(graphdef, tx, lr), refresh)
+                  make_train_step(graphdef, tx, lr, precision.updater(cfg)), refresh)
 
 
 def initial_state(cfg: ml_collections.ConfigDict, programs: Programs,
