@@ -44,7 +44,9 @@ def stochastic_round(x: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike,
   float32 is returned unchanged. Infinities and NaNs are kept; a finite value
   beyond the largest finite value of ``dtype`` saturates to it (keeping its
   sign) instead of becoming infinite. The result depends only on ``x`` and
-  ``key``.
+  ``key``. The random bits are a counter-based hash of each element's index
+  and ``key``, computed elementwise, so under jit the rounding fuses with
+  whatever computes ``x`` and allocates no buffer of random numbers.
 
   Examples:
     >>> import jax, jax.numpy as jnp, subspax
@@ -84,10 +86,37 @@ def stochastic_round(x: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike,
   return jnp.where(finite, saturated, x.astype(dtype))
 
 
+def _fmix32(h: jax.Array) -> jax.Array:
+  """murmur3's 32-bit finaliser: a bijection whose output bits each depend on
+  every input bit."""
+  h = (h ^ (h >> 16)) * np.uint32(0x85EBCA6B)
+  h = (h ^ (h >> 13)) * np.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def _random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """32 random bits per element, uint32: a hash of the element's row-major
+  index and two words drawn from ``key``.
+
+  Computed elementwise from iotas, so XLA fuses it into the rounding and the
+  update: no buffer of random bits is allocated (``jax.random.bits`` of the
+  parameters' shape is one, which added 60 GB of temporaries to a LLaMA-7B
+  step). Indices repeat beyond 2^32 elements per key (a stacked leaf draws
+  one key per layer).
+  """
+  seed = jax.random.bits(key, (2,), jnp.uint32)
+  index, stride = jnp.zeros(shape, jnp.uint32), 1
+  for axis in reversed(range(len(shape))):
+    index = index + (jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+                     * np.uint32(stride))
+    stride = stride * shape[axis] % 2**32
+  return _fmix32(_fmix32(index * np.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
+
+
 def _round_bf16(x: jax.Array, key: jax.Array) -> jax.Array:
   """bfloat16 by adding random low bits to float32's and truncating them."""
   bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
-  noise = jax.random.bits(key, x.shape, jnp.uint16).astype(jnp.uint32)
+  noise = _random_bits(key, x.shape) >> 16  # uniform on [0, 2^16)
   kept = (bits + noise) & np.uint32(0xFFFF0000)
   # Exact: the low 16 bits are zero, so the value is a bfloat16.
   return jax.lax.bitcast_convert_type(kept, jnp.float32).astype(jnp.bfloat16)
@@ -102,7 +131,8 @@ def _round_by_neighbours(x: jax.Array, dtype: jnp.dtype, key: jax.Array
   hi = jnp.where(below, near, jnp.nextafter(near, jnp.array(jnp.inf, dtype)))
   lo32, hi32 = lo.astype(jnp.float32), hi.astype(jnp.float32)
   # x - lo and hi - lo are exact (Sterbenz); only the quotient rounds.
-  up = jax.random.uniform(key, x.shape) * (hi32 - lo32) < x - lo32
+  uniform = (_random_bits(key, x.shape) >> 8).astype(jnp.float32) * 2.0**-24
+  up = uniform * (hi32 - lo32) < x - lo32
   return jnp.where(up, hi, lo)
 
 

@@ -172,3 +172,18 @@ def test_small_updates_accumulate_in_expectation():
   rn = jax.lax.fori_loop(0, 1000, lambda i, p: subspax.apply_updates(p, u), p)["w"]
   assert (rn == 1).all()
   assert abs(float(sr.mean()) - 1.1) < 0.01
+
+
+def test_rounding_allocates_no_buffer_of_random_bits():
+  """Under jit the rounding fuses with the update: the compiled step has no
+  temporaries (jax.random.bits of the leaf's shape would add 8 bytes per
+  element)."""
+  p = jax.ShapeDtypeStruct((4, 256, 512), jnp.bfloat16)
+
+  def step(p, g):
+    u = -1e-3 * g.astype(jnp.float32) * jnp.sign(p.astype(jnp.float32))
+    return subspax.apply_updates({"blocks": p}, {"blocks": u},
+                                 key=jax.random.key(0), stacked=True)
+
+  memory = jax.jit(step, donate_argnums=0).lower(p, p).compile().memory_analysis()
+  assert memory.temp_size_in_bytes < 4096  # the leaf is 1 MiB
