@@ -209,11 +209,11 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
   adam = dict(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, mu_dtype=mu_dtype)
   if opt_cfg.name == "adamw":
     tx = optax.adamw(lr, **adam, weight_decay=opt_cfg.weight_decay, mask=mask)
-  elif opt_cfg.name == "optax_galore":
-    tx = optax.contrib.galore(
+  elif opt_cfg.name == "optax_galore":  # its projector keeps the params' dtype
+    return optax.contrib.galore(
         lr, rank=opt_cfg.rank, update_proj_gap=opt_cfg.update_interval,
         base_optimizer=precision.with_moment_dtype(
-            optax.scale_by_adam(**adam), nu_dtype),  # the projector keeps its dtype
+            optax.scale_by_adam(**adam), nu_dtype),
         weight_decay=opt_cfg.weight_decay, mask=mask,
         weight_dimension_numbers=_galore_dims(opt_cfg.rank), **kwargs)
   else:
@@ -224,8 +224,6 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
     tx = factory(lr, rank=rank, update_interval=opt_cfg.update_interval,
                  weight_decay=opt_cfg.weight_decay, mask=mask, nu_dtype=nu_dtype,
                  **adam, **kwargs)
-  if opt_cfg.name == "optax_galore":
-    return tx
   # optax keeps nu (and subspax the nu of what it does not project) in the
   # parameters' dtype: opt.nu_dtype instead.
   return precision.with_moment_dtype(tx, nu_dtype)
