@@ -5,7 +5,7 @@ of a narrower format up to ``hi`` with probability ``(x - lo) / (hi - lo)``
 (down to ``lo`` otherwise) gives ``E[round(x)] = x``: small updates to narrow
 (bfloat16) weights then accumulate in expectation instead of being lost, as
 they are under round-to-nearest once ``|u| < ulp(p) / 2``. The rule and the
-key derivation are docs/algorithms.md section "Stochastic rounding".
+key derivation are docs/algorithms.md section 11.
 
 References:
   Gupta et al., "Deep Learning with Limited Numerical Precision",
@@ -26,6 +26,7 @@ import optax
 
 # A bool pytree prefix of the parameters, or (path, leaf) -> bool.
 Stacked = Union[None, bool, Any, Callable[[tuple, Any], bool]]
+
 
 def _is_empty(x: Any) -> bool:
   return x is None or isinstance(x, optax.MaskedNode)
