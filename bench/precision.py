@@ -21,6 +21,7 @@ and `--resume` skips runs already in it.
 
   python -m bench.precision                       # 400 steps, seq 128 (~40 min here)
   python -m bench.precision --steps 20 --variants float32,bf16_sr
+  python -m bench.precision --name precision_low_lr --lr 3e-4   # smaller updates
 """
 
 import argparse
@@ -84,13 +85,15 @@ def main(argv=None) -> None:
   parser.add_argument("--batch-size", type=int, default=0, help="0: the preset's")
   parser.add_argument("--seq-len", type=int, default=128, help="0: the preset's")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--name", default=NAME,
+                      help="results file stem (bench/results/NAME.{json,md})")
   parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(),
                                                         "subspax-bench-precision"))
   parser.add_argument("--out", default=_common.RESULTS)
   parser.add_argument("--resume", action="store_true",
                       help="keep the runs already in the JSON and skip them")
   args = parser.parse_args(argv)
-  json_path = os.path.join(args.out, f"{NAME}.json")
+  json_path = os.path.join(args.out, f"{args.name}.json")
   earlier = _common.load_json(json_path) if args.resume else None
   runs = earlier["runs"] if earlier else []
   preset = tiny.get_config()
@@ -98,7 +101,7 @@ def main(argv=None) -> None:
       args, argv, batch=args.batch_size or preset.batch_size,
       seq_len=args.seq_len or preset.seq_len)
   payload = _common.with_call(
-      {"benchmark": NAME, "machine": record["machine"], "args": record["args"],
+      {"benchmark": args.name, "machine": record["machine"], "args": record["args"],
        "eval_batches": preset.eval_batches, "runs": runs}, earlier, record)
   call = len(payload["calls"]) - 1
   os.makedirs(args.out, exist_ok=True)
@@ -113,7 +116,7 @@ def main(argv=None) -> None:
           f"{result['wall_s']:.0f} s", flush=True)
     with open(json_path, "w") as f:
       json.dump(payload, f, indent=1)
-  _common.write_results(NAME, payload, report(payload), args.out)
+  _common.write_results(args.name, payload, report(payload), args.out)
 
 
 if __name__ == "__main__":

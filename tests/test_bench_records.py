@@ -111,7 +111,7 @@ def test_refresh_target_reports_policy_and_whole_update_ratios():
 
 
 def test_committed_results_record_their_calls():
-  for name in ("convergence", "convergence_long", "single_matrix"):
+  for name in ("convergence", "convergence_long", "single_matrix", "precision"):
     with open(os.path.join(_common.RESULTS, f"{name}.json")) as f:
       payload = json.load(f)
     assert payload["calls"], name
