@@ -68,7 +68,13 @@ def make_config(method: str, lr: float, args: argparse.Namespace):
 
 def run_one(method: str, lr: float, args: argparse.Namespace) -> dict:
   cfg = make_config(method, lr, args)
-  workdir = os.path.join(args.workdir, f"{method}-lr{lr:g}")
+  return {"method": method, "lr": lr,
+          **run_config(cfg, os.path.join(args.workdir, f"{method}-lr{lr:g}"))}
+
+
+def run_config(cfg, workdir: str) -> dict:
+  """Trains `cfg` in a fresh `workdir` (no checkpoints) and returns its curves,
+  final eval loss, state bytes and times; the workdir is removed after."""
   shutil.rmtree(workdir, ignore_errors=True)  # never resume a stale run
   start = time.perf_counter()
   # No checkpoints: they are not what is measured.
@@ -82,7 +88,7 @@ def run_one(method: str, lr: float, args: argparse.Namespace) -> dict:
            if "eval/loss" in r]
   shutil.rmtree(workdir, ignore_errors=True)
   return {
-      "method": method, "lr": lr, "steps": cfg.steps,
+      "steps": cfg.steps,
       "tokens": cfg.steps * tokens_per_step,
       "eval": evals,
       "train_loss": [(r["step"] * tokens_per_step, r["train/loss"]) for r in records],

@@ -187,6 +187,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   # True (scanned models): update each layer inside the backward scan as soon as
   # its gradient exists, so the model-wide gradient never exists (train/layerwise.py)
   cfg.opt.layerwise = False
+  cfg.opt.mu_dtype = "float32"  # dtype of the Adam first moments: float32 | bfloat16
+  cfg.opt.nu_dtype = "float32"  # dtype of the Adam second moments: float32 | bfloat16
+  # Unbiased stochastic rounding of each update to bfloat16 weights (train/precision.py);
+  # None: on iff model.param_dtype="bfloat16"
+  cfg.opt.stochastic_rounding = ml_collections.config_dict.placeholder(bool)
   # grass or rso only: True trains through r x D deltas in subspace layers
   # (frozen kernels, merged every T; train/reparam.py) instead of full gradients
   cfg.opt.subspace_layers = False

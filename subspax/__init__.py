@@ -12,8 +12,10 @@ Methods (each as ``scale_by_<name>`` and ``<name>(learning_rate, ...)``):
 All share one reduced-space Adam core, :func:`scale_by_subspace_adam`, and
 differ only in their :class:`SubspacePolicy`. :data:`METHODS` maps each
 method's name to its factory; :func:`state_bytes` and
-:func:`state_shardings` inspect any optax state. The math, section by
-section, is in ``docs/algorithms.md``.
+:func:`state_shardings` inspect any optax state. :func:`apply_updates` adds
+updates to bfloat16 weights with unbiased stochastic rounding
+(:func:`stochastic_round`). The math, section by section, is in
+``docs/algorithms.md``.
 
 Examples:
   >>> import jax.numpy as jnp, optax, subspax
@@ -54,6 +56,8 @@ from subspax._policies import RowSubspace
 from subspax._policies import SubspacePolicy
 from subspax._policies import SvdSubspace
 from subspax._registry import METHODS
+from subspax._rounding import apply_updates
+from subspax._rounding import stochastic_round
 from subspax._state import state_bytes
 from subspax._state import state_shardings
 from subspax._layerwise import layerwise
@@ -78,6 +82,7 @@ __all__ = (
     "SvdSubspace",
     "apollo",
     "apollo_mini",
+    "apply_updates",
     "default_is_projected",
     "fira",
     "galore",
@@ -98,5 +103,6 @@ __all__ = (
     "state_bytes",
     "reparam",
     "state_shardings",
+    "stochastic_round",
     "subtrack",
 )

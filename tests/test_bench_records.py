@@ -15,6 +15,7 @@ import optax
 import subspax
 from bench import _common
 from bench import convergence
+from bench import precision
 from bench import readme
 from bench import single_matrix
 
@@ -110,7 +111,7 @@ def test_refresh_target_reports_policy_and_whole_update_ratios():
 
 
 def test_committed_results_record_their_calls():
-  for name in ("convergence", "convergence_long", "single_matrix"):
+  for name in ("convergence", "convergence_long", "single_matrix", "precision"):
     with open(os.path.join(_common.RESULTS, f"{name}.json")) as f:
       payload = json.load(f)
     assert payload["calls"], name
@@ -121,3 +122,26 @@ def test_committed_results_record_their_calls():
     runs = payload.get("runs", [])
     assert all(r["call"] < len(payload["calls"]) and r["batch_size"]
                for r in runs), name
+
+
+def test_precision_reports_each_variant_against_float32(tmp_path):
+  def fake_run(cfg, workdir):
+    loss = {"float32": 5.0, "bfloat16": 5.02}[cfg.model.param_dtype]
+    loss += 0.3 * (cfg.opt.stochastic_rounding is False)
+    return {"steps": cfg.steps, "tokens": cfg.steps * 1024,
+            "eval": [(1024, loss)], "train_loss": [(1024, loss)],
+            "final_eval_loss": loss, "state_bytes": 1000, "wall_s": 1.0,
+            "step_time_s_sum": 1.0, "rank": cfg.opt.rank,
+            "update_interval": cfg.opt.update_interval,
+            "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
+
+  with mock.patch.object(convergence, "run_config", fake_run):
+    precision.main(["--steps", "4", "--out", str(tmp_path),
+                    "--workdir", str(tmp_path / "w")])
+  payload = json.loads((tmp_path / "precision.json").read_text())
+  (call,) = payload["calls"]
+  _assert_rerunnable(call, "python -m bench")
+  assert [r["variant"] for r in payload["runs"]] == ["float32", "bf16_sr", "bf16_rn"]
+  table = (tmp_path / "precision.md").read_text()
+  assert "| bf16_sr | bfloat16 | stochastic | 5.0200 | 1.0040 |" in table
+  assert "| bf16_rn | bfloat16 | to nearest | 5.3200 | 1.0640 |" in table

@@ -105,6 +105,10 @@ def test_small_corpus_short_run_relative_paths(tmp_path):
     (["--config.opt.layerwise=True", "--config.opt.name=optax_galore"],
      ["does not support opt.name='optax_galore'"]),
     (["--config.grad_accum=3"], ["batch_size=8 must be a multiple of grad_accum=3"]),
+    (["--config.opt.stochastic_rounding=True", "--config.opt.nu_dtype=float16"],
+     ["2 problems", "opt.stochastic_rounding=True rounds updates to bfloat16 "
+      "weights, but model.param_dtype='float32'; set --config.model.param_dtype="
+      "bfloat16", "opt.nu_dtype must be 'float32' or 'bfloat16', got 'float16'"]),
 ])
 def test_input_errors_are_one_line_with_status_2(tmp_path, args, fragments):
   status, out = run(tmp_path, "--config", "configs/test.py", "--workdir=run", *args)

@@ -75,10 +75,14 @@ def test_one_step_matches_golden_and_is_deterministic(corpus, tmp_path):
   assert os.path.exists(tmp_path / "a" / "loss.png")
 
 
-@pytest.mark.parametrize("name, scan", [("adamw", False), ("subtrack", True)])
-def test_resume_is_bit_exact(corpus, tmp_path, name, scan):
+@pytest.mark.parametrize("name, scan, param_dtype", [
+    ("adamw", False, "float32"), ("subtrack", True, "float32"),
+    pytest.param("subtrack", True, "bfloat16", marks=pytest.mark.slow),
+])  # bfloat16 weights: stochastic rounding, keyed by seed and step
+def test_resume_is_bit_exact(corpus, tmp_path, name, scan, param_dtype):
   cfg = helpers.make_config(corpus, steps=8, checkpoint_every=3, eval_every=0,
-                    opt__name=name, opt__update_interval=3, model__scan=scan)
+                    opt__name=name, opt__update_interval=3, model__scan=scan,
+                    model__param_dtype=param_dtype)
   straight = train.run(cfg, str(tmp_path / "straight"))
   cfg.stop_after = 4
   train.run(cfg, str(tmp_path / "split"))

@@ -96,7 +96,8 @@ def _sum_squares(tree: Any) -> jax.Array:
               for x in jax.tree.leaves(tree)), jnp.zeros((), jnp.float32))
 
 
-ApplyUpdates = Callable[..., Any]  # (params, updates, step, layer=None) -> params
+# (params, updates, step, *, layer=None) -> params (`precision.updater`)
+ApplyUpdates = Callable[..., Any]
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
@@ -109,8 +110,9 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     tx: The optimizer, acting on `model.trainable` parameters.
     lr: Its learning-rate schedule (for the metrics).
     param_shapes: The parameters' `jax.ShapeDtypeStruct`s.
-    apply_updates: `(params, updates, step, layer=None) -> params` for a
-      part of the trainable tree (`layer`: the blocks hold that layer only).
+    apply_updates: `(params, updates, step, *, layer=None) -> params` for a
+      part of the trainable tree, in its layout (`precision.updater`;
+      `layer`: the blocks hold that layer only).
     state_type: The train state's type (`train.TrainState`).
 
   Returns:
@@ -157,7 +159,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       updates_l, opt_state = lw.update_layer(
           {**masked_rest, BLOCKS: grads_l}, opt_state,
           {**masked_rest, BLOCKS: params_l}, layer)
-      new_l = apply_updates(params_l, updates_l[BLOCKS], state.step, layer)
+      new_l = apply_updates({BLOCKS: params_l}, {BLOCKS: updates_l[BLOCKS]},
+                            state.step, layer=layer)[BLOCKS]
       blocks = _write_layer(blocks, new_l, layer)
       return dx, blocks, opt_state, sq
 

@@ -22,6 +22,7 @@ import subspax
 from configs import base as config_base
 from train import errors
 from train import model as model_lib
+from train import precision
 
 # The trainer's optimizer names: AdamW, the subspax registry, optax's GaLore.
 NAMES = ("adamw", *subspax.METHODS, "optax_galore")
@@ -151,10 +152,12 @@ def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int) -> None
     UserError: unknown name, a learning rate or schedule field out of range,
       a rank no smaller than the smallest projected dimension, or an option in
       `opt.<name>` that is unknown, of the wrong type, not one of its choices
-      or not accepted by the method.
+      or not accepted by the method; a bad `opt.stochastic_rounding`,
+      `opt.mu_dtype` or `opt.nu_dtype` (train/precision.py).
   """
   errors.gather(lambda: _check_name(opt_cfg), lambda: _check_schedule(opt_cfg),
-                lambda: _check_options(opt_cfg))
+                lambda: _check_options(opt_cfg),
+                lambda: precision.validate(opt_cfg, model_cfg.param_dtype))
   if opt_cfg.name != "adamw":
     dims = model_cfg.projected_dims()
     where, (d_in, d_out) = min(dims.items(), key=lambda kv: min(kv[1]))
@@ -222,20 +225,26 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
   lr = schedule(opt_cfg, steps)
   mask = _decay_mask(opt_cfg)
   kwargs = method_kwargs(opt_cfg)
+  mu_dtype, nu_dtype = precision.moment_dtypes(opt_cfg)
+  adam = dict(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, mu_dtype=mu_dtype)
   if opt_cfg.name == "adamw":
-    return optax.adamw(lr, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
-                       weight_decay=opt_cfg.weight_decay, mask=mask)
-  if opt_cfg.name == "optax_galore":
+    tx = optax.adamw(lr, **adam, weight_decay=opt_cfg.weight_decay, mask=mask)
+  elif opt_cfg.name == "optax_galore":  # its projector keeps the params' dtype
     return optax.contrib.galore(
         lr, rank=opt_cfg.rank, update_proj_gap=opt_cfg.update_interval,
-        base_optimizer=optax.scale_by_adam(opt_cfg.b1, opt_cfg.b2, opt_cfg.eps),
+        base_optimizer=precision.with_moment_dtype(
+            optax.scale_by_adam(**adam), nu_dtype),
         weight_decay=opt_cfg.weight_decay, mask=mask,
         weight_dimension_numbers=_galore_dims(opt_cfg.rank), **kwargs)
-  factory = subspax.METHODS[opt_cfg.name]
-  if "key" in inspect.signature(factory).parameters:
-    kwargs["key"] = seed
-  rank = method_rank(opt_cfg.name, opt_cfg.rank)
-  kwargs["projected"] = lambda path, p: is_projected(path, p, rank)
-  return factory(lr, rank=rank, update_interval=opt_cfg.update_interval,
-                 weight_decay=opt_cfg.weight_decay, mask=mask, b1=opt_cfg.b1,
-                 b2=opt_cfg.b2, eps=opt_cfg.eps, **kwargs)
+  else:
+    factory = subspax.METHODS[opt_cfg.name]
+    if "key" in inspect.signature(factory).parameters:
+      kwargs["key"] = seed
+    rank = method_rank(opt_cfg.name, opt_cfg.rank)
+    kwargs["projected"] = lambda path, p: is_projected(path, p, rank)
+    tx = factory(lr, rank=rank, update_interval=opt_cfg.update_interval,
+                 weight_decay=opt_cfg.weight_decay, mask=mask, nu_dtype=nu_dtype,
+                 **adam, **kwargs)
+  # optax keeps nu (and subspax the nu of what it does not project) in the
+  # parameters' dtype: opt.nu_dtype instead.
+  return precision.with_moment_dtype(tx, nu_dtype)

@@ -40,6 +40,7 @@ from configs import base as config_base
 from train import errors
 from train import model as model_lib
 from train import optimizers
+from train import precision
 
 # opt.name -> model.reparam kind of its mode (opt.subspace_layers=True)
 MODES = {"grass": "rows", "rso": "dense"}
@@ -132,13 +133,14 @@ def build_tx(opt_cfg: Any, steps: int,
     steps: The run's length (for the schedule).
     labels: `delta_labels` of the model's parameters.
   """
-  adam = dict(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps)
+  mu_dtype, nu_dtype = precision.moment_dtypes(opt_cfg)
+  adam = dict(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, mu_dtype=mu_dtype)
   prox = _options(opt_cfg).get("prox", 0.0)
-  return optax.chain(
+  return precision.with_moment_dtype(optax.chain(
       optax.partition(
           {"delta": subspax.reparam.scale_by_delta_adam(**adam, prox=prox),
            "other": optax.scale_by_adam(**adam)}, labels),
-      optax.scale_by_learning_rate(optimizers.schedule(opt_cfg, steps)))
+      optax.scale_by_learning_rate(optimizers.schedule(opt_cfg, steps))), nu_dtype)
 
 
 def _set_path(tree: dict, path: tuple, value: Any) -> None:

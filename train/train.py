@@ -30,6 +30,7 @@ from train import metrics as metrics_lib
 from train import memory as memory_lib
 from train import model as model_lib
 from train import optimizers
+from train import precision
 from train import preemption
 from train import reparam
 from train import resume
@@ -140,14 +141,18 @@ def _loss_and_grads(graphdef: nnx.GraphDef, trainable: dict, frozen: dict,
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    lr: optax.Schedule, micro_batches: int = 1) -> Callable:
+                    lr: optax.Schedule, micro_batches: int = 1,
+                    update_params: precision.Updater | None = None) -> Callable:
   """The (state, batch) -> (state, metrics) function that jit compiles.
 
   Only the `model.TRAINABLE` parameters (all of them, unless the model has
   reparametrised layers, whose kernels and bases stay frozen) are
-  differentiated and updated. `micro_batches` > 1 (`grad_accum`) averages the
-  gradients of that many parts of the batch before the one update.
+  differentiated and updated, by `update_params` (`precision.updater`:
+  float32 sum, stochastic rounding to bfloat16 weights; default: round to
+  nearest). `micro_batches` > 1 (`grad_accum`) averages the gradients of that
+  many parts of the batch before the one update.
   """
+  update_params = update_params or precision.updater()
 
   def train_step(state: TrainState, batch_BxL1: jax.Array):
     trainable, frozen = model_lib.partition(
@@ -158,7 +163,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     # place (the barrier orders it; otherwise XLA keeps a copy for it).
     grads, grad_norm = jax.lax.optimization_barrier((grads, optax.tree.norm(grads)))
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    params = model_lib.combine(optax.apply_updates(trainable, updates), frozen)
+    params = model_lib.combine(update_params(trainable, updates, state.step), frozen)
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                "lr": lr(state.step)}
     return TrainState(state.step + 1, params, opt_state), metrics
@@ -229,10 +234,10 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
                                      graphdef, cfg.opt, cfg.seed)
   if cfg.opt.layerwise:
     train_step = layerwise.make_train_step(
-        graphdef, tx, lr, param_shapes,
-        lambda p, u, step, layer=None: optax.apply_updates(p, u), TrainState)
+        graphdef, tx, lr, param_shapes, precision.updater(cfg), TrainState)
   else:
-    train_step = make_train_step(graphdef, tx, lr, cfg.grad_accum)
+    train_step = make_train_step(graphdef, tx, lr, cfg.grad_accum,
+                                 precision.updater(cfg))
   return Programs(model_cfg, graphdef, param_shapes, param_names, tx, lr, init,
                   train_step, refresh)
 

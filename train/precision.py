@@ -1,0 +1,145 @@
+"""Weight and moment precision: rounding of the parameter update, moment dtypes.
+
+* `opt.stochastic_rounding` (None: on iff `model.param_dtype="bfloat16"`):
+  the step adds the update in float32 and rounds it to bfloat16 with
+  `subspax.apply_updates(..., key=...)`. The key is derived from `seed` and
+  the step counter only, so a resumed run rounds exactly as an uninterrupted
+  one; scanned layers (`params['blocks']`) are stacked leaves, so a trainer
+  that updates one layer at a time (`layer=l`) rounds as the whole step does.
+* `opt.mu_dtype`, `opt.nu_dtype`: the dtypes of the Adam moments. subspax
+  methods take them for their reduced moments; the moments optax keeps in the
+  parameters' dtype (adamw's and optax_galore's `nu`, the Adam of the
+  parameters a subspax method does not project) are kept in `opt.nu_dtype`
+  by `with_moment_dtype`, so bfloat16 weights still get float32 moments.
+
+Example:
+
+  update = precision.updater(cfg)
+  params = update(params, updates, state.step)  # in make_train_step
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+import subspax
+
+from train import errors
+
+DTYPES = ("float32", "bfloat16")  # accepted opt.mu_dtype / opt.nu_dtype
+_ROUNDING_SALT = 0x5352  # separates the rounding keys from the other uses of `seed`
+
+# (params, updates, step, *, layer=None) -> params
+Updater = Callable[..., Any]
+
+
+def stochastic_rounding(cfg: Any) -> bool:
+  """Whether the run rounds its updates stochastically (`opt.stochastic_rounding`)."""
+  flag = cfg.opt.get("stochastic_rounding")
+  return cfg.model.param_dtype == "bfloat16" if flag is None else flag
+
+
+def validate(opt_cfg: Any, param_dtype: str) -> None:
+  """Checks `opt.stochastic_rounding`, `opt.mu_dtype` and `opt.nu_dtype`.
+
+  Args:
+    opt_cfg: The `opt` section.
+    param_dtype: `model.param_dtype`.
+
+  Raises:
+    UserError: naming the field, its value and the fix.
+  """
+  def check_rounding():
+    flag = opt_cfg.get("stochastic_rounding")
+    if flag is not None and not isinstance(flag, bool):
+      raise errors.UserError(
+          f"opt.stochastic_rounding must be True, False or None (on for bfloat16 "
+          f"weights), got {flag!r}")
+    if flag and param_dtype != "bfloat16":
+      raise errors.UserError(
+          f"opt.stochastic_rounding=True rounds updates to bfloat16 weights, but "
+          f"model.param_dtype={param_dtype!r}; set --config.model.param_dtype="
+          "bfloat16 or drop opt.stochastic_rounding")
+
+  def check_dtype(field):
+    def check():
+      value = opt_cfg.get(field, "float32")
+      if value not in DTYPES:
+        raise errors.UserError(
+            f"opt.{field} must be 'float32' or 'bfloat16', got {value!r} "
+            f"(e.g. --config.opt.{field}=bfloat16)")
+    return check
+
+  errors.gather(check_rounding, check_dtype("mu_dtype"), check_dtype("nu_dtype"))
+
+
+def moment_dtypes(opt_cfg: Any) -> tuple[jnp.dtype, jnp.dtype]:
+  """(mu dtype, nu dtype) of the `opt` section."""
+  return (jnp.dtype(opt_cfg.get("mu_dtype", "float32")),
+          jnp.dtype(opt_cfg.get("nu_dtype", "float32")))
+
+
+def with_moment_dtype(tx: optax.GradientTransformation, dtype: jnp.dtype
+                      ) -> optax.GradientTransformation:
+  """`tx` whose state follows `dtype` where it would follow the parameters'.
+
+  The state is initialised from the parameters cast to `dtype` (only their
+  shapes and dtypes are read, so nothing is allocated under jit), and every
+  update casts the new state back to the dtypes of the old one, so the state's
+  dtypes never change. State with a dtype of its own (float32 bases, a
+  `mu_dtype`, int counters) is untouched.
+  """
+  def cast(tree):
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+        tree)
+
+  def init(params):
+    return tx.init(cast(params))
+
+  tx = optax.with_extra_args_support(tx)
+
+  def update(updates, state, params=None, **extra_args):
+    updates, new_state = tx.update(updates, state, params, **extra_args)
+    return updates, jax.tree.map(
+        lambda new, old: new if new.dtype == old.dtype else new.astype(old.dtype),
+        new_state, state)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+def rounding_key(seed: int, step: jax.Array) -> jax.Array:
+  """The rounding key of the update made at `step` (completed steps before it)."""
+  base = jax.random.fold_in(jax.random.key(seed), _ROUNDING_SALT)
+  return jax.random.fold_in(base, step)
+
+
+def _is_block(path: tuple, leaf: Any) -> bool:
+  """Scanned layers: everything under `params['blocks']` is stacked."""
+  del leaf
+  return bool(path) and path[0] == jax.tree_util.DictKey("blocks")
+
+
+def updater(cfg: Any | None = None) -> Updater:
+  """The trainer's `(params, updates, step, *, layer=None) -> params`.
+
+  Args:
+    cfg: The full config; None rounds to nearest (as `optax.apply_updates`,
+      with the sum in float32).
+
+  Returns:
+    A function adding `updates` to `params`, with stochastic rounding keyed
+    by (`cfg.seed`, `step`) when `stochastic_rounding(cfg)`. `layer=l`:
+    the leaves under `params['blocks']` hold layer `l` only (scanned models).
+  """
+  rounding = cfg is not None and stochastic_rounding(cfg)
+  stacked = _is_block if cfg is not None and cfg.model.scan else None
+
+  def update(params, updates, step, *, layer=None):
+    key = rounding_key(cfg.seed, step) if rounding else None
+    return subspax.apply_updates(params, updates, key=key, stacked=stacked,
+                                 layer=layer)
+
+  return update
