@@ -170,3 +170,35 @@ def test_clipping_scales_the_gradient_before_the_update():
         lambda a, b: float(np.max(np.abs(a - b))), state.params, start.params)))
     assert metrics[0]["train/grad_norm"] > 0.1
   assert moved[1e-12] < 1e-3 * moved[0.0], moved
+
+
+@pytest.mark.slow
+def test_layerwise_bf16_resume_across_a_refresh_is_bit_exact(corpus, tmp_path):
+  cfg = helpers.make_config(corpus, steps=7, checkpoint_every=2, eval_every=0,
+                            opt__update_interval=3, opt__layerwise=True,
+                            model__param_dtype="bfloat16")
+  straight = train.run(cfg, str(tmp_path / "straight"))
+  cfg.stop_after = 4  # the checkpoint at 4, then refreshes at steps 3 and 6
+  train.run(cfg, str(tmp_path / "split"))
+  cfg.stop_after = 0
+  resumed = train.run(cfg, str(tmp_path / "split"))
+  assert resumed.state.params["blocks"]["mlp"]["up"]["kernel"].dtype == jnp.bfloat16
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state),
+               jax.device_get(straight.state))
+  a, b = helpers.records(tmp_path / "straight"), helpers.records(tmp_path / "split")
+  assert [a[s]["train/loss"] for s in a] == [b[s]["train/loss"] for s in a]
+
+
+def test_layerwise_bf16_step_rounds_like_the_ordinary_step():
+  """Stochastic rounding draws the same bits layer by layer: the bfloat16
+  weights agree to a rounding step (the two steps' bfloat16 gradients differ
+  in their last bits, so some roundings flip)."""
+  cfg = _small_config("subtrack", model__param_dtype="bfloat16")
+  ordinary = _run_steps(cfg, 2)
+  cfg.opt.layerwise = True
+  layerwise = _run_steps(cfg, 2)
+  for a, b in zip(jax.tree.leaves(layerwise[0].params),
+                  jax.tree.leaves(ordinary[0].params)):
+    assert a.dtype == b.dtype == jnp.bfloat16
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    np.testing.assert_allclose(a, b, rtol=2 ** -7, atol=1e-4)  # lr 1e-2
