@@ -12,8 +12,9 @@ Methods (each as ``scale_by_<name>`` and ``<name>(learning_rate, ...)``):
 All share one reduced-space Adam core, :func:`scale_by_subspace_adam`, and
 differ only in their :class:`SubspacePolicy`. :data:`METHODS` maps each
 method's name to its factory; :func:`state_bytes` and
-:func:`state_shardings` inspect any optax state. The math, section by
-section, is in ``docs/algorithms.md``.
+:func:`state_shardings` inspect any optax state; :func:`quantize` and
+:func:`dequantize` read the 8-bit moments of ``quantize_moments``. The
+math, section by section, is in ``docs/algorithms.md``.
 
 Examples:
   >>> import jax.numpy as jnp, optax, subspax
@@ -53,6 +54,9 @@ from subspax._policies import RandomSubspace
 from subspax._policies import RowSubspace
 from subspax._policies import SubspacePolicy
 from subspax._policies import SvdSubspace
+from subspax._quantized import dequantize
+from subspax._quantized import quantize
+from subspax._quantized import QuantizedArray
 from subspax._registry import METHODS
 from subspax._state import state_bytes
 from subspax._state import state_shardings
@@ -67,6 +71,7 @@ __all__ = (
     "MatrixLayout",
     "MatrixSpec",
     "ProjectedState",
+    "QuantizedArray",
     "RandomSubspace",
     "RowBasis",
     "RowSubspace",
@@ -76,11 +81,13 @@ __all__ = (
     "apollo",
     "apollo_mini",
     "default_is_projected",
+    "dequantize",
     "fira",
     "galore",
     "grass",
     "grassjump",
     "grasswalk",
+    "quantize",
     "rso",
     "scale_by_apollo",
     "scale_by_apollo_mini",
