@@ -657,8 +657,9 @@ def _adam_step(config: _Config, reduced: jax.Array, state: ProjectedState, *,
   mu_hat = mu / (1 - config.b1**steps)
   nu_hat = nu / (1 - config.b2**steps)
   normalized = mu_hat / (jnp.sqrt(nu_hat) + config.eps)
-  state = state.replace(mu=_quantized.store(mu, state.mu),
-                        nu=_quantized.store(nu, state.nu), age=age)
+  state = state.replace(mu=_quantized.store(mu, state.mu, cast=False),
+                        nu=_quantized.store(nu, state.nu, cast=False),
+                        age=age)
   if config.uses_prox:
     lr = config.prox_learning_rate
     lr = lr(count) if callable(lr) else lr

@@ -242,8 +242,13 @@ def load(x) -> jax.Array:
   return x.astype(jnp.float32)
 
 
-def store(value: jax.Array, like):
-  """``value`` stored like ``like``: quantized the same way, or cast."""
+def store(value: jax.Array, like, *, cast: bool = True):
+  """``value`` stored like ``like``: quantized the same way, or cast.
+
+  ``cast=False`` leaves a plain ``value`` as it is, for a caller whose
+  write-back casts it (the core's Adam step, whose program is then the one
+  without quantization).
+  """
   if isinstance(like, QuantizedArray):
     return quantize(value, like.mode, like.signed)
-  return value.astype(like.dtype)
+  return value.astype(like.dtype) if cast else value
