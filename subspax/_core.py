@@ -521,7 +521,8 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
 
   def update_one(i, carry):
     stack, fields = carry
-    fields_i = _materialized(jax.tree.map(lambda a: a[i], fields), count, num)
+    fields_i = _materialized(jax.tree.map(lambda a: a[i], fields), count,
+                             num, always=config.quantize_moments != "off")
 
     def refresh(fields_i):
       # Made canonical (transposed for side "right") one matrix at a time:
@@ -556,7 +557,7 @@ def _write_index(stacked, values, i):
                                                        0), stacked, values)
 
 
-def _materialized(tree, count: jax.Array, num: int):
+def _materialized(tree, count: jax.Array, num: int, always: bool = False):
   """``tree``, computed into buffers of its own before any later use.
 
   The matrix loop reads a matrix's (small) state out of the stacked state and
@@ -566,9 +567,12 @@ def _materialized(tree, count: jax.Array, num: int):
   fused (and, unlike ``optimization_barrier``, is kept by the CPU compiler),
   so passing the slices through one on a predicate XLA cannot fold
   (``count >= 0``) forces them to be read once, first. A single matrix
-  (``num == 1``, the loop is removed) needs no such thing.
+  (``num == 1``, the loop is removed) needs no such thing, unless
+  ``always``: 8-bit moments are decoded by table lookups that XLA would
+  otherwise hoist, for every parameter, to the start of the update (the
+  cond reads ``count``, which comes after the previous parameter).
   """
-  if num == 1:
+  if num == 1 and not always:
     return tree
   return jax.lax.cond(count >= 0, lambda t: t,
                       lambda t: jax.tree.map(jnp.zeros_like, t), tree)
@@ -657,9 +661,14 @@ def _adam_step(config: _Config, reduced: jax.Array, state: ProjectedState, *,
   mu_hat = mu / (1 - config.b1**steps)
   nu_hat = nu / (1 - config.b2**steps)
   normalized = mu_hat / (jnp.sqrt(nu_hat) + config.eps)
-  state = state.replace(mu=_quantized.store(mu, state.mu, cast=False),
-                        nu=_quantized.store(nu, state.nu, cast=False),
-                        age=age)
+  moments = (_quantized.store(mu, state.mu, cast=False),
+             _quantized.store(nu, state.nu, cast=False))
+  if config.quantize_moments != "off":
+    # Quantized whole, here: the parameter chain (``_after``) reads one code,
+    # which XLA could otherwise compute alone and leave the rest, with this
+    # matrix's float32 moments, to the end of the update.
+    moments = _materialized(moments, count, 1, always=True)
+  state = state.replace(mu=moments[0], nu=moments[1], age=age)
   if config.uses_prox:
     lr = config.prox_learning_rate
     lr = lr(count) if callable(lr) else lr

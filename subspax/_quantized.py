@@ -128,20 +128,48 @@ def max_gap(mode: str, signed: bool) -> float:
   return float(np.max(np.diff(_levels(mode, signed))))
 
 
-def _blocked(x: jax.Array) -> jax.Array:
-  """``(..., D)`` as ``(..., n_blocks, BLOCK_SIZE)``, zero-padded at the end."""
+def _block_absmax(x: jax.Array) -> jax.Array:
+  """``(..., D)`` -> the absmax of each block, ``(..., ceil(D / 256))``."""
   size = x.shape[-1]
   block = min(size, BLOCK_SIZE)
   n = num_blocks(size)
   pad = n * block - size
+  x = jnp.abs(x)
   if pad:
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-  return x.reshape(x.shape[:-1] + (n, block))
+  return jnp.max(x.reshape(x.shape[:-1] + (n, block)), axis=-1)
 
 
-def _unblocked(x: jax.Array, size: int) -> jax.Array:
-  """The inverse of :func:`_blocked`."""
-  return x.reshape(x.shape[:-2] + (-1,))[..., :size]
+def _per_value(scales: jax.Array, size: int) -> jax.Array:
+  """Each block's scale repeated over its values, ``(..., size)``."""
+  block = min(size, BLOCK_SIZE)
+  shape = scales.shape + (block,)
+  repeated = jnp.broadcast_to(scales[..., None], shape)  # a view, no gather
+  return repeated.reshape(shape[:-2] + (-1,))[..., :size]
+
+
+def _index(unit: jax.Array, mode: str, signed: bool) -> jax.Array:
+  """The level index of each ``unit`` value in ``[0, 1]``, int32.
+
+  Signed: the nearest level; unsigned: the smallest level ``>= unit``. The
+  quantile levels are found by inverting their formula and then checking
+  the bracket against the table (one step either way absorbs float
+  rounding): elementwise work that fuses with its neighbours.
+  """
+  n = 127 if signed else 255
+  if mode == "linear":
+    index = jnp.round(unit * n) if signed else jnp.ceil(unit * n)
+    return jnp.clip(index, 0, n).astype(jnp.int32)
+  levels = jnp.asarray(_levels(mode, signed))
+  c = SIGNED_MU if signed else UNSIGNED_MU
+  guess = jnp.floor(jnp.log1p(c * unit) * (n / math.log1p(c)))
+  low = jnp.clip(guess.astype(jnp.int32), 0, n - 1)
+  low = jnp.clip(low - (unit < levels[low]), 0, n - 1)
+  low = jnp.clip(low + (unit >= levels[low + 1]), 0, n - 1)
+  # Now levels[low] <= unit < levels[low + 1], or unit == 1 at low = n - 1.
+  if signed:
+    return low + (unit > (levels[low] + levels[low + 1]) / 2)
+  return low + (unit > levels[low])
 
 
 def quantize(x: jax.typing.ArrayLike, mode: _types.QuantizeMoments = "quantile",
@@ -177,27 +205,15 @@ def quantize(x: jax.typing.ArrayLike, mode: _types.QuantizeMoments = "quantile",
   x = jnp.asarray(x, jnp.float32)
   if not signed:
     x = jnp.sqrt(jnp.maximum(x, 0.0))
-  blocks = _blocked(x)
-  scales = jnp.max(jnp.abs(blocks), axis=-1)
+  scales = _block_absmax(x)
   inverse = jnp.where(scales > 0, 1.0 / jnp.where(scales > 0, scales, 1.0),
                       0.0)
-  unit = jnp.abs(blocks) * inverse[..., None]  # in [0, 1]
-  levels = _levels(mode, signed)
-  n = len(levels) - 1
-  if mode == "linear":
-    index = jnp.round(unit * n) if signed else jnp.ceil(unit * n)
-  elif signed:
-    midpoints = jnp.asarray((levels[1:] + levels[:-1]) / 2)
-    index = jnp.searchsorted(midpoints, unit, side="left")
-  else:
-    index = jnp.searchsorted(jnp.asarray(levels), unit, side="left")
-  index = jnp.clip(index, 0, n).astype(jnp.int32)
+  index = _index(jnp.abs(x) * _per_value(inverse, x.shape[-1]), mode, signed)
   if signed:
-    codes = jnp.where(blocks < 0, -index, index).astype(jnp.int8)
+    codes = jnp.where(x < 0, -index, index).astype(jnp.int8)
   else:
     codes = index.astype(jnp.uint8)
-  return QuantizedArray(codes=_unblocked(codes, x.shape[-1]), scales=scales,
-                        mode=mode, signed=signed)
+  return QuantizedArray(codes=codes, scales=scales, mode=mode, signed=signed)
 
 
 def dequantize(q: QuantizedArray) -> jax.Array:
@@ -221,9 +237,7 @@ def dequantize(q: QuantizedArray) -> jax.Array:
   index = q.codes.astype(jnp.int32)
   magnitude = levels[jnp.abs(index)]
   values = jnp.where(index < 0, -magnitude, magnitude)
-  size = q.codes.shape[-1]
-  values = _blocked(values) * q.scales[..., None]
-  values = _unblocked(values, size)
+  values = values * _per_value(q.scales, q.codes.shape[-1])
   return values if q.signed else jnp.square(values)
 
 
