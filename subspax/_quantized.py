@@ -90,15 +90,6 @@ class QuantizedArray:
     """The logical shape (that of the codes)."""
     return self.codes.shape
 
-  @property
-  def dtype(self):
-    """float32: the dtype :func:`dequantize` returns."""
-    return jnp.dtype(jnp.float32)
-
-  def __getitem__(self, index) -> QuantizedArray:
-    """Indexes the leading (batch) axes of codes and scales alike."""
-    return jax.tree.map(lambda a: a[index], self)
-
 
 def num_blocks(size: int) -> int:
   """Blocks along a last axis of ``size`` values."""
@@ -188,7 +179,8 @@ def quantize(x: jax.typing.ArrayLike, mode: _types.QuantizeMoments = "quantile",
   Args:
     x: The values; blocks run along the last axis.
     mode: ``"linear"`` (evenly spaced levels) or ``"quantile"`` (levels dense
-      near zero, evenly spaced in relative terms above ``absmax / 1024``).
+      near zero, evenly spaced in relative terms above ``1 / 1024`` of the
+      absmax, ``1 / 4096`` for square roots).
     signed: ``True``: any values, each stored as the nearest level (int8
       codes). ``False``: non-negative values (second moments), stored as
       ``sqrt(x)`` rounded up to the next level (uint8 codes), so that a

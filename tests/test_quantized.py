@@ -142,6 +142,28 @@ def test_jit_equals_no_jit():
                               rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["grass_topk_overlap", "rso", "fira",
+                                  "apollo_mini"])
+def test_every_moment_transition_keeps_eight_bit_moments(name):
+  """overlap, reset, keep (+ recovery), APOLLO-Mini's rank 1: refreshing every
+  step, the moments stay 8-bit, finite, and the state's types stable."""
+  params = helpers.random_params(jax.random.key(7))
+  tx = helpers.make_tx(name, update_interval=1, quantize_moments="quantile")
+  state = tx.init(params)
+  types = jax.tree.map(jax.typeof, state)
+  update = jax.jit(tx.update)
+  for i in range(3):
+    grads = jax.tree.map(lambda p: jnp.sin(p * (i + 2.0)), params)  # pylint: disable=cell-var-from-loop
+    updates, state = update(grads, state, params)
+    assert jax.tree.map(jax.typeof, state) == types
+    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+  matrices = state[0].inner_states["subspace"].inner_state.matrices
+  for leaf in (matrices["tall"], matrices["stack"]):
+    assert isinstance(leaf.mu, subspax.QuantizedArray) and leaf.mu.signed
+    assert isinstance(leaf.nu, subspax.QuantizedArray) and not leaf.nu.signed
+    assert bool(jnp.any(leaf.nu.codes > 0))
+
+
 # |loss (8-bit) - loss (float32)|, both the mean of the last 20 of 200 steps
 # of least squares, as a fraction of the initial loss. Measured on seeds 5-7
 # (galore, subtrack, grass; linear and quantile): at most 0.03 on the final
