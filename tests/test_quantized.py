@@ -165,10 +165,11 @@ def test_every_moment_transition_keeps_eight_bit_moments(name):
 
 
 # |loss (8-bit) - loss (float32)|, both the mean of the last 20 of 200 steps
-# of least squares, as a fraction of the initial loss. Measured on seeds 5-7
-# (galore, subtrack, grass; linear and quantile): at most 0.03 on the final
-# step alone, where float32 itself ends at 0.007-0.05.
-TOLERANCE = 0.03
+# of least squares, as a fraction of the initial loss. Measured (seed 5,
+# jax 0.10.2 CPU): galore 0.032 (float32) vs 0.045 (linear) / 0.042
+# (quantile); subtrack 0.059 vs 0.049 / 0.082; grass 0.012 vs 0.012 / 0.011.
+# The largest gap, 0.023, leaves room for another platform's rounding.
+TOLERANCE = 0.04
 
 
 @pytest.mark.slow
