@@ -10,6 +10,7 @@ method at rank 128 (apollo_mini at rank 1). Nothing is allocated or timed.
 
   python -m bench.update_memory                    # both layouts
   python -m bench.update_memory --layouts leaves   # 56 separate leaves
+  python -m bench.update_memory --quantize_moments quantile  # 8-bit moments
 """
 
 import argparse
@@ -68,6 +69,9 @@ def main(argv=None) -> None:
   parser.add_argument("--rank", type=int, default=128)
   parser.add_argument("--methods", default=",".join(_common.METHODS))
   parser.add_argument("--out", default=_common.RESULTS)
+  parser.add_argument("--quantize_moments", default="off",
+                      help="the subspax methods' 8-bit moments: off, linear "
+                      "or quantile")
   args = parser.parse_args(argv)
   results, tables = {}, []
   for layout in args.layouts.split(","):
@@ -78,7 +82,8 @@ def main(argv=None) -> None:
     for name in args.methods.split(","):
       if name not in ("adamw", "optax_galore"):
         rank = optimizers.method_rank(name, args.rank)  # apollo_mini: 1
-        txs[name] = subspax.METHODS[name](1e-3, rank, 200)
+        txs[name] = subspax.METHODS[name](
+            1e-3, rank, 200, quantize_moments=args.quantize_moments)
     rows = {}
     for name, tx in txs.items():
       rows[name] = {**measure(tx, tree), "state": state_mib(tx, tree)}
@@ -92,7 +97,8 @@ def main(argv=None) -> None:
        "results": results}, None, record)
   note = (f"One `tx.update` (gradients and state donated) of the attention "
           f"and MLP kernels of LLaMA-60M, rank {args.rank}: 56 separate "
-          f"leaves, or 7 stacked (8, m, n) leaves. Peak = argument + temp + "
+          f"leaves, or 7 stacked (8, m, n) leaves; subspax moments "
+          f"quantize_moments={args.quantize_moments!r}. Peak = argument + temp + "
           f"output - alias (`train.memory.compiled_memory`); state = exact "
           f"optimizer-state bytes. optax.contrib.galore projects the larger "
           f"side of each matrix (subspax: the smaller, as galore-torch), so "

@@ -12,10 +12,12 @@ Methods (each as ``scale_by_<name>`` and ``<name>(learning_rate, ...)``):
 All share one reduced-space Adam core, :func:`scale_by_subspace_adam`, and
 differ only in their :class:`SubspacePolicy`. :data:`METHODS` maps each
 method's name to its factory; :func:`state_bytes` and
-:func:`state_shardings` inspect any optax state. :func:`apply_updates` adds
-updates to bfloat16 weights with unbiased stochastic rounding
-(:func:`stochastic_round`). The math, section by section, is in
-``docs/algorithms.md``.
+:func:`state_shardings` inspect any optax state; :func:`quantize` and
+:func:`dequantize` read the 8-bit moments of ``quantize_moments``.
+:func:`apply_updates` adds updates to bfloat16 weights with unbiased
+stochastic rounding (:func:`stochastic_round`), and :func:`layerwise` takes
+a stacked model's step one layer at a time. The math, section by section, is
+in ``docs/algorithms.md``.
 
 Examples:
   >>> import jax.numpy as jnp, optax, subspax
@@ -55,6 +57,9 @@ from subspax._policies import RandomSubspace
 from subspax._policies import RowSubspace
 from subspax._policies import SubspacePolicy
 from subspax._policies import SvdSubspace
+from subspax._quantized import dequantize
+from subspax._quantized import quantize
+from subspax._quantized import QuantizedArray
 from subspax._registry import METHODS
 from subspax._rounding import apply_updates
 from subspax._rounding import stochastic_round
@@ -74,6 +79,7 @@ __all__ = (
     "MatrixLayout",
     "MatrixSpec",
     "ProjectedState",
+    "QuantizedArray",
     "RandomSubspace",
     "RowBasis",
     "RowSubspace",
@@ -84,11 +90,13 @@ __all__ = (
     "apollo_mini",
     "apply_updates",
     "default_is_projected",
+    "dequantize",
     "fira",
     "galore",
     "grass",
     "grassjump",
     "grasswalk",
+    "quantize",
     "rso",
     "scale_by_apollo",
     "scale_by_apollo_mini",

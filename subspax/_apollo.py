@@ -57,6 +57,7 @@ def scale_by_fira(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """Fira: GaLore's SVD subspace plus norm-based recovery scaling.
 
@@ -86,6 +87,9 @@ def scale_by_fira(
     projected: Which parameters to project (see ``scale_by_subspace_adam``).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -97,7 +101,8 @@ def scale_by_fira(
       _policies.SvdSubspace(), rank, update_interval, b1=b1, b2=b2, eps=eps,
       scale=scale, moments="keep", recovery=True,
       recovery_limit=recovery_limit, limiter=limiter, side=side,
-      projected=projected, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+      projected=projected, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      quantize_moments=quantize_moments)
 
 
 def scale_by_apollo(
@@ -108,6 +113,7 @@ def scale_by_apollo(
     eps: float = 1e-8, side: _types.Side = "auto",
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """APOLLO: the raw gradient scaled by Adam's ratio in a random subspace.
 
@@ -144,6 +150,9 @@ def scale_by_apollo(
     projected: Which parameters to project (see ``scale_by_subspace_adam``).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -156,6 +165,7 @@ def scale_by_apollo(
       b1=b1, b2=b2, eps=eps, scale=scale, moments="keep", recovery=False,
       recovery_limit=recovery_limit, side=side, projected=projected,
       store_basis=store_basis, key=key, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      quantize_moments=quantize_moments,
       output="scaled_gradient", scale_type=scale_type, limiter=limiter)
 
 
@@ -166,6 +176,7 @@ def scale_by_apollo_mini(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """APOLLO-Mini: rank-1 APOLLO with one tensor-wise scale per matrix.
 
@@ -193,6 +204,9 @@ def scale_by_apollo_mini(
     projected: Which parameters to project (see ``scale_by_subspace_adam``).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -204,7 +218,8 @@ def scale_by_apollo_mini(
       rank, update_interval, key=key, scale_type="tensor", scale=scale,
       recovery_limit=recovery_limit, limiter=limiter, store_basis=store_basis,
       b1=b1, b2=b2, eps=eps, side=side, projected=projected,
-      mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+      mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      quantize_moments=quantize_moments)
 
 
 def fira(
@@ -215,6 +230,7 @@ def fira(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """Fira with AdamW-style weight decay and a learning rate.
 
@@ -245,6 +261,9 @@ def fira(
     projected: Which parameters to project (see ``scale_by_subspace_adam``).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -256,7 +275,8 @@ def fira(
       scale_by_fira(rank, update_interval, scale=scale,
                     recovery_limit=recovery_limit, limiter=limiter, b1=b1,
                     b2=b2, eps=eps, side=side, projected=projected,
-                    mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+                    mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+                    quantize_moments=quantize_moments),
       learning_rate, weight_decay, mask)
 
 
@@ -270,6 +290,7 @@ def apollo(
     eps: float = 1e-8, side: _types.Side = "auto",
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """APOLLO with AdamW-style weight decay and a learning rate.
 
@@ -303,6 +324,9 @@ def apollo(
     projected: Which parameters to project (see ``scale_by_subspace_adam``).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -315,7 +339,8 @@ def apollo(
                       scale=scale, recovery_limit=recovery_limit,
                       limiter=limiter, store_basis=store_basis, b1=b1, b2=b2,
                       eps=eps, side=side, projected=projected,
-                      mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+                      mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+                      quantize_moments=quantize_moments),
       learning_rate, weight_decay, mask)
 
 
@@ -328,6 +353,7 @@ def apollo_mini(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """APOLLO-Mini (rank 1, tensor-wise) with weight decay and a learning rate.
 
@@ -361,6 +387,9 @@ def apollo_mini(
     projected: Which parameters to project (see ``scale_by_subspace_adam``).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -373,5 +402,6 @@ def apollo_mini(
                            recovery_limit=recovery_limit, limiter=limiter,
                            store_basis=store_basis, b1=b1, b2=b2, eps=eps,
                            side=side, projected=projected, mu_dtype=mu_dtype,
-                           nu_dtype=nu_dtype),
+                           nu_dtype=nu_dtype,
+                           quantize_moments=quantize_moments),
       learning_rate, weight_decay, mask)

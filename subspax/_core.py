@@ -37,6 +37,7 @@ from subspax import _blocks
 from subspax import _keys
 from subspax import _layout
 from subspax import _policies
+from subspax import _quantized
 from subspax import _types
 from subspax import _validation
 
@@ -44,6 +45,7 @@ MOMENTS = typing.get_args(_types.Moments)
 OUTPUTS = typing.get_args(_types.Output)
 SCALE_TYPES = typing.get_args(_types.ScaleType)
 LIMITERS = typing.get_args(_types.Limiter)
+QUANTIZE_MOMENTS = typing.get_args(_types.QuantizeMoments)
 MaskedNode = optax.MaskedNode
 
 KeyLike = Union[int, jax.Array]
@@ -64,8 +66,10 @@ class ProjectedState:
     basis: The subspace, a ``DenseBasis`` (``s``: ``(*B, d, r)``, float32) or
       a ``RowBasis`` (``index``, ``scale``: ``(*B, r)``); ``MaskedNode`` when
       the basis is regenerated from the key (``store_basis=False``).
-    mu: First moment, ``(*B, r, D)``, ``mu_dtype`` (float32 by default).
-    nu: Second moment, ``(*B, r, D)``, ``nu_dtype`` (float32 by default).
+    mu: First moment, ``(*B, r, D)``, ``mu_dtype`` (float32 by default), or
+      a signed ``QuantizedArray`` with ``quantize_moments`` on.
+    nu: Second moment, ``(*B, r, D)``, ``nu_dtype`` (float32 by default), or
+      an unsigned ``QuantizedArray`` (of ``sqrt(nu)``, rounded up).
     age: Steps accumulated in the moments since their last reset, int32:
       ``(*B,)`` for ``moments="reset"``, ``(*B, r)`` per row for
       ``"overlap"``; ``MaskedNode`` otherwise (the global count is used).
@@ -177,6 +181,7 @@ class _Config:
   limiter: str = "corrected"
   prox: Any = 0.0
   prox_learning_rate: Any = 1.0
+  quantize_moments: str = "off"
 
   @property
   def uses_prox(self) -> bool:
@@ -224,6 +229,7 @@ def scale_by_subspace_adam(
     limiter: _types.Limiter = "corrected",
     prox: float = 0.0,
     prox_learning_rate: optax.ScalarOrSchedule = 1.0,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """Adam with moments in a reduced subspace chosen by ``policy``.
 
@@ -286,6 +292,14 @@ def scale_by_subspace_adam(
       this transformation, used only to accumulate ``B``: the step moves the
       parameter by ``-prox_learning_rate(t) * scale * back(N)``. The method
       aliases (``subspax.rso``) pass their own ``learning_rate``.
+    quantize_moments: Store the reduced moments block-wise in 8 bits
+      (docs/algorithms.md section 8.1): ``"off"`` (``mu_dtype`` /
+      ``nu_dtype``), ``"linear"`` or ``"quantile"`` levels (the latter dense
+      near zero). One code per value and one float32 absmax per 256 values of
+      a row; ``nu`` is stored as ``sqrt(nu)`` rounded up, so it never decodes
+      below itself. The moments are computed in float32; ``mu_dtype`` then
+      only sets the non-projected parameters' Adam ``mu``, which is never
+      quantized.
 
   Returns:
     An ``optax.GradientTransformation``. Chain a learning rate after it.
@@ -309,6 +323,7 @@ def scale_by_subspace_adam(
   _validation.choice("output", output, OUTPUTS)
   _validation.choice("scale_type", scale_type, SCALE_TYPES)
   _validation.choice("limiter", limiter, LIMITERS)
+  _validation.choice("quantize_moments", quantize_moments, QUANTIZE_MOMENTS)
   if output == "scaled_gradient" and recovery:
     raise ValueError('output="scaled_gradient" already scales the whole '
                      'gradient; set recovery=False.')
@@ -339,7 +354,8 @@ def scale_by_subspace_adam(
       mu_dtype=jnp.float32 if mu_dtype is None else mu_dtype,
       nu_dtype=jnp.float32 if nu_dtype is None else nu_dtype,
       output=output, scale_type=scale_type, limiter=limiter, prox=prox,
-      prox_learning_rate=prox_learning_rate)
+      prox_learning_rate=prox_learning_rate,
+      quantize_moments=quantize_moments)
   route = _layout.make_router(projected, rank)
 
   def labels(params):
@@ -472,6 +488,12 @@ def _init_matrices(config: _Config, layout: _layout.MatrixLayout
   def batched_zeros(trailing, dtype):
     return jnp.zeros(layout.batched(*trailing), dtype)
 
+  def moment_zeros(dtype, signed):
+    if config.quantize_moments == "off":
+      return batched_zeros((r, big_d), dtype)
+    return _quantized.zeros(layout.batched(r, big_d), config.quantize_moments,
+                            signed)
+
   basis = MaskedNode()
   if config.stores_basis:
     basis = jax.tree.map(lambda a: batched_zeros(a.shape, a.dtype),
@@ -483,8 +505,8 @@ def _init_matrices(config: _Config, layout: _layout.MatrixLayout
     age = batched_zeros((r,), jnp.int32)
   return ProjectedState(
       basis=basis,
-      mu=batched_zeros((r, big_d), config.mu_dtype),
-      nu=batched_zeros((r, big_d), config.nu_dtype),
+      mu=moment_zeros(config.mu_dtype, signed=True),
+      nu=moment_zeros(config.nu_dtype, signed=False),
       age=age,
       last_norm=(batched_zeros((), jnp.float32) if config.tracks_norm
                  else MaskedNode()),
@@ -526,7 +548,8 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
 
   def update_one(i, carry):
     stack, fields = carry
-    fields_i = _materialized(jax.tree.map(lambda a: a[i], fields), count, num)
+    fields_i = _materialized(jax.tree.map(lambda a: a[i], fields), count,
+                             num, always=config.quantize_moments != "off")
 
     def refresh(fields_i):
       # Made canonical (transposed for side "right") one matrix at a time:
@@ -561,7 +584,7 @@ def _write_index(stacked, values, i):
                                                        0), stacked, values)
 
 
-def _materialized(tree, count: jax.Array, num: int):
+def _materialized(tree, count: jax.Array, num: int, always: bool = False):
   """``tree``, computed into buffers of its own before any later use.
 
   The matrix loop reads a matrix's (small) state out of the stacked state and
@@ -571,9 +594,12 @@ def _materialized(tree, count: jax.Array, num: int):
   fused (and, unlike ``optimization_barrier``, is kept by the CPU compiler),
   so passing the slices through one on a predicate XLA cannot fold
   (``count >= 0``) forces them to be read once, first. A single matrix
-  (``num == 1``, the loop is removed) needs no such thing.
+  (``num == 1``, the loop is removed) needs no such thing, unless
+  ``always``: 8-bit moments are decoded by table lookups that XLA would
+  otherwise hoist, for every parameter, to the start of the update (the
+  cond reads ``count``, which comes after the previous parameter).
   """
-  if num == 1:
+  if num == 1 and not always:
     return tree
   return jax.lax.cond(count >= 0, lambda t: t,
                       lambda t: jax.tree.map(jnp.zeros_like, t), tree)
@@ -650,8 +676,8 @@ def _adam_step(config: _Config, reduced: jax.Array, state: ProjectedState, *,
   """
   if config.uses_prox:
     reduced = reduced + config.prox * state.displacement
-  mu = config.b1 * state.mu.astype(jnp.float32) + (1 - config.b1) * reduced
-  nu = config.b2 * state.nu.astype(jnp.float32) + (1 - config.b2) * jnp.square(
+  mu = config.b1 * _quantized.load(state.mu) + (1 - config.b1) * reduced
+  nu = config.b2 * _quantized.load(state.nu) + (1 - config.b2) * jnp.square(
       reduced)
   age = state.age
   if isinstance(age, MaskedNode):
@@ -662,7 +688,14 @@ def _adam_step(config: _Config, reduced: jax.Array, state: ProjectedState, *,
   mu_hat = mu / (1 - config.b1**steps)
   nu_hat = nu / (1 - config.b2**steps)
   normalized = mu_hat / (jnp.sqrt(nu_hat) + config.eps)
-  state = state.replace(mu=mu, nu=nu, age=age)
+  moments = (_quantized.store(mu, state.mu, cast=False),
+             _quantized.store(nu, state.nu, cast=False))
+  if config.quantize_moments != "off":
+    # Quantized whole, here: the parameter chain (``_after``) reads one code,
+    # which XLA could otherwise compute alone and leave the rest, with this
+    # matrix's float32 moments, to the end of the update.
+    moments = _materialized(moments, count, 1, always=True)
+  state = state.replace(mu=moments[0], nu=moments[1], age=age)
   if config.uses_prox:
     lr = config.prox_learning_rate
     lr = lr(count) if callable(lr) else lr
@@ -676,15 +709,16 @@ def _transition(moments: str, old, new, mu, nu, age):
   if moments == "keep":
     return mu, nu, age
   if moments == "reset":
-    return jnp.zeros_like(mu), jnp.zeros_like(nu), jnp.zeros_like(age)
+    zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+    return zeros(mu), zeros(nu), zeros(age)
   if moments == "overlap":
     return _carry_rows(old, new, mu, nu, age)
   c = new.gram(old)  # (r, r): reduced coordinates old -> new
-  mu32, nu32 = mu.astype(jnp.float32), nu.astype(jnp.float32)
+  mu32, nu32 = _quantized.load(mu), _quantized.load(nu)
   new_mu = c @ mu32
   new_nu = jnp.abs(jnp.square(c) @ (nu32 - jnp.square(mu32))
                    + jnp.square(new_mu))
-  return new_mu.astype(mu.dtype), new_nu.astype(nu.dtype), age
+  return _quantized.store(new_mu, mu), _quantized.store(new_nu, nu), age
 
 
 def _carry_rows(old, new, mu, nu, age):
@@ -696,13 +730,14 @@ def _carry_rows(old, new, mu, nu, age):
   with no old row, or whose carried moments are not finite, start at zero.
   """
   source, ratio, found = new.overlap(old)
-  new_mu = mu.astype(jnp.float32)[source] * ratio[:, None]
-  new_nu = nu.astype(jnp.float32)[source] * jnp.square(ratio)[:, None]
+  new_mu = _quantized.load(mu)[source] * ratio[:, None]
+  new_nu = _quantized.load(nu)[source] * jnp.square(ratio)[:, None]
   keep = found & jnp.all(jnp.isfinite(new_mu) & jnp.isfinite(new_nu), axis=1)
   new_mu = jnp.where(keep[:, None], new_mu, 0.0)
   new_nu = jnp.where(keep[:, None], new_nu, 0.0)
   new_age = jnp.where(keep, age[source], 0)
-  return new_mu.astype(mu.dtype), new_nu.astype(nu.dtype), new_age
+  return (_quantized.store(new_mu, mu), _quantized.store(new_nu, nu),
+          new_age)
 
 
 def _recovery_scales(config: _Config, matrix, reduced, normalized,

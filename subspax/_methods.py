@@ -43,6 +43,7 @@ def scale_by_galore(
     eps: float = 1e-8, side: _types.Side = "auto",
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """GaLore's rescaling: Adam on the top-``r`` singular subspace of ``G``.
 
@@ -77,6 +78,9 @@ def scale_by_galore(
       :func:`~subspax.scale_by_subspace_adam`).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -87,7 +91,8 @@ def scale_by_galore(
   return _core.scale_by_subspace_adam(
       _policies.SvdSubspace(align_signs=align_signs), rank, update_interval,
       b1=b1, b2=b2, eps=eps, scale=scale, moments="keep", recovery=False,
-      side=side, projected=projected, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+      side=side, projected=projected, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      quantize_moments=quantize_moments)
 
 
 def galore(
@@ -98,6 +103,7 @@ def galore(
     eps: float = 1e-8, side: _types.Side = "auto",
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """GaLore with AdamW-style weight decay and a learning rate.
 
@@ -131,6 +137,9 @@ def galore(
       :func:`~subspax.scale_by_subspace_adam`).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -142,7 +151,8 @@ def galore(
       scale_by_galore(rank, update_interval, scale=scale,
                       align_signs=align_signs, b1=b1, b2=b2, eps=eps,
                       side=side, projected=projected, mu_dtype=mu_dtype,
-                      nu_dtype=nu_dtype),
+                      nu_dtype=nu_dtype,
+                      quantize_moments=quantize_moments),
       learning_rate, weight_decay, mask)
 
 
@@ -166,6 +176,7 @@ def scale_by_subtrack(
     b2: float = 0.999, eps: float = 1e-8, side: _types.Side = "auto",
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """SubTrack++'s rescaling: Adam in a subspace tracked along geodesics.
 
@@ -209,6 +220,9 @@ def scale_by_subtrack(
       :func:`~subspax.scale_by_subspace_adam`).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -224,7 +238,8 @@ def scale_by_subtrack(
       policy, rank, update_interval, b1=b1, b2=b2, eps=eps, scale=scale,
       moments="rotate", recovery=recovery, recovery_limit=recovery_limit,
       side=side, projected=projected, key=key, mu_dtype=mu_dtype,
-      nu_dtype=nu_dtype)
+      nu_dtype=nu_dtype,
+      quantize_moments=quantize_moments)
 
 
 def subtrack(
@@ -237,6 +252,7 @@ def subtrack(
     b2: float = 0.999, eps: float = 1e-8, side: _types.Side = "auto",
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """SubTrack++ with AdamW-style weight decay and a learning rate.
 
@@ -279,6 +295,9 @@ def subtrack(
       :func:`~subspax.scale_by_subspace_adam`).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -291,7 +310,8 @@ def subtrack(
                         init=init, scale=scale, recovery=recovery,
                         recovery_limit=recovery_limit, b1=b1, b2=b2, eps=eps,
                         side=side, projected=projected, mu_dtype=mu_dtype,
-                        nu_dtype=nu_dtype),
+                        nu_dtype=nu_dtype,
+                        quantize_moments=quantize_moments),
       learning_rate, weight_decay, mask)
 
 
@@ -302,6 +322,7 @@ def scale_by_grasswalk(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """GrassWalk's rescaling: a random geodesic step every ``T`` steps.
 
@@ -338,6 +359,9 @@ def scale_by_grasswalk(
       :func:`~subspax.scale_by_subspace_adam`).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -355,7 +379,8 @@ def scale_by_grasswalk(
       policy, rank, update_interval, b1=b1, b2=b2, eps=eps, scale=scale,
       moments="rotate", recovery=recovery, recovery_limit=recovery_limit,
       side=side, projected=projected, key=key, mu_dtype=mu_dtype,
-      nu_dtype=nu_dtype)
+      nu_dtype=nu_dtype,
+      quantize_moments=quantize_moments)
 
 
 def grasswalk(
@@ -367,6 +392,7 @@ def grasswalk(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """GrassWalk with AdamW-style weight decay and a learning rate.
 
@@ -406,6 +432,9 @@ def grasswalk(
       :func:`~subspax.scale_by_subspace_adam`).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -420,7 +449,8 @@ def grasswalk(
                          recovery=recovery, recovery_limit=recovery_limit,
                          b1=b1, b2=b2, eps=eps, side=side,
                          projected=projected, mu_dtype=mu_dtype,
-                         nu_dtype=nu_dtype),
+                         nu_dtype=nu_dtype,
+                         quantize_moments=quantize_moments),
       learning_rate, weight_decay, mask)
 
 
@@ -431,6 +461,7 @@ def scale_by_grassjump(
     eps: float = 1e-8, side: _types.Side = "auto",
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """GrassJump's rescaling: a fresh Haar-random subspace every ``T`` steps.
 
@@ -464,6 +495,9 @@ def scale_by_grassjump(
       :func:`~subspax.scale_by_subspace_adam`).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -476,7 +510,8 @@ def scale_by_grassjump(
       _policies.RandomSubspace(orthonormal=True), rank, update_interval,
       b1=b1, b2=b2, eps=eps, scale=scale, moments="rotate", recovery=recovery,
       recovery_limit=recovery_limit, side=side, projected=projected,
-      store_basis=store_basis, key=key, mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+      store_basis=store_basis, key=key, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      quantize_moments=quantize_moments)
 
 
 def grassjump(
@@ -488,6 +523,7 @@ def grassjump(
     eps: float = 1e-8, side: _types.Side = "auto",
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """GrassJump with AdamW-style weight decay and a learning rate.
 
@@ -523,6 +559,9 @@ def grassjump(
       :func:`~subspax.scale_by_subspace_adam`).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -537,7 +576,8 @@ def grassjump(
                          recovery=recovery, recovery_limit=recovery_limit,
                          b1=b1, b2=b2, eps=eps, side=side,
                          projected=projected, mu_dtype=mu_dtype,
-                         nu_dtype=nu_dtype),
+                         nu_dtype=nu_dtype,
+                         quantize_moments=quantize_moments),
       learning_rate, weight_decay, mask)
 
 
@@ -548,6 +588,7 @@ def scale_by_rso(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """RSO's rescaling: Adam on random subspace subproblems of ``T`` steps.
 
@@ -590,6 +631,9 @@ def scale_by_rso(
       :func:`~subspax.scale_by_subspace_adam`).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -601,7 +645,8 @@ def scale_by_rso(
       _policies.RandomSubspace(orthonormal=orthonormal), rank, update_interval,
       b1=b1, b2=b2, eps=eps, scale=scale, moments="reset", recovery=False,
       side=side, projected=projected, store_basis=store_basis, key=key,
-      mu_dtype=mu_dtype, nu_dtype=nu_dtype, prox=prox,
+      mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      quantize_moments=quantize_moments, prox=prox,
       prox_learning_rate=prox_learning_rate)
 
 
@@ -615,6 +660,7 @@ def rso(
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """RSO (random subspace optimization) with weight decay and a learning rate.
 
@@ -655,6 +701,9 @@ def rso(
       :func:`~subspax.scale_by_subspace_adam`).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -669,7 +718,8 @@ def rso(
                    store_basis=store_basis, scale=scale, prox=prox,
                    prox_learning_rate=prox_learning_rate, b1=b1, b2=b2,
                    eps=eps, side=side, projected=projected,
-                   mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+                   mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+                   quantize_moments=quantize_moments),
       learning_rate, weight_decay, mask)
 
 
@@ -681,6 +731,7 @@ def scale_by_grass(
     eps: float = 1e-8, side: _types.Side = "auto",
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """GRASS's rescaling: Adam on ``r`` selected, scaled rows of each gradient.
 
@@ -719,6 +770,9 @@ def scale_by_grass(
       :func:`~subspax.scale_by_subspace_adam`).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -732,7 +786,8 @@ def scale_by_grass(
       rank, update_interval, b1=b1, b2=b2, eps=eps, scale=scale,
       moments="overlap" if keep_overlap else "reset", recovery=recovery,
       recovery_limit=recovery_limit, side=side, projected=projected, key=key,
-      mu_dtype=mu_dtype, nu_dtype=nu_dtype)
+      mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+      quantize_moments=quantize_moments)
 
 
 def grass(
@@ -745,6 +800,7 @@ def grass(
     eps: float = 1e-8, side: _types.Side = "auto",
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
+    quantize_moments: _types.QuantizeMoments = "off",
 ) -> optax.GradientTransformation:
   """GRASS (structured sparse rows) with weight decay and a learning rate.
 
@@ -785,6 +841,9 @@ def grass(
       :func:`~subspax.scale_by_subspace_adam`).
     mu_dtype: dtype of the reduced first moments (float32 by default).
     nu_dtype: dtype of the reduced second moments (float32 by default).
+    quantize_moments: ``"off"``, or store the reduced moments block-wise
+      in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
+      :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -798,5 +857,6 @@ def grass(
                      scale=scale, recovery=recovery,
                      recovery_limit=recovery_limit, b1=b1, b2=b2, eps=eps,
                      side=side, projected=projected, mu_dtype=mu_dtype,
-                     nu_dtype=nu_dtype),
+                     nu_dtype=nu_dtype,
+                     quantize_moments=quantize_moments),
       learning_rate, weight_decay, mask)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -10,6 +11,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from subspax import _core
+from subspax import _quantized
 
 
 def state_bytes(state: Any) -> int:
@@ -44,20 +46,32 @@ def _reduced_shardings(state: _core.ProjectedState,
 
   The kept dimension ``D`` keeps the parameter's mesh axes, the projected
   dimension ``d`` of the basis keeps its own, batch axes (layers) keep theirs,
-  and the rank axis is replicated.
+  and the rank axis is replicated. 8-bit moments' codes shard like ``mu``,
+  their block scales along their block axis with the same mesh axes when
+  those divide it (blocks run along ``D``), replicated otherwise.
   """
   batch, d_axis, big_d_axis = state.layout.reduced_specs(sharding.spec)
 
   def named(*entries):
     return NamedSharding(sharding.mesh, PartitionSpec(*batch, *entries))
 
+  def moment_sharding(x):
+    if not isinstance(x, _quantized.QuantizedArray):
+      return named(None, big_d_axis)
+    blocks = x.scales.shape[-1]
+    axes = big_d_axis if isinstance(big_d_axis, tuple) else (big_d_axis,)
+    ways = int(np.prod([sharding.mesh.shape[a] for a in axes if a]))
+    block_axis = big_d_axis if blocks % ways == 0 else None
+    return dataclasses.replace(x, codes=named(None, big_d_axis),
+                               scales=named(None, block_axis))
+
   def basis_sharding(x):
     return named(d_axis, None) if x.ndim == len(batch) + 2 else named(None)
 
   return _core.ProjectedState(
       basis=jax.tree.map(basis_sharding, state.basis),
-      mu=named(None, big_d_axis),
-      nu=named(None, big_d_axis),
+      mu=moment_sharding(state.mu),
+      nu=moment_sharding(state.nu),
       age=jax.tree.map(lambda x: named(*(None,) * (x.ndim - len(batch))),
                        state.age),
       last_norm=jax.tree.map(lambda x: named(), state.last_norm),

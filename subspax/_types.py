@@ -40,3 +40,8 @@ Output = Literal["back", "scaled_gradient"]
 
 # The dtype of reduced moments; ``None`` means float32.
 MomentDType = Optional[jax.typing.DTypeLike]
+
+# Block-wise 8-bit storage of the reduced moments (docs/algorithms.md
+# section 8.1): off (the moments' dtypes), or 8-bit codes on linear or
+# quantile levels.
+QuantizeMoments = Literal["off", "linear", "quantile"]

@@ -130,6 +130,27 @@ def test_a_method_option_on_the_command_line_trains(corpus, tmp_path):
   assert [s for s, _, _ in losses(tmp_path / "run")] == [1, 2]
 
 
+@pytest.mark.slow
+def test_eight_bit_moments_train_and_resume_bit_for_bit(corpus, tmp_path):
+  """`--config.opt.subtrack.quantize_moments=quantile` trains, and a run resumed
+  from its step-1 checkpoint retrains steps 2-3 bit for bit (step 3's loss
+  reads the restored 8-bit moments)."""
+  args = preset_args(corpus, "run", "--config.opt.subtrack.quantize_moments=quantile",
+                     "--config.steps=3", "--config.checkpoint_every=1",
+                     "--config.keep_checkpoints=3", "--config.eval_every=0")
+  status, out = run(tmp_path, *args)
+  assert status == 0, out
+  before = losses(tmp_path / "run")
+  for step in ("2", "3"):
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / step)
+  status, out = run(tmp_path, *args)
+  assert status == 0, out
+  assert "resumed from step 1 in run" in out
+  assert losses(tmp_path / "run") == before and len(before) == 3
+  with open(tmp_path / "run" / "checkpoints" / "3" / "config" / "metadata") as f:
+    assert json.load(f)["opt"]["subtrack"]["quantize_moments"] == "quantile"
+
+
 def test_verbose_shows_the_traceback(tmp_path):
   status, out = run(tmp_path, "--config", "configs/test.py", "--workdir=run",
                     "--config.steps=0", "--verbose")

@@ -127,7 +127,7 @@ def test_options_of_other_methods_are_not_read():
   cfg.opt.subtrack = ml_collections.ConfigDict({"anything": "at all"})
   optimizers.validate(cfg.opt, _model_cfg(cfg), 10)
   assert optimizers.method_kwargs(cfg.opt) == {
-      "scale": 0.25, "align_signs": False, "side": "auto"}
+      "scale": 0.25, "align_signs": False, "side": "auto", "quantize_moments": "off"}
 
 
 def test_keyless_methods_come_from_the_signature():

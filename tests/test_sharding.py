@@ -3,6 +3,7 @@
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -79,15 +80,19 @@ def test_sharded_states_are_sharded_and_match_unsharded(name):
                                                                           16)
 
 
-def test_state_type_is_stable_on_an_explicit_mesh():
+@pytest.mark.parametrize("quantize_moments", ["off", "quantile"])
+def test_state_type_is_stable_on_an_explicit_mesh(quantize_moments):
   mesh = _mesh(AxisType.Explicit)
   params = _params()
   shardings = {k: NamedSharding(mesh, s) for k, s in SPECS.items()}
-  tx = subspax.subtrack(1e-2, rank=4, update_interval=2)
+  tx = subspax.subtrack(1e-2, rank=4, update_interval=2,
+                        quantize_moments=quantize_moments)
   with jax.set_mesh(mesh):
     _, state, types = _run(tx, params, params, 3, shardings)
   assert all(t == types[0] for t in types)
-  assert not _matrices(state)["wide"].mu.sharding.is_fully_replicated
+  mu = _matrices(state)["wide"].mu
+  codes = mu if quantize_moments == "off" else mu.codes
+  assert not codes.sharding.is_fully_replicated
 
 
 def test_state_shardings_follow_params_for_plain_optax():
@@ -100,3 +105,43 @@ def test_state_shardings_follow_params_for_plain_optax():
   assert inner.mu["wide"] == shardings["wide"]
   assert state_shardings.acc_grads["tall"] == shardings["tall"]
   assert inner.count.is_fully_replicated
+
+
+@pytest.mark.parametrize("name", ["subtrack", "grass"])
+def test_eight_bit_moments_shard_with_their_blocks(name):
+  """Codes shard like ``mu``; block scales along ``D`` when the mesh divides
+  their block axis (1024 / 256 = 4 blocks on 4 'model' devices), else they
+  are replicated. Sharded runs match unsharded ones up to a code's rounding."""
+  mesh = _mesh(AxisType.Auto)
+  keys = jax.random.split(jax.random.key(1), 2)
+  params = {"wide": jax.random.normal(keys[0], (128, 1024)),
+            "tall": jax.random.normal(keys[1], (64, 16))}
+  specs = {"wide": P(None, "model"), "tall": P("model", None)}
+  shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+  grads = jax.tree.map(lambda p: jnp.sin(3.0 * p), params)
+  tx = helpers.make_tx(name, rank=4, update_interval=2,
+                       quantize_moments="quantile")
+  u_ref, state_ref, _ = _run(tx, params, grads, 3)
+  u, state, types = _run(tx, params, grads, 3, shardings)
+  assert all(t == types[0] for t in types)
+  wide, tall = _matrices(state)["wide"], _matrices(state)["tall"]
+  for moment in (wide.mu, wide.nu):
+    assert moment.codes.sharding.spec[-1] == "model"
+    assert moment.scales.sharding.spec[-1] == "model"
+    assert moment.codes.addressable_shards[0].data.shape == (4, 256)
+    assert moment.scales.addressable_shards[0].data.shape == (4, 1)
+  assert tall.mu.codes.sharding.spec[-1] == "model"
+  assert tall.mu.scales.sharding.spec[-1] is None  # 1 block: replicated
+  matrices_ref = _matrices(state_ref)
+  for key in params:
+    for field in ("mu", "nu"):
+      moment = getattr(_matrices(state)[key], field)
+      moment_ref = getattr(matrices_ref[key], field)
+      assert np.mean(np.asarray(moment.codes != moment_ref.codes)) < 1e-2
+      stored = lambda m: (subspax.dequantize(m) if m.signed  # pylint: disable=cell-var-from-loop
+                          else jnp.sqrt(subspax.dequantize(m)))  # nu: its root
+      value_ref = np.asarray(stored(moment_ref))
+      np.testing.assert_allclose(  # within one quantile level
+          stored(moment), value_ref, rtol=0.06,
+          atol=1e-3 * np.max(np.abs(value_ref)))
+  chex.assert_trees_all_close(u, u_ref, rtol=0.07, atol=1e-4)  # one level
