@@ -23,8 +23,8 @@ import subspax
 # Keyword-only options of a subspax method that get no config field: set by
 # the trainer (`key` from `seed`; `b1`, `b2`, `eps` from `opt.*`), or not a
 # scalar a command line can give.
-_NOT_OPTIONS = ("key", "projected", "mu_dtype", "nu_dtype", "prox_learning_rate",
-                "b1", "b2", "eps")
+_NOT_OPTIONS = ("key", "projected", "mu_dtype", "nu_dtype", "basis_dtype",
+                "prox_learning_rate", "b1", "b2", "eps")
 _SCALARS = (bool, int, float, str)
 
 
@@ -189,6 +189,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.opt.layerwise = False
   cfg.opt.mu_dtype = "float32"  # dtype of the Adam first moments: float32 | bfloat16
   cfg.opt.nu_dtype = "float32"  # dtype of the Adam second moments: float32 | bfloat16
+  cfg.opt.basis_dtype = "float32"  # dtype the subspax methods store a dense basis in: float32 | bfloat16
   # Unbiased stochastic rounding of each update to bfloat16 weights (train/precision.py);
   # None: on iff model.param_dtype="bfloat16"
   cfg.opt.stochastic_rounding = ml_collections.config_dict.placeholder(bool)

@@ -58,6 +58,7 @@ def scale_by_fira(
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """Fira: GaLore's SVD subspace plus norm-based recovery scaling.
 
@@ -90,6 +91,8 @@ def scale_by_fira(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -102,7 +105,8 @@ def scale_by_fira(
       scale=scale, moments="keep", recovery=True,
       recovery_limit=recovery_limit, limiter=limiter, side=side,
       projected=projected, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-      quantize_moments=quantize_moments)
+      quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype)
 
 
 def scale_by_apollo(
@@ -114,6 +118,7 @@ def scale_by_apollo(
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """APOLLO: the raw gradient scaled by Adam's ratio in a random subspace.
 
@@ -153,6 +158,8 @@ def scale_by_apollo(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -166,6 +173,7 @@ def scale_by_apollo(
       recovery_limit=recovery_limit, side=side, projected=projected,
       store_basis=store_basis, key=key, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
       quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype,
       output="scaled_gradient", scale_type=scale_type, limiter=limiter)
 
 
@@ -177,6 +185,7 @@ def scale_by_apollo_mini(
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """APOLLO-Mini: rank-1 APOLLO with one tensor-wise scale per matrix.
 
@@ -207,6 +216,8 @@ def scale_by_apollo_mini(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -219,7 +230,8 @@ def scale_by_apollo_mini(
       recovery_limit=recovery_limit, limiter=limiter, store_basis=store_basis,
       b1=b1, b2=b2, eps=eps, side=side, projected=projected,
       mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-      quantize_moments=quantize_moments)
+      quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype)
 
 
 def fira(
@@ -231,6 +243,7 @@ def fira(
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """Fira with AdamW-style weight decay and a learning rate.
 
@@ -264,6 +277,8 @@ def fira(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -276,7 +291,8 @@ def fira(
                     recovery_limit=recovery_limit, limiter=limiter, b1=b1,
                     b2=b2, eps=eps, side=side, projected=projected,
                     mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-                    quantize_moments=quantize_moments),
+                    quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype),
       learning_rate, weight_decay, mask)
 
 
@@ -291,6 +307,7 @@ def apollo(
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """APOLLO with AdamW-style weight decay and a learning rate.
 
@@ -327,6 +344,8 @@ def apollo(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -340,7 +359,8 @@ def apollo(
                       limiter=limiter, store_basis=store_basis, b1=b1, b2=b2,
                       eps=eps, side=side, projected=projected,
                       mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-                      quantize_moments=quantize_moments),
+                      quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype),
       learning_rate, weight_decay, mask)
 
 
@@ -354,6 +374,7 @@ def apollo_mini(
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """APOLLO-Mini (rank 1, tensor-wise) with weight decay and a learning rate.
 
@@ -390,6 +411,8 @@ def apollo_mini(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -403,5 +426,6 @@ def apollo_mini(
                            store_basis=store_basis, b1=b1, b2=b2, eps=eps,
                            side=side, projected=projected, mu_dtype=mu_dtype,
                            nu_dtype=nu_dtype,
-                           quantize_moments=quantize_moments),
+                           quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype),
       learning_rate, weight_decay, mask)

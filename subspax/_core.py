@@ -182,6 +182,7 @@ class _Config:
   prox: Any = 0.0
   prox_learning_rate: Any = 1.0
   quantize_moments: str = "off"
+  basis_dtype: Any = jnp.float32
 
   @property
   def uses_prox(self) -> bool:
@@ -230,6 +231,7 @@ def scale_by_subspace_adam(
     prox: float = 0.0,
     prox_learning_rate: optax.ScalarOrSchedule = 1.0,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """Adam with moments in a reduced subspace chosen by ``policy``.
 
@@ -300,6 +302,10 @@ def scale_by_subspace_adam(
       below itself. The moments are computed in float32; ``mu_dtype`` then
       only sets the non-projected parameters' Adam ``mu``, which is never
       quantized.
+    basis_dtype: dtype the floating-point part of a stored basis is kept in
+      (float32 by default; bfloat16 halves a dense basis, as GaLore's 8-bit
+      runs keep the projector in the gradients' dtype). It is read into
+      float32 for the projections and for the next refresh.
 
   Returns:
     An ``optax.GradientTransformation``. Chain a learning rate after it.
@@ -355,7 +361,8 @@ def scale_by_subspace_adam(
       nu_dtype=jnp.float32 if nu_dtype is None else nu_dtype,
       output=output, scale_type=scale_type, limiter=limiter, prox=prox,
       prox_learning_rate=prox_learning_rate,
-      quantize_moments=quantize_moments)
+      quantize_moments=quantize_moments,
+      basis_dtype=jnp.float32 if basis_dtype is None else basis_dtype)
   route = _layout.make_router(projected, rank)
 
   def labels(params):
@@ -480,6 +487,12 @@ def _sharding_agnostic(update_parameter):
   return run
 
 
+def _stored_dtype(dtype, basis_dtype):
+  """The dtype a basis array of ``dtype`` is stored in: ``basis_dtype`` for
+  floating-point parts (bases, scales), integer indices as they are."""
+  return basis_dtype if jnp.issubdtype(dtype, jnp.floating) else dtype
+
+
 def _init_matrices(config: _Config, layout: _layout.MatrixLayout
                    ) -> ProjectedState:
   """Zero state of one projected parameter."""
@@ -496,8 +509,8 @@ def _init_matrices(config: _Config, layout: _layout.MatrixLayout
 
   basis = MaskedNode()
   if config.stores_basis:
-    basis = jax.tree.map(lambda a: batched_zeros(a.shape, a.dtype),
-                         config.policy.zeros(d, r))
+    basis = jax.tree.map(lambda a: batched_zeros(a.shape, _stored_dtype(
+        a.dtype, config.basis_dtype)), config.policy.zeros(d, r))
   age = MaskedNode()
   if config.moments == "reset":
     age = batched_zeros((), jnp.int32)
@@ -550,6 +563,11 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
     stack, fields = carry
     fields_i = _materialized(jax.tree.map(lambda a: a[i], fields), count,
                              num, always=config.quantize_moments != "off")
+    # A basis stored in a narrower dtype is used in float32 (written back
+    # in its own dtype by `_write_index`).
+    fields_i = fields_i.replace(basis=jax.tree.map(
+        lambda a: a.astype(jnp.float32) if jnp.issubdtype(
+            a.dtype, jnp.floating) else a, fields_i.basis))
 
     def refresh(fields_i):
       # Made canonical (transposed for side "right") one matrix at a time:

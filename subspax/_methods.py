@@ -44,6 +44,7 @@ def scale_by_galore(
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """GaLore's rescaling: Adam on the top-``r`` singular subspace of ``G``.
 
@@ -81,6 +82,8 @@ def scale_by_galore(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -92,7 +95,8 @@ def scale_by_galore(
       _policies.SvdSubspace(align_signs=align_signs), rank, update_interval,
       b1=b1, b2=b2, eps=eps, scale=scale, moments="keep", recovery=False,
       side=side, projected=projected, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-      quantize_moments=quantize_moments)
+      quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype)
 
 
 def galore(
@@ -104,6 +108,7 @@ def galore(
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """GaLore with AdamW-style weight decay and a learning rate.
 
@@ -140,6 +145,8 @@ def galore(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -152,7 +159,8 @@ def galore(
                       align_signs=align_signs, b1=b1, b2=b2, eps=eps,
                       side=side, projected=projected, mu_dtype=mu_dtype,
                       nu_dtype=nu_dtype,
-                      quantize_moments=quantize_moments),
+                      quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype),
       learning_rate, weight_decay, mask)
 
 
@@ -177,6 +185,7 @@ def scale_by_subtrack(
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """SubTrack++'s rescaling: Adam in a subspace tracked along geodesics.
 
@@ -223,6 +232,8 @@ def scale_by_subtrack(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -239,7 +250,8 @@ def scale_by_subtrack(
       moments="rotate", recovery=recovery, recovery_limit=recovery_limit,
       side=side, projected=projected, key=key, mu_dtype=mu_dtype,
       nu_dtype=nu_dtype,
-      quantize_moments=quantize_moments)
+      quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype)
 
 
 def subtrack(
@@ -253,6 +265,7 @@ def subtrack(
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """SubTrack++ with AdamW-style weight decay and a learning rate.
 
@@ -298,6 +311,8 @@ def subtrack(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -311,7 +326,8 @@ def subtrack(
                         recovery_limit=recovery_limit, b1=b1, b2=b2, eps=eps,
                         side=side, projected=projected, mu_dtype=mu_dtype,
                         nu_dtype=nu_dtype,
-                        quantize_moments=quantize_moments),
+                        quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype),
       learning_rate, weight_decay, mask)
 
 
@@ -323,6 +339,7 @@ def scale_by_grasswalk(
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """GrassWalk's rescaling: a random geodesic step every ``T`` steps.
 
@@ -362,6 +379,8 @@ def scale_by_grasswalk(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -380,7 +399,8 @@ def scale_by_grasswalk(
       moments="rotate", recovery=recovery, recovery_limit=recovery_limit,
       side=side, projected=projected, key=key, mu_dtype=mu_dtype,
       nu_dtype=nu_dtype,
-      quantize_moments=quantize_moments)
+      quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype)
 
 
 def grasswalk(
@@ -393,6 +413,7 @@ def grasswalk(
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """GrassWalk with AdamW-style weight decay and a learning rate.
 
@@ -435,6 +456,8 @@ def grasswalk(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -450,7 +473,8 @@ def grasswalk(
                          b1=b1, b2=b2, eps=eps, side=side,
                          projected=projected, mu_dtype=mu_dtype,
                          nu_dtype=nu_dtype,
-                         quantize_moments=quantize_moments),
+                         quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype),
       learning_rate, weight_decay, mask)
 
 
@@ -462,6 +486,7 @@ def scale_by_grassjump(
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """GrassJump's rescaling: a fresh Haar-random subspace every ``T`` steps.
 
@@ -498,6 +523,8 @@ def scale_by_grassjump(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -511,7 +538,8 @@ def scale_by_grassjump(
       b1=b1, b2=b2, eps=eps, scale=scale, moments="rotate", recovery=recovery,
       recovery_limit=recovery_limit, side=side, projected=projected,
       store_basis=store_basis, key=key, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-      quantize_moments=quantize_moments)
+      quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype)
 
 
 def grassjump(
@@ -524,6 +552,7 @@ def grassjump(
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """GrassJump with AdamW-style weight decay and a learning rate.
 
@@ -562,6 +591,8 @@ def grassjump(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -577,7 +608,8 @@ def grassjump(
                          b1=b1, b2=b2, eps=eps, side=side,
                          projected=projected, mu_dtype=mu_dtype,
                          nu_dtype=nu_dtype,
-                         quantize_moments=quantize_moments),
+                         quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype),
       learning_rate, weight_decay, mask)
 
 
@@ -589,6 +621,7 @@ def scale_by_rso(
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """RSO's rescaling: Adam on random subspace subproblems of ``T`` steps.
 
@@ -634,6 +667,8 @@ def scale_by_rso(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -646,7 +681,8 @@ def scale_by_rso(
       b1=b1, b2=b2, eps=eps, scale=scale, moments="reset", recovery=False,
       side=side, projected=projected, store_basis=store_basis, key=key,
       mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-      quantize_moments=quantize_moments, prox=prox,
+      quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype, prox=prox,
       prox_learning_rate=prox_learning_rate)
 
 
@@ -661,6 +697,7 @@ def rso(
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """RSO (random subspace optimization) with weight decay and a learning rate.
 
@@ -704,6 +741,8 @@ def rso(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -719,7 +758,8 @@ def rso(
                    prox_learning_rate=prox_learning_rate, b1=b1, b2=b2,
                    eps=eps, side=side, projected=projected,
                    mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-                   quantize_moments=quantize_moments),
+                   quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype),
       learning_rate, weight_decay, mask)
 
 
@@ -732,6 +772,7 @@ def scale_by_grass(
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """GRASS's rescaling: Adam on ``r`` selected, scaled rows of each gradient.
 
@@ -773,6 +814,8 @@ def scale_by_grass(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -787,7 +830,8 @@ def scale_by_grass(
       moments="overlap" if keep_overlap else "reset", recovery=recovery,
       recovery_limit=recovery_limit, side=side, projected=projected, key=key,
       mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-      quantize_moments=quantize_moments)
+      quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype)
 
 
 def grass(
@@ -801,6 +845,7 @@ def grass(
     projected: _layout.Projected = None, mu_dtype: _types.MomentDType = None,
     nu_dtype: _types.MomentDType = None,
     quantize_moments: _types.QuantizeMoments = "off",
+    basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """GRASS (structured sparse rows) with weight decay and a learning rate.
 
@@ -844,6 +889,8 @@ def grass(
     quantize_moments: ``"off"``, or store the reduced moments block-wise
       in 8 bits on ``"linear"`` or ``"quantile"`` levels (see
       :func:`~subspax.scale_by_subspace_adam`).
+    basis_dtype: dtype the basis is stored in (float32 by default; it is
+      used in float32, see :func:`~subspax.scale_by_subspace_adam`).
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -858,5 +905,6 @@ def grass(
                      recovery_limit=recovery_limit, b1=b1, b2=b2, eps=eps,
                      side=side, projected=projected, mu_dtype=mu_dtype,
                      nu_dtype=nu_dtype,
-                     quantize_moments=quantize_moments),
+                     quantize_moments=quantize_moments,
+      basis_dtype=basis_dtype),
       learning_rate, weight_decay, mask)

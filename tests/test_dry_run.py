@@ -84,3 +84,16 @@ def test_vocab_size_comes_from_the_config_or_the_tokenizer_file(tmp_path):
   cfg.data.tokenizer = str(tmp_path / "missing.model")
   with pytest.raises(errors.UserError, match="^data.tokenizer: no such file"):
     dry_run.vocab_size(cfg.data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, budget_gib", [("llama_7b_24gb", 22),
+                                                ("llama_13b_40gb", 38)])
+def test_the_one_device_presets_fit_their_budget(preset, budget_gib):
+  """configs/llama_7b_24gb.py and llama_13b_40gb.py: every program's compiled
+  peak (batch 1 x 256, XLA's CPU estimate) leaves room for the runtime."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  record = dry_run.dry_run(importlib.import_module(f"configs.{preset}").get_config())
+  peaks = [record["peak_bytes"], record.get("refresh_peak_bytes", 0)]
+  assert max(peaks) <= budget_gib * 2**30, [p / 2**30 for p in peaks]
+  assert record["param_bytes"] < 2.1 * record["params"]  # bfloat16 weights

@@ -219,3 +219,27 @@ def test_flatten_unflatten_and_orbax_round_trip(tmp_path):
   chex.assert_trees_all_equal_dtypes(restored, state)
   after = jax.jit(tx.update)(grads, restored, params)
   chex.assert_trees_all_equal(after, jax.jit(tx.update)(grads, state, params))
+
+
+def test_a_bfloat16_basis_is_stored_in_half_the_bytes_and_optimizes_alike():
+  params = {"w": jnp.zeros((3, 64, 96))}
+  state = subspax.subtrack(1e-2, rank=8, basis_dtype=jnp.bfloat16).init(params)
+  full = subspax.subtrack(1e-2, rank=8).init(params)
+  leaf = lambda s: s[0].inner_states["subspace"].inner_state.matrices["w"]
+  assert leaf(state).basis.s.dtype == jnp.bfloat16
+  assert leaf(state).mu.dtype == jnp.float32
+  assert (subspax.state_bytes(leaf(full).basis)
+          == 2 * subspax.state_bytes(leaf(state).basis))
+  grass = subspax.grass(1e-2, rank=8, basis_dtype=jnp.bfloat16).init(params)
+  basis = grass[0].inner_states["subspace"].inner_state.matrices["w"].basis
+  assert basis.index.dtype == jnp.int32 and basis.scale.dtype == jnp.bfloat16
+  # Used in float32: least squares ends where the float32 basis ends.
+  loss, params = helpers.least_squares_problem(jax.random.key(5))
+  final = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    tx = helpers.make_tx("subtrack", learning_rate=0.3, rank=4, update_interval=20,
+                         basis_dtype=dtype)
+    losses = helpers.run(tx, loss, params, 200)[2]
+    final[dtype] = np.mean(losses[-20:]) / losses[0]
+  assert final[jnp.bfloat16] < 0.1
+  assert abs(final[jnp.bfloat16] - final[jnp.float32]) <= TOLERANCE, final

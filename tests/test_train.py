@@ -53,13 +53,14 @@ def cli_args(corpus, workdir, *extra):
 
 @pytest.mark.parametrize("preset, millions", [
     ("tiny", 7.4), ("llama_60m", 58), ("llama_130m", 134), ("llama_350m", 368),
-    ("llama_1b", 1339), ("llama_7b", 6738), ("llama_13b", 13016)])
+    ("llama_1b", 1339), ("llama_7b", 6738), ("llama_13b", 13016),
+    ("llama_7b_24gb", 6738), ("llama_13b_40gb", 13016)])
 def test_presets_load_and_have_the_paper_sizes(preset, millions):
   cfg = importlib.import_module(f"configs.{preset}").get_config()
   train.validate(cfg)
   model_cfg = model_lib.LlamaConfig.from_config(cfg.model, cfg.data.vocab_size)
   optimizers.validate(cfg.opt, model_cfg, cfg.steps)
-  assert cfg.opt.name == "subtrack"
+  assert cfg.opt.name == ("grass" if preset == "llama_13b_40gb" else "subtrack")
   np.testing.assert_allclose(model_lib.count_params(model_cfg) / 1e6, millions, rtol=0.01)
 
 

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 import subspax
 
@@ -242,6 +243,7 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
       kwargs["key"] = seed
     rank = method_rank(opt_cfg.name, opt_cfg.rank)
     kwargs["projected"] = lambda path, p: is_projected(path, p, rank)
+    kwargs["basis_dtype"] = jnp.dtype(opt_cfg.get("basis_dtype", "float32"))
     tx = factory(lr, rank=rank, update_interval=opt_cfg.update_interval,
                  weight_decay=opt_cfg.weight_decay, mask=mask, nu_dtype=nu_dtype,
                  **adam, **kwargs)

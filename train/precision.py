@@ -42,7 +42,7 @@ def stochastic_rounding(cfg: Any) -> bool:
 
 
 def validate(opt_cfg: Any, param_dtype: str) -> None:
-  """Checks `opt.stochastic_rounding`, `opt.mu_dtype` and `opt.nu_dtype`.
+  """Checks `opt.stochastic_rounding` and `opt.{mu,nu,basis}_dtype`.
 
   Args:
     opt_cfg: The `opt` section.
@@ -72,7 +72,8 @@ def validate(opt_cfg: Any, param_dtype: str) -> None:
             f"(e.g. --config.opt.{field}=bfloat16)")
     return check
 
-  errors.gather(check_rounding, check_dtype("mu_dtype"), check_dtype("nu_dtype"))
+  errors.gather(check_rounding, check_dtype("mu_dtype"), check_dtype("nu_dtype"),
+                check_dtype("basis_dtype"))
 
 
 def moment_dtypes(opt_cfg: Any) -> tuple[jnp.dtype, jnp.dtype]:
