@@ -52,6 +52,15 @@ Stacked = Union[Any, Callable[[Any], Any]]
 class LayerwiseUpdate(NamedTuple):
   """The calls of a layer-wise step (see :func:`layerwise`).
 
+  Examples:
+    >>> import jax.numpy as jnp, optax, subspax
+    >>> params = {'blocks': jnp.ones((2, 4, 4)), 'head': jnp.ones((4, 3))}
+    >>> lw = subspax.layerwise(optax.adam(1e-2), params, {'blocks': True,
+    ...                                                   'head': False})
+    >>> layers, rest = lw.split(params)
+    >>> layers['head'], rest['blocks']
+    (MaskedNode(), MaskedNode())
+
   Attributes:
     split: ``tree -> (stacked_part, rest_part)``: a tree of the parameters'
       structure as two trees of the same structure, each with
@@ -84,11 +93,12 @@ def layerwise(tx: optax.GradientTransformation, params: Any,
     >>> lw = subspax.layerwise(tx, params, {'blocks': True, 'head': False})
     >>> state = tx.init(params)
     >>> layers, rest = lw.split(grads)
+    >>> layer_params, rest_params = lw.split(params)
     >>> for i in range(3):
-    ...   one = jax.tree.map(lambda g: g[i], layers)
-    ...   _, state = lw.update_layer(one, state, None, i)
-    >>> _, state = lw.update_rest(rest, state, None)
-    >>> _, whole = tx.update(grads, tx.init(params))
+    ...   one = lambda tree: jax.tree.map(lambda x: x[i], tree)
+    ...   _, state = lw.update_layer(one(layers), state, one(layer_params), i)
+    >>> _, state = lw.update_rest(rest, state, rest_params)
+    >>> _, whole = tx.update(grads, tx.init(params), params)
     >>> all(jax.tree.leaves(jax.tree.map(jnp.allclose, state, whole)))
     True
 

@@ -45,7 +45,7 @@ def test_each_method_section_holds_its_keyword_options_with_their_defaults(name)
   params = inspect.signature(subspax.METHODS[name]).parameters
   expected = {p.name: p.default for p in params.values()
               if p.kind == p.KEYWORD_ONLY and p.name not in (
-                  "key", "projected", "mu_dtype", "nu_dtype",
+                  "key", "projected", "mu_dtype", "nu_dtype", "basis_dtype",
                   "prox_learning_rate", "b1", "b2", "eps")}
   assert section.to_dict() == expected
   for key, option in base.method_options(name).items():
