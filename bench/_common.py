@@ -259,7 +259,8 @@ def write_results(name: str, payload: dict[str, Any], markdown: str,
 PRESETS = {"test": "configs.test", "tiny": "configs.tiny",
            "60m": "configs.llama_60m", "130m": "configs.llama_130m",
            "350m": "configs.llama_350m", "1b": "configs.llama_1b",
-           "7b": "configs.llama_7b", "13b": "configs.llama_13b"}
+           "7b": "configs.llama_7b", "13b": "configs.llama_13b",
+           "7b_24gb": "configs.llama_7b_24gb", "13b_40gb": "configs.llama_13b_40gb"}
 
 
 def preset_config(preset: str, opt_name: str, subspace_layers: bool = False

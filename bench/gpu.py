@@ -20,6 +20,12 @@ What it measures, on one accelerator (the first local device):
    the device memory (`bytes_limit` of `memory_stats()`, or `--memory-gb`,
    e.g. 80 for an H100 80 GB).
 
+3. **The one-device presets** (`--one-device`, default
+   `configs/llama_7b_24gb.py` and `configs/llama_13b_40gb.py`): each as
+   configured (layer-wise updates, bf16 weights, 8-bit or bf16 moments,
+   batch 1 x 256), `--steps` train steps as in 1., against the budget in its
+   name (24 or 40 GB: `peak_bytes_in_use` must stay below it).
+
 Without a GPU it says so and exits 0 (nothing is written); `--allow-cpu`
 runs it anyway on the CPU (the tests do that with the test preset). Writes
 bench/results/gpu.{json,md}.
@@ -29,6 +35,7 @@ bench/results/gpu.{json,md}.
 """
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -47,7 +54,10 @@ PRESETS = _common.PRESETS
 # label -> (opt.name, opt.subspace_layers)
 CASES = {"adamw": ("adamw", False), "subtrack": ("subtrack", False),
          "grassjump": ("grassjump", False), "grass": ("grass", False),
-         "grass+sparse": ("grass", True)}
+         "grass+sparse": ("grass", True),
+         "as_configured": (None, None)}  # the preset's own optimizer and mode
+# One-device presets and the device memory (GiB) each is made to fit.
+ONE_DEVICE = {"7b_24gb": 24, "13b_40gb": 40}
 # Dense bf16 tensor-core peak, TFLOP/s, by a substring of `device_kind`.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "B200": 2250.0,
                "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0}
@@ -55,6 +65,8 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "B200": 2250.0,
 
 def config(preset: str, case: str):
   """The preset's config with the case's optimizer (and mode), scanned."""
+  if CASES[case][0] is None:
+    return importlib.import_module(_common.PRESETS[preset]).get_config()
   cfg = _common.preset_config(preset, *CASES[case])
   cfg.model.scan = True
   return cfg
@@ -218,6 +230,23 @@ def table(payload: dict) -> str:
       rows.append([case, *cells, largest])
     lines.append(_common.markdown_table(["case", *presets, "largest that fits"], rows))
     lines.append("")
+  one = payload.get("one_device") or []
+  if one:
+    lines.append("One-device presets, trained as configured:\n")
+    rows = []
+    for r in one:
+      if "error" in r:
+        rows.append([r["preset"], "failed: " + r["error"]] + ["-"] * 4)
+        continue
+      used = r["peak_bytes_in_use"]
+      rows.append([r["preset"], f"{r['tokens_per_s']:,.0f}", mib(used),
+                   mib(r["compiled_peak"]), f"{r['budget_gib']} GiB" + (
+                       "" if used is None or used <= r["budget_gib"] * 2**30
+                       else " (exceeded)"), f"{r['final_loss']:.3f}"])
+    lines.append(_common.markdown_table(
+        ["preset", "tokens/s", "peak MiB (memory_stats)", "compiled peak MiB",
+         "budget", "final loss"], rows))
+    lines.append("")
   lines.append(f"Device: {payload['device']}; peak bf16 "
                f"{payload['peak_tflops'] or '?'} TFLOP/s (MFU uses it).")
   lines.append(_common.machine_line(payload["machine"]))
@@ -233,6 +262,8 @@ def main(argv=None) -> int:
   parser.add_argument("--fit-presets", default="60m,130m,350m,1b,7b",
                       help="presets for the fits-in-memory table ('' to skip)")
   parser.add_argument("--fit-cases", default="adamw,subtrack,grassjump,grass,grass+sparse")
+  parser.add_argument("--one-device", default=",".join(ONE_DEVICE),
+                      help="one-device presets to train as configured ('' to skip)")
   parser.add_argument("--memory-gb", type=float, default=0.0,
                       help="device memory for the fit table (0: memory_stats' bytes_limit)")
   parser.add_argument("--peak-tflops", type=float, default=0.0,
@@ -248,6 +279,9 @@ def main(argv=None) -> int:
     unknown = [p for p in names.split(",") if p and p not in PRESETS]
     if unknown:
       parser.error(f"--{field}: unknown {unknown}; choose from {', '.join(PRESETS)}")
+  unknown = [p for p in args.one_device.split(",") if p and p not in ONE_DEVICE]
+  if unknown:
+    parser.error(f"--one-device: unknown {unknown}; choose from {', '.join(ONE_DEVICE)}")
   for field, names in (("cases", args.cases), ("fit-cases", args.fit_cases)):
     unknown = [c for c in names.split(",") if c and c not in CASES]
     if unknown:
@@ -277,6 +311,12 @@ def main(argv=None) -> int:
     for case in args.cases.split(","):
       payload["throughput"].append(_worker("run", preset, case, args))
       print(json.dumps(payload["throughput"][-1]), flush=True)
+  payload["one_device"] = []
+  for preset in filter(None, args.one_device.split(",")):
+    result = _worker("run", preset, "as_configured", args)
+    result["budget_gib"] = ONE_DEVICE.get(preset)
+    payload["one_device"].append(result)
+    print(json.dumps(result), flush=True)
   if limit:
     for preset in filter(None, args.fit_presets.split(",")):
       for case in args.fit_cases.split(","):

@@ -107,14 +107,32 @@ def parse_spec(spec: str, methods: list[str]) -> tuple[str, bool, list[str]]:
   return size, layout == "scan", [m for m in chosen if m in methods]
 
 
-def compile_case(size: str, scan: bool, name: str, args) -> dict:
+# What-fits variants: config overrides on top of a preset (`--fit_variants`).
+VARIANTS = {
+    "plain": {},
+    "layerwise": {"opt.layerwise": True},
+    # Every weight and optimizer state in 2 bytes (8-bit moments: the presets).
+    "layerwise+bf16": {"opt.layerwise": True, "model.param_dtype": "bfloat16",
+                       "opt.mu_dtype": "bfloat16", "opt.nu_dtype": "bfloat16",
+                       "opt.basis_dtype": "bfloat16"},
+}
+# The one-device presets, dry-run as they are (`--presets`).
+PRESETS = ("llama_7b_24gb", "llama_13b_40gb")
+
+
+def compile_case(size: str, scan: bool, name: str, args,
+                 variant: str = "plain") -> dict:
   """One method's train step at one size and layout, through the trainer's dry
-  run (train/dry_run.py: abstract shapes, nothing allocated)."""
+  run (train/dry_run.py: abstract shapes, nothing allocated); `variant`: a
+  key of `VARIANTS`."""
   cfg = preset(size)
   cfg.opt.name = name
   cfg.model.scan = scan
   cfg.batch_size, cfg.seq_len = args.batch, args.seq
   cfg.mesh.data = 1  # one device: the per-device peak of an unsharded run
+  cfg.update_from_flattened_dict(VARIANTS[variant])
+  if name == "adamw" and "opt.basis_dtype" in VARIANTS[variant]:
+    cfg.opt.basis_dtype = "float32"  # (unused by adamw)
   record = dry_run.dry_run(cfg)
   mem = {k: record[f"{k}_bytes"] for k in ("argument", "output", "alias", "temp",
                                            "peak")}
@@ -128,13 +146,15 @@ def compile_case(size: str, scan: bool, name: str, args) -> dict:
 
 
 def cached_case(size: str, scan: bool, name: str, args,
-                partial: _common.Partial) -> dict:
+                partial: _common.Partial, variant: str = "plain") -> dict:
   """`compile_case`, or its earlier result in `partial` (saved after each)."""
   key = f"{size}|{'scan' if scan else 'unrolled'}|{name}|{args.batch}x{args.seq}"
+  key += "" if variant == "plain" else f"|{variant}"
   if key in partial.cases:
     print(f"{key}: from the partial results", flush=True)
     return partial.cases[key]
-  case = partial.get_or_run(key, lambda: compile_case(size, scan, name, args))
+  case = partial.get_or_run(key, lambda: compile_case(size, scan, name, args,
+                                                      variant))
   print(f"{key}: state {_common.mib(case['state_bytes']):.1f} MiB, peak "
         f"{_common.mib(case['compiled']['peak']):.1f} MiB, temp "
         f"{_common.mib(case['compiled']['temp']):.1f} MiB (compile "
@@ -232,8 +252,9 @@ def table(results: list[dict], args) -> str:
 
 
 def what_fits(budgets_gib: list[float], methods: list[str], args,
-              partial: _common.Partial) -> dict:
-  """Per method and budget, the largest preset whose compiled step fits.
+              partial: _common.Partial, variants: tuple[str, ...] = ("plain",)
+              ) -> dict:
+  """Per method, variant and budget, the largest preset whose step fits.
 
   Scanned layers (the presets' layout). For each budget the presets are tried
   from the largest down, compiling only what the answer needs (a preset's peak
@@ -241,25 +262,71 @@ def what_fits(budgets_gib: list[float], methods: list[str], args,
   rows of the same run are reused.
 
   Returns:
-    {'budgets_gib', 'sizes', 'batch', 'seq', 'measured', 'peaks': {method:
-    {size: peak bytes}}, 'largest': {method: {budget: size or None}}}.
+    {'budgets_gib', 'sizes', 'batch', 'seq', 'measured', 'variants',
+    'peaks': {row: {size: peak bytes}}, 'largest': {row: {budget: size or
+    None}}}; a row is the method's name, then '+' and the variant unless it
+    is "plain" (e.g. "subtrack+layerwise+bf16").
   """
   peaks, largest = {}, {}
-  for name in methods:
-    peaks[name], largest[name] = {}, {}
-    for gib in budgets_gib:
-      largest[name][str(gib)] = None
-      for size in reversed(SIZES):
-        if size not in peaks[name]:
-          case = cached_case(size, True, name, args, partial)
-          peaks[name][size] = case["compiled"]["peak"]
-        if peaks[name][size] <= gib * 2**30:
-          largest[name][str(gib)] = size
-          break
+  for variant in variants:
+    for name in methods:
+      row = name if variant == "plain" else f"{name}+{variant}"
+      peaks[row], largest[row] = {}, {}
+      for gib in budgets_gib:
+        largest[row][str(gib)] = None
+        for size in reversed(SIZES):
+          if size not in peaks[row]:
+            case = cached_case(size, True, name, args, partial, variant)
+            peaks[row][size] = case["compiled"]["peak"]
+          if peaks[row][size] <= gib * 2**30:
+            largest[row][str(gib)] = size
+            break
   return {"budgets_gib": budgets_gib, "sizes": list(SIZES), "batch": args.batch,
           "seq": args.seq, "measured": _common.machine()["date"],
+          "variants": {v: VARIANTS[v] for v in variants},
           "peaks": {n: {s: p[s] for s in SIZES if s in p} for n, p in peaks.items()},
           "largest": largest}
+
+
+def one_device_presets(names: list[str], partial: _common.Partial) -> dict:
+  """The dry runs of the one-device presets, as configured (their own batch).
+
+  Returns:
+    {preset: {'step': compiled sizes, 'refresh': compiled sizes or None,
+    'state_bytes', 'param_bytes', 'params', 'batch', 'seq', 'method',
+    'rank'}}.
+  """
+  out = {}
+  for name in names:
+    def run(name=name):
+      cfg = importlib.import_module(f"configs.{name}").get_config()
+      record = dry_run.dry_run(cfg)
+      sizes = lambda prefix: ({k: record[f"{prefix}{k}_bytes"] for k in (
+          "argument", "output", "alias", "temp", "peak")}
+                              if f"{prefix}peak_bytes" in record else None)
+      return {"step": sizes(""), "refresh": sizes("refresh_"),
+              "state_bytes": record["state_bytes"],
+              "param_bytes": record["param_bytes"], "params": record["params"],
+              "batch": cfg.batch_size, "seq": cfg.seq_len, "method": cfg.opt.name,
+              "rank": cfg.opt.rank, "compile_s": record["compile_s"]}
+    out[name] = partial.get_or_run(f"preset|{name}", run)
+    print(f"{name}: peak {out[name]['step']['peak'] / 2**30:.2f} GiB", flush=True)
+  return out
+
+
+def presets_table(presets: dict) -> str:
+  """Markdown: each one-device preset's dry-run memory, in GiB."""
+  gib = lambda b: f"{b / 2**30:.2f}"
+  rows = []
+  for name, p in presets.items():
+    step, refresh = p["step"], p["refresh"]
+    rows.append([f"`configs/{name}.py`", f"{p['method']} r{p['rank']}",
+                 f"{p['params'] / 1e9:.1f}B", gib(p["param_bytes"]),
+                 gib(p["state_bytes"]), gib(step["temp"]), gib(step["peak"]),
+                 gib(refresh["peak"]) if refresh else "-"])
+  return _common.markdown_table(
+      ["preset", "method", "params", "weights", "optimizer state",
+       "step temp", "step peak", "refresh peak"], rows)
 
 
 def merge(earlier: dict, results: list[dict], fits: dict | None, args) -> tuple:
@@ -300,6 +367,12 @@ def main() -> None:
   parser.add_argument("--fits", default="24,40,80",
                       help="comma-separated device memory budgets in GiB for the "
                            "'what fits' table; '' skips it")
+  parser.add_argument("--fit_variants", default=",".join(VARIANTS),
+                      help=f"comma-separated variants of the fits table: "
+                           f"{', '.join(VARIANTS)}")
+  parser.add_argument("--presets", default=",".join(PRESETS),
+                      help="comma-separated one-device presets to dry-run as "
+                           "they are ('' skips them)")
   parser.add_argument("--merge", action="store_true",
                       help=f"keep the sizes and layouts of <out>/{NAME}.json that "
                            "this run does not measure (and its fits if --fits='')")
@@ -312,7 +385,9 @@ def main() -> None:
   fits = None
   if args.fits:
     fits = what_fits([float(b) if "." in b else int(b) for b in args.fits.split(",")],
-                     [m for m in FIT_METHODS if m in methods], args, partial)
+                     [m for m in FIT_METHODS if m in methods], args, partial,
+                     tuple(v for v in args.fit_variants.split(",") if v))
+  presets = one_device_presets([p for p in args.presets.split(",") if p], partial)
   merged_from = _common.load_json(os.path.join(args.out, f"{NAME}.json")) \
       if args.merge else None
   if merged_from:
@@ -325,6 +400,10 @@ def main() -> None:
        "results": results}, merged_from, record)
   if fits:
     payload["fits"] = fits
+  if presets:
+    payload["presets"] = presets
+  elif merged_from and merged_from.get("presets"):
+    payload["presets"] = merged_from["presets"]
   if args.compare:
     earlier = _common.load_json(args.compare)
     cases = partial.cases
@@ -337,6 +416,9 @@ def main() -> None:
     for key, v in payload["reused_check"].items():
       print(f"{key}: this run {v['this_run']}, earlier {v['earlier']}", flush=True)
   markdown = table(results, args) + "\n" + _common.machine_line(info)
+  if payload.get("presets"):
+    with open(os.path.join(args.out, f"{NAME}_presets.md"), "w") as f:
+      f.write(presets_table(payload["presets"]) + "\n")
   _common.write_results(NAME, payload, markdown, args.out)
   partial.remove()
 

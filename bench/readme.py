@@ -196,9 +196,12 @@ def fits_table(out: str) -> str | None:
   return "\n".join([
       f"Largest LLaMA preset whose compiled train step fits each device memory "
       f"budget, and its peak in GiB (batch {fits['batch']} x seq {fits['seq']}, "
-      f"float32 weights and optimizer states, bf16 compute, remat, scanned "
-      f"layers, one device; peak = argument + temp + output - alias of XLA's "
-      f"`memory_analysis()` on the CPU; measured {fits['measured']}).", "",
+      f"bf16 compute, remat, scanned layers, one device; peak = argument + temp "
+      f"+ output - alias of XLA's `memory_analysis()` on the CPU; measured "
+      f"{fits['measured']}). Rows: the method with float32 weights and "
+      f"optimizer states; `+layerwise`: each layer updated inside the backward "
+      f"scan (`opt.layerwise`); `+layerwise+bf16`: also bfloat16 weights "
+      f"(stochastic rounding), moments and bases.", "",
       _common.markdown_table(["method", *budgets], rows), "",
       "Compiled peaks in GiB ('-': not needed for the answer, not compiled):", "",
       _common.markdown_table(["method", *map(label, fits["sizes"])], peak_rows),

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from bench import _common
 from bench import gpu
 from train import model as model_lib
 
@@ -21,6 +22,7 @@ def test_skips_cleanly_without_a_gpu(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--presets", "9b"], "--presets: unknown"),
     (["--cases", "adamw,lion"], "--cases: unknown"),
+    (["--one-device", "7b"], "--one-device: unknown"),
 ])
 def test_bad_arguments_name_the_flag(argv, message, capsys):
   with pytest.raises(SystemExit):
@@ -56,3 +58,15 @@ def test_measures_a_case_on_the_cpu(case):
   assert np.isfinite(result["final_loss"])
   assert result["compiled_peak"] > 0
   assert result["compiled_peak"] == gpu.compiled_peak("test", case)
+
+
+def test_the_one_device_presets_run_as_configured_and_are_tabled():
+  cfg = gpu.config("7b_24gb", "as_configured")
+  assert cfg.opt.layerwise and cfg.model.param_dtype == "bfloat16"
+  assert gpu.config("13b_40gb", "as_configured").opt.subspace_layers
+  result = {"preset": "7b_24gb", "tokens_per_s": 100.0, "peak_bytes_in_use": 30 * 2**30,
+            "compiled_peak": 21 * 2**30, "budget_gib": 24, "final_loss": 9.0}
+  payload = {"throughput": [], "fits": [], "one_device": [result], "device": "GPU",
+             "peak_tflops": None, "machine": _common.machine()}
+  text = gpu.table(payload)
+  assert "| 7b_24gb | 100 | 30,720 | 21,504 | 24 GiB (exceeded) | 9.000 |" in text
