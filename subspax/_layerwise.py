@@ -41,6 +41,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple, Union
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from subspax import _core
@@ -205,7 +206,7 @@ def _gather(template: Any, state: Any, per_layer: set[str], layer) -> Any:
   leaves, nodes = _leaves(state), _leaves(state, _is_node)
   flat, treedef = jax.tree_util.tree_flatten_with_path(template,
                                                        is_leaf=_is_masked)
-  picked = []
+  picked, sliced = [], []
   for path, leaf in flat:
     key = jax.tree_util.keystr(path)
     if _is_masked(leaf):
@@ -219,10 +220,29 @@ def _gather(template: Any, state: Any, per_layer: set[str], layer) -> Any:
           "projected as an L x D matrix): route it explicitly "
           "(`projected=`) so that one layer is treated as the stack is.")
     elif key in per_layer and layer is not None:
-      picked.append(jax.lax.dynamic_slice_in_dim(leaves[key], layer, 1, 0))
+      sliced.append(len(picked))
+      picked.append(leaves[key])
     else:
       picked.append(leaves[key])
+  if sliced:
+    slices = _read_slices([picked[i] for i in sliced], layer)
+    for i, value in zip(sliced, slices):
+      picked[i] = value
   return treedef.unflatten(picked)
+
+
+def _read_slices(stacks: list[jax.Array], layer: jax.Array) -> list[jax.Array]:
+  """``[layer:layer + 1]`` of each stack, into buffers of their own.
+
+  Sliced inside a conditional on a predicate XLA cannot fold (``layer >=
+  0``): otherwise XLA may fuse a slice into a computation that runs after the
+  layer's new state is written into the same stack, and then copies the whole
+  stack to keep the old values.
+  """
+  return jax.lax.cond(
+      layer >= 0,
+      lambda xs: [jax.lax.dynamic_slice_in_dim(x, layer, 1, 0) for x in xs],
+      lambda xs: [jnp.zeros((1,) + x.shape[1:], x.dtype) for x in xs], stacks)
 
 
 def _scatter(state: Any, sub: Any, writes: Callable[[str], bool],

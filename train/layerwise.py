@@ -73,13 +73,15 @@ def validate(cfg: Any) -> None:
 
 
 def _read_layer(stacks: Any, layer: jax.Array) -> Any:
-  """Layer `layer` of stacked arrays that a scan reads but does not write.
+  """Layer `layer` of stacked arrays, into buffers of its own.
 
   Sliced inside a conditional on a predicate XLA cannot fold (`layer >= 0`).
   Otherwise XLA's CPU compiler, which slices bfloat16 arrays in float32,
-  converts the whole stack to float32 once, outside the loop: a float32 copy
-  of every stacked bfloat16 weight. Inside the conditional only the slice is
-  converted, and the conversions fold away.
+  converts a stack the scan only reads to float32 once, outside the loop (a
+  float32 copy of every stacked bfloat16 weight); and for a stack the scan
+  writes (the carried weights), it may fuse the read into a computation that
+  runs after the layer's write, and copies the whole stack to keep the old
+  values. Inside the conditional only the slice is read and converted.
   """
   return jax.lax.cond(
       layer >= 0, lambda t: jax.tree.map(lambda a: a[layer], t),
@@ -150,7 +152,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     def backward(carry, layer):
       dx, blocks, opt_state, sq = carry
       x_l, frozen_l = _read_layer((inputs, frozen_blocks), layer)
-      params_l = jax.tree.map(lambda a: a[layer], blocks)
+      params_l = _read_layer(blocks, layer)
       _, vjp = jax.vjp(
           lambda p, x: block_apply(model_lib.combine(p, frozen_l), x),
           params_l, x_l)
@@ -223,7 +225,7 @@ def make_refresh(graphdef: nnx.GraphDef, param_shapes: dict,
 
     def backward(carry, layer):
       dx, blocks = carry
-      block = nnx.merge(block_graphdef, jax.tree.map(lambda a: a[layer], blocks))
+      block = nnx.merge(block_graphdef, _read_layer(blocks, layer))
       reparam.set_layers(block, subspax.reparam.merge_layers(
           reparam.layers(block), side=side))
       weights = nnx.to_pure_dict(nnx.state(block, model_lib.WEIGHTS))
