@@ -25,6 +25,7 @@ def get_config():
   """configs/llama_13b.py as GRASS sparse-gradient layers, layer-wise, bf16, rank 512, batch 1."""
   cfg = llama_13b.get_config()
   cfg.batch_size = 1
+  cfg.mesh.data = 1  # one device
   cfg.opt.name = "grass"
   cfg.opt.rank = 512
   cfg.opt.subspace_layers = True

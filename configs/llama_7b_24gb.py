@@ -26,6 +26,7 @@ def get_config():
   """configs/llama_7b.py with layer-wise updates, bf16 weights, 8-bit moments, batch 1."""
   cfg = llama_7b.get_config()
   cfg.batch_size = 1
+  cfg.mesh.data = 1  # one device
   cfg.opt.layerwise = True
   cfg.model.param_dtype = "bfloat16"
   cfg.opt.subtrack.quantize_moments = "quantile"

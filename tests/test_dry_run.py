@@ -96,4 +96,5 @@ def test_the_one_device_presets_fit_their_budget(preset, budget_gib):
   record = dry_run.dry_run(importlib.import_module(f"configs.{preset}").get_config())
   peaks = [record["peak_bytes"], record.get("refresh_peak_bytes", 0)]
   assert max(peaks) <= budget_gib * 2**30, [p / 2**30 for p in peaks]
-  assert record["param_bytes"] < 2.1 * record["params"]  # bfloat16 weights
+  # bfloat16 weights (plus, for GRASS's subspace layers, deltas and rows).
+  assert record["param_bytes"] < 2.25 * record["params"]

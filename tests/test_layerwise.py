@@ -125,7 +125,10 @@ def test_layerwise_step_equals_the_ordinary_step(name, subspace_layers):
   ordinary = _run_steps(cfg, 3)  # a refresh at steps 0 and 2
   cfg.opt.layerwise = True
   layerwise = _run_steps(cfg, 3)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOLERANCE),
+  # Fira's norm-growth limiter rescales a whole matrix when the residual's
+  # norm crosses its bound, which float32 summation order can move by a hair.
+  tolerance = dict(TOLERANCE, atol=3e-5) if name == "fira" else TOLERANCE
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **tolerance),
                layerwise, ordinary)
 
 

@@ -43,7 +43,7 @@ BLOCKS = "blocks"  # the stacked (L, ...) parameters of a scanned model
 
 
 def validate(cfg: Any) -> None:
-  """Rejects `opt.layerwise=True` where it cannot work.
+  """Rejects `opt.layerwise=True` where it cannot work, every problem at once.
 
   Raises:
     UserError: naming the fields that conflict and the fix.
@@ -51,25 +51,35 @@ def validate(cfg: Any) -> None:
   if not cfg.opt.get("layerwise", False):
     return
   fix = "or set opt.layerwise=False"
-  if not cfg.model.scan:
-    raise errors.UserError(
-        "opt.layerwise=True updates the stacked layers inside the backward "
-        f"scan and needs model.scan=True; set model.scan=True {fix}")
-  if cfg.opt.name == "optax_galore":
-    raise errors.UserError(
-        "opt.layerwise=True does not support opt.name='optax_galore' (it does "
-        f"not project stacked layers); use opt.name='galore' {fix}")
-  if cfg.opt.get("clip_norm", 0.0):
-    raise errors.UserError(
-        f"opt.clip_norm={cfg.opt.clip_norm} clips by the norm of the whole "
-        "gradient, which a layer-wise step never holds (each layer is updated "
-        f"before the next one's gradient exists); set opt.clip_norm=0 {fix}")
-  if cfg.get("grad_accum", 1) != 1:
-    raise errors.UserError(
-        f"grad_accum={cfg.grad_accum} sums micro-batch gradients before one "
-        "update, but a layer-wise step updates each layer as soon as its "
-        "gradient exists (it would step once per micro-batch); set "
-        f"grad_accum=1 and raise batch_size instead, {fix}")
+
+  def scanned():
+    if not cfg.model.scan and cfg.opt.name != "optax_galore":
+      raise errors.UserError(
+          "opt.layerwise=True updates the stacked layers inside the backward "
+          f"scan and needs model.scan=True; set model.scan=True {fix}")
+
+  def projects_stacks():
+    if cfg.opt.name == "optax_galore":
+      raise errors.UserError(
+          "opt.layerwise=True does not support opt.name='optax_galore' (it does "
+          f"not project stacked layers); use opt.name='galore' {fix}")
+
+  def no_clipping():
+    if cfg.opt.get("clip_norm", 0.0):
+      raise errors.UserError(
+          f"opt.clip_norm={cfg.opt.clip_norm} clips by the norm of the whole "
+          "gradient, which a layer-wise step never holds (each layer is updated "
+          f"before the next one's gradient exists); set opt.clip_norm=0 {fix}")
+
+  def no_accumulation():
+    if cfg.get("grad_accum", 1) != 1:
+      raise errors.UserError(
+          f"grad_accum={cfg.grad_accum} sums micro-batch gradients before one "
+          "update, but a layer-wise step updates each layer as soon as its "
+          "gradient exists (it would step once per micro-batch); set "
+          f"grad_accum=1 and raise batch_size instead, {fix}")
+
+  errors.gather(scanned, projects_stacks, no_clipping, no_accumulation)
 
 
 def _read_layer(stacks: Any, layer: jax.Array) -> Any:
