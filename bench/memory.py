@@ -342,7 +342,18 @@ def merge(earlier: dict, results: list[dict], fits: dict | None, args) -> tuple:
   kept = [dict(r, measured=r.get("measured", earlier["machine"]["date"]))
           for r in earlier["results"] if (r["size"], r["scan"]) not in new]
   order = lambda r: (SIZES.index(r["size"]) if r["size"] in SIZES else -1, r["scan"])
-  return sorted(kept + results, key=order), fits or earlier.get("fits")
+  return sorted(kept + results, key=order), merge_fits(earlier.get("fits"), fits)
+
+
+def merge_fits(earlier: dict | None, fits: dict | None) -> dict | None:
+  """This run's what-fits rows over an earlier run's (same budgets and sizes):
+  the rows of the methods and variants measured now replace the earlier ones,
+  the others are kept."""
+  if not fits or not earlier or (earlier["budgets_gib"], earlier["sizes"]) != (
+      fits["budgets_gib"], fits["sizes"]):
+    return fits or earlier
+  return dict(fits, **{key: {**earlier.get(key, {}), **fits[key]}
+                       for key in ("peaks", "largest", "variants")})
 
 
 DEFAULT_SIZES = ("60m,130m,350m@adamw+optax_galore+subtrack,350m:scan,"
@@ -375,7 +386,8 @@ def main() -> None:
                            "they are ('' skips them)")
   parser.add_argument("--merge", action="store_true",
                       help=f"keep the sizes and layouts of <out>/{NAME}.json that "
-                           "this run does not measure (and its fits if --fits='')")
+                           "this run does not measure, and the rows of its fits "
+                           "table that this run does not compile")
   args = parser.parse_args()
   methods = args.methods.split(",")
   info = _common.machine()

@@ -85,13 +85,11 @@ def validate(cfg: Any) -> None:
 def _read_layer(stacks: Any, layer: jax.Array) -> Any:
   """Layer `layer` of stacked arrays, into buffers of its own.
 
-  Sliced inside a conditional on a predicate XLA cannot fold (`layer >= 0`).
-  Otherwise XLA's CPU compiler, which slices bfloat16 arrays in float32,
-  converts a stack the scan only reads to float32 once, outside the loop (a
-  float32 copy of every stacked bfloat16 weight); and for a stack the scan
-  writes (the carried weights), it may fuse the read into a computation that
-  runs after the layer's write, and copies the whole stack to keep the old
-  values. Inside the conditional only the slice is read and converted.
+  For stacks a scan reads but does not write. Sliced inside a conditional
+  on a predicate XLA cannot fold (`layer >= 0`): otherwise XLA's CPU
+  compiler, which slices bfloat16 arrays in float32, converts the whole stack
+  to float32 once, outside the loop (a float32 copy of every stacked bfloat16
+  weight). Inside the conditional only the slice is read and converted.
   """
   return jax.lax.cond(
       layer >= 0, lambda t: jax.tree.map(lambda a: a[layer], t),
@@ -162,7 +160,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     def backward(carry, layer):
       dx, blocks, opt_state, sq = carry
       x_l, frozen_l = _read_layer((inputs, frozen_blocks), layer)
-      params_l = _read_layer(blocks, layer)
+      params_l = jax.tree.map(lambda a: a[layer], blocks)
       _, vjp = jax.vjp(
           lambda p, x: block_apply(model_lib.combine(p, frozen_l), x),
           params_l, x_l)
@@ -173,6 +171,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
           {**masked_rest, BLOCKS: params_l}, layer)
       new_l = apply_updates({BLOCKS: params_l}, {BLOCKS: updates_l[BLOCKS]},
                             state.step, layer=layer)[BLOCKS]
+      # The layer's weights are written after dx exists: every read of them
+      # (dx's included) is then done, and XLA keeps no copy of the stack.
+      after_dx = (jnp.isnan(dx.reshape(-1)[0]) & (layer < 0))
+      new_l = jax.tree.map(lambda v: jnp.where(after_dx, jnp.zeros_like(v), v), new_l)
       blocks = _write_layer(blocks, new_l, layer)
       return dx, blocks, opt_state, sq
 
