@@ -349,8 +349,9 @@ def merge_fits(earlier: dict | None, fits: dict | None) -> dict | None:
   """This run's what-fits rows over an earlier run's (same budgets and sizes):
   the rows of the methods and variants measured now replace the earlier ones,
   the others are kept."""
-  if not fits or not earlier or (earlier["budgets_gib"], earlier["sizes"]) != (
-      fits["budgets_gib"], fits["sizes"]):
+  same = lambda key: earlier.get(key) == fits.get(key)
+  if not (fits and earlier and "peaks" in earlier and "peaks" in fits
+          and same("budgets_gib") and same("sizes")):
     return fits or earlier
   return dict(fits, **{key: {**earlier.get(key, {}), **fits[key]}
                        for key in ("peaks", "largest", "variants")})

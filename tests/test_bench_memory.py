@@ -76,6 +76,17 @@ def test_merge_keeps_other_sizes_in_order_and_refuses_another_batch():
     memory.merge(earlier, now, None, args(batch=8))
 
 
+def test_merged_fits_keep_the_rows_not_compiled_again():
+  table = lambda rows, variants: {
+      "budgets_gib": [24], "sizes": ["1b"], "variants": variants,
+      "peaks": {r: {"1b": v} for r, v in rows.items()},
+      "largest": {r: {"24": "1b"} for r in rows}}
+  earlier = table({"adamw": 1, "adamw+layerwise": 2}, {"plain": {}, "layerwise": {}})
+  fits = memory.merge_fits(earlier, table({"adamw+layerwise": 3}, {"layerwise": {}}))
+  assert fits["peaks"] == {"adamw": {"1b": 1}, "adamw+layerwise": {"1b": 3}}
+  assert list(fits["variants"]) == ["plain", "layerwise"]
+
+
 def test_readme_renders_the_fits_table(compiles, tmp_path):
   fits = memory.what_fits([24, 80], ["adamw", "subtrack"], args(),
                           _common.Partial(str(tmp_path), "memory"))
