@@ -235,6 +235,7 @@ def test_two_processes_train_together(corpus, tmp_path):
     (dict(opt__name="rso", opt__rso__prox=-1.0), ValueError,
      r"opt.rso: prox must be >= 0"),
     (dict(mesh__tensor=8, model__d_ff=100), ValueError, "cannot be split evenly"),
+    (dict(opt__clip_norm=-1.0), ValueError, r"opt.clip_norm must be >= 0"),
     (dict(data__files="/nonexistent/text.txt"), FileNotFoundError, "names no file"),
     (dict(data__files="EMPTY"), ValueError, "is empty"),
 ])

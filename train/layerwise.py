@@ -85,11 +85,13 @@ def validate(cfg: Any) -> None:
 def _read_layer(stacks: Any, layer: jax.Array) -> Any:
   """Layer `layer` of stacked arrays, into buffers of its own.
 
-  For stacks a scan reads but does not write. Sliced inside a conditional
-  on a predicate XLA cannot fold (`layer >= 0`): otherwise XLA's CPU
-  compiler, which slices bfloat16 arrays in float32, converts the whole stack
-  to float32 once, outside the loop (a float32 copy of every stacked bfloat16
-  weight). Inside the conditional only the slice is read and converted.
+  Sliced inside a conditional on a predicate XLA cannot fold (`layer >= 0`):
+  otherwise XLA's CPU compiler, which slices bfloat16 arrays in float32,
+  converts a stack the scan only reads to float32 once, outside the loop (a
+  float32 copy of every stacked bfloat16 weight). Inside the conditional only
+  the slice is read and converted. The train step reads the weights it
+  writes without it (materialising a whole layer costs more than ordering
+  the write after the reads, see `make_train_step`).
   """
   return jax.lax.cond(
       layer >= 0, lambda t: jax.tree.map(lambda a: a[layer], t),
@@ -99,11 +101,6 @@ def _read_layer(stacks: Any, layer: jax.Array) -> Any:
 
 def _masked_like(tree: Any) -> Any:
   return jax.tree.map(lambda _: optax.MaskedNode(), tree)
-
-
-def _sum_squares(tree: Any) -> jax.Array:
-  return sum((jnp.sum(jnp.square(x.astype(jnp.float32)))
-              for x in jax.tree.leaves(tree)), jnp.zeros((), jnp.float32))
 
 
 # (params, updates, step, *, layer=None) -> params (`precision.updater`)
@@ -165,7 +162,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
           lambda p, x: block_apply(model_lib.combine(p, frozen_l), x),
           params_l, x_l)
       grads_l, dx = vjp(dx)
-      sq = sq + _sum_squares(grads_l)
+      sq = sq + optax.tree.norm(grads_l, squared=True)
       updates_l, opt_state = lw.update_layer(
           {**masked_rest, BLOCKS: grads_l}, opt_state,
           {**masked_rest, BLOCKS: params_l}, layer)
@@ -182,7 +179,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         backward, (dx, blocks, state.opt_state, jnp.zeros((), jnp.float32)))
     embed_grads, = embed_vjp(dx)
     rest_grads = jax.tree.map(jnp.add, head_grads, embed_grads)
-    sq = sq + _sum_squares(rest_grads)
+    sq = sq + optax.tree.norm(rest_grads, squared=True)
     masked_blocks = _masked_like(blocks)
     rest_updates, opt_state = lw.update_rest(
         {**rest_grads, BLOCKS: masked_blocks}, opt_state,

@@ -75,7 +75,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       dtype("dtype"), dtype("param_dtype"),
       lambda: reparam.validate(cfg.opt),
       lambda: layerwise.validate(cfg),
-      lambda: _check_grad_accum(cfg),
+      lambda: _check_grad_accum(cfg), lambda: _check_clip_norm(cfg.opt),
       lambda: optimizers.validate(
           cfg.opt, model_lib.LlamaConfig.from_config(cfg.model, 1),
           cfg.steps if steps_ok else 1))
@@ -87,9 +87,12 @@ def _check_grad_accum(cfg: ml_collections.ConfigDict) -> None:
     raise errors.UserError(
         f"batch_size={cfg.batch_size} must be a multiple of grad_accum="
         f"{cfg.grad_accum} (each step averages grad_accum equal micro-batches)")
-  if cfg.opt.clip_norm < 0:
+
+
+def _check_clip_norm(opt_cfg: ml_collections.ConfigDict) -> None:
+  if not isinstance(opt_cfg.clip_norm, (int, float)) or opt_cfg.clip_norm < 0:
     raise errors.UserError(
-        f"opt.clip_norm must be >= 0 (0 turns clipping off), got {cfg.opt.clip_norm!r}")
+        f"opt.clip_norm must be >= 0 (0 turns clipping off), got {opt_cfg.clip_norm!r}")
 
 
 def check_and_mesh(cfg: ml_collections.ConfigDict
