@@ -28,92 +28,170 @@ step (bf16 compute, remat) takes tens of seconds on a 2-core CPU and 15 calls
 per round would otherwise take over half an hour. `--batch` / `--repeats`
 override both presets.
 
+With `--against REV` the same steps of this tree and of git revision REV
+(extracted with `git archive`) are compiled in two worker processes
+(bench/_step_calls.py) and timed alternately in the same rounds: a change's
+effect on step time, measured in one run (`step_time_against.md`).
+
   python -m bench.step_time
   python -m bench.step_time --presets tiny --methods adamw,subtrack --repeats 3
+  python -m bench.step_time --against da5e4c5 --presets tiny,60m
 """
 
 import argparse
-import importlib
-import time
-
-import jax
-import jax.numpy as jnp
-import numpy as np
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
 
 from bench import _common
-from train import model as model_lib
-from train import optimizers
-from train import train as train_lib
+from bench import _step_calls
 
 NAME = "step_time"
-# preset -> (config module, default batch (0: the preset's), default rounds)
-PRESETS = {"tiny": ("configs.tiny", 0, 5), "60m": ("configs.llama_60m", 8, 3)}
+AGAINST_NAME = "step_time_against"
+PRESETS = _step_calls.PRESETS
 
 
-def with_count(tree, value: int):
-  """Sets every scalar int leaf named `count` (optimizer step counters)."""
-  def set_count(path, leaf):
-    last = path[-1] if path else None
-    name = getattr(last, "name", getattr(last, "key", None))
-    if name == "count" and getattr(leaf, "ndim", None) == 0:
-      return jnp.asarray(value, leaf.dtype)
-    return leaf
-  return jax.tree_util.tree_map_with_path(set_count, tree)
-
-
-def bench_preset(preset: str, args) -> dict:
-  module, default_batch, default_repeats = PRESETS[preset]
-  cfg = importlib.import_module(module).get_config()
-  cfg.model.scan = False
-  batch_size = args.batch or default_batch or cfg.batch_size
-  repeats = args.repeats or default_repeats
-  model_cfg = model_lib.LlamaConfig.from_config(cfg.model, cfg.data.vocab_size)
-  graphdef, _, _ = model_lib.abstract_model(model_cfg)
-  params = jax.jit(model_lib.init_params, static_argnums=(0, 1))(model_cfg, cfg.seed)
-  n_params = model_lib.count_params(model_cfg)
-  tokens = jax.random.randint(jax.random.key(0), (batch_size, cfg.seq_len + 1), 0,
-                              model_cfg.vocab_size, jnp.int32)
-  rank, interval = cfg.opt.rank, cfg.opt.update_interval
-  fns, compile_s = {}, {}
-  for name in args.methods:
-    opt_cfg = _common.opt_config(name, rank=rank, update_interval=interval)
-    tx = optimizers.build(opt_cfg, cfg.steps, cfg.seed)
-    lr = optimizers.schedule(opt_cfg, cfg.steps)
-    step = jax.jit(train_lib.make_train_step(graphdef, tx, lr))
-    state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-    start = time.perf_counter()
-    compiled = step.lower(state, tokens).compile()
-    compile_s[name] = time.perf_counter() - start
-    state, _ = jax.block_until_ready(compiled(state, tokens))  # step 0: initial basis
-    plain = with_count(state, 1)._replace(step=jnp.asarray(1, jnp.int32))
-    fns[f"{name}/plain"] = lambda c=compiled, s=plain: jax.block_until_ready(
-        c(s, tokens))
-    if name != "adamw":
-      refresh = with_count(state, interval)._replace(
-          step=jnp.asarray(interval, jnp.int32))
-      fns[f"{name}/refresh"] = lambda c=compiled, s=refresh: jax.block_until_ready(
-          c(s, tokens))
-    print(f"{preset} {name}: compiled in {compile_s[name]:.1f} s", flush=True)
-  times = _common.interleaved(fns, repeats=repeats, warmup=1)
-  ref = times["adamw/plain"]
+def _ratios(times: dict, methods: list[str], interval: int, ref: str) -> dict:
+  """plain / refresh / amortized per-round ratios of each method to `ref`'s plain."""
   ratios = {}
-  for name in args.methods:
+  for name in methods:
     p = times[f"{name}/plain"]
     r = times.get(f"{name}/refresh", p)
     amort = [(ri + (interval - 1) * pi) / interval for ri, pi in zip(r, p)]
-    ratios[name] = {"plain": _common.ratio_stats(p, ref),
-                    "refresh": _common.ratio_stats(r, ref),
-                    "amortized": _common.ratio_stats(amort, ref)}
-    print(f"{preset} {name}: plain {ratios[name]['plain']['median']:.3f}x, "
-          f"refresh {ratios[name]['refresh']['median']:.2f}x, amortized "
-          f"{ratios[name]['amortized']['median']:.3f}x", flush=True)
-  return {"preset": preset, "params": n_params, "batch": batch_size,
-          "repeats": repeats,
-          "seq_len": cfg.seq_len, "rank": rank, "update_interval": interval,
-          "vocab": model_cfg.vocab_size, "remat": model_cfg.remat,
-          "compute_dtype": model_cfg.dtype, "compile_s": compile_s,
+    ratios[name] = {"plain": _common.ratio_stats(p, times[ref]),
+                    "refresh": _common.ratio_stats(r, times[ref]),
+                    "amortized": _common.ratio_stats(amort, times[ref])}
+  return ratios
+
+
+def bench_preset(preset: str, args) -> dict:
+  calls, info = _step_calls.build_calls(preset, args.methods, args.batch)
+  repeats = args.repeats or PRESETS[preset][2]
+  times = _common.interleaved(calls, repeats=repeats, warmup=1)
+  ratios = _ratios(times, args.methods, info["update_interval"], "adamw/plain")
+  for name, r in ratios.items():
+    print(f"{preset} {name}: plain {r['plain']['median']:.3f}x, refresh "
+          f"{r['refresh']['median']:.2f}x, amortized {r['amortized']['median']:.3f}x",
+          flush=True)
+  return {**info, "repeats": repeats,
           "seconds": {k: _common.summary(v) for k, v in times.items()},
           "vs_adamw": ratios}
+
+
+class _Worker:
+  """`bench/_step_calls.py` serving one source tree's compiled calls."""
+
+  def __init__(self, tree: str, preset: str, args):
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_step_calls.py")
+    self.proc = subprocess.Popen(
+        [sys.executable, script, "--preset", preset, "--methods",
+         ",".join(args.methods), "--batch", str(args.batch)],
+        cwd=tree, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": tree})
+    self.tree = tree
+
+  def ready(self) -> dict:
+    line = self.proc.stdout.readline()
+    if not line:
+      raise RuntimeError(f"the step worker in {self.tree} exited "
+                         f"(status {self.proc.wait()}); its stderr is above")
+    return json.loads(line)["ready"]
+
+  def call(self, name: str) -> None:
+    self.proc.stdin.write(name + "\n")
+    self.proc.stdin.flush()
+    if self.proc.stdout.readline().strip() != "done":
+      raise RuntimeError(f"the step worker in {self.tree} failed on {name}")
+
+  def close(self) -> None:
+    self.proc.communicate("\n", timeout=60)
+
+
+@contextlib.contextmanager
+def _source_tree(rev: str):
+  """The files of git revision `rev`, extracted into a temporary directory."""
+  root = subprocess.run(["git", "rev-parse", "--show-toplevel"], check=True,
+                        capture_output=True, text=True).stdout.strip()
+  with tempfile.TemporaryDirectory(prefix="subspax-rev-") as tree:
+    archive = subprocess.run(["git", "-C", root, "archive", rev], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+    yield root, tree
+
+
+def bench_against(preset: str, args) -> dict:
+  """This tree's calls and revision `args.against`'s, timed alternately in the
+  same rounds (two worker processes; the idle one waits on its stdin)."""
+  repeats = args.repeats or PRESETS[preset][2]
+  with _source_tree(args.against) as (here, there):
+    workers = {"this": _Worker(here, preset, args),
+               "base": _Worker(there, preset, args)}
+    try:
+      infos = {side: w.ready() for side, w in workers.items()}
+      calls = {}
+      for name in infos["this"]["compile_s"]:
+        for kind in ("plain", "refresh"):
+          if name == "adamw" and kind == "refresh":
+            continue
+          for side, w in workers.items():
+            calls[f"{side}:{name}/{kind}"] = lambda w=w, c=f"{name}/{kind}": w.call(c)
+      times = _common.interleaved(calls, repeats=repeats, warmup=1)
+    finally:
+      for w in workers.values():
+        w.close()
+  interval = infos["this"]["update_interval"]
+  vs_base, vs_adamw = {}, {}
+  for name in args.methods:
+    plain = {s: times[f"{s}:{name}/plain"] for s in workers}
+    refresh = {s: times.get(f"{s}:{name}/refresh", plain[s]) for s in workers}
+    amort = {s: [(r + (interval - 1) * p) / interval
+                 for r, p in zip(refresh[s], plain[s])] for s in workers}
+    vs_base[name] = {"plain": _common.ratio_stats(plain["this"], plain["base"]),
+                     "amortized": _common.ratio_stats(amort["this"], amort["base"])}
+    vs_adamw[name] = {s: _common.ratio_stats(plain[s], times[f"{s}:adamw/plain"])[
+        "median"] for s in workers}
+    print(f"{preset} {name}: this / {args.against} plain "
+          f"{vs_base[name]['plain']['median']:.3f}, amortized "
+          f"{vs_base[name]['amortized']['median']:.3f}", flush=True)
+  return {**infos["this"], "repeats": repeats, "against": args.against,
+          "compile_s_base": infos["base"]["compile_s"],
+          "seconds": {k: _common.summary(v) for k, v in times.items()},
+          "vs_base": vs_base, "plain_vs_adamw": vs_adamw}
+
+
+def _preset_line(res: dict) -> str:
+  return (f"**{res['preset']}** ({res['params'] / 1e6:.1f}M params, batch "
+          f"{res['batch']} x seq {res['seq_len']}, vocab {res['vocab']}, "
+          f"{res['compute_dtype']} compute, remat {res['remat']}; rank "
+          f"{res['rank']}, T = {res['update_interval']}; {res['repeats']} rounds)")
+
+
+def table_against(results, info) -> str:
+  rev = results[0]["against"]
+  lines = [
+      f"The whole train step of this tree against revision `{rev}`: the same "
+      f"steps, compiled in two processes (one per source tree) and timed "
+      f"alternately in the same rounds. Ratios are this tree's time over "
+      f"`{rev}`'s in the same round, median (min) over rounds; plain = "
+      f"non-refresh step, amortized = (refresh + (T-1) plain) / T. The last "
+      f"two columns give each tree's plain step over its own AdamW step "
+      f"(median). Random tokens, state not donated, unrolled layers.", ""]
+  fmt = lambda s: f"{s['median']:.3f} ({s['min']:.3f})"
+  for res in results:
+    rows = [[name, f"{res['seconds'][f'this:{name}/plain']['median']:.3f}",
+             fmt(r["plain"]), fmt(r["amortized"]),
+             f"{res['plain_vs_adamw'][name]['this']:.3f}",
+             f"{res['plain_vs_adamw'][name]['base']:.3f}"]
+            for name, r in res["vs_base"].items()]
+    lines += [_preset_line(res), "", _common.markdown_table(
+        ["method", "plain step s (median)", f"plain x {rev}",
+         f"amortized x {rev}", "plain x AdamW (this)", f"plain x AdamW ({rev})"],
+        rows), ""]
+  lines.append(_common.machine_line(info))
+  return "\n".join(lines)
 
 
 def table(results, args, info) -> str:
@@ -131,11 +209,7 @@ def table(results, args, info) -> str:
                    fmt(r["plain"]), fmt(r["refresh"]) if name != "adamw" else "-",
                    fmt(r["amortized"]), f"{res['compile_s'][name]:.0f}"])
     lines += [
-        f"**{res['preset']}** ({res['params'] / 1e6:.1f}M params, batch "
-        f"{res['batch']} x seq {res['seq_len']}, vocab {res['vocab']}, "
-        f"{res['compute_dtype']} compute, remat {res['remat']}; rank "
-        f"{res['rank']}, T = {res['update_interval']}; "
-        f"{len(res['seconds']['adamw/plain']['all'])} rounds)", "",
+        _preset_line(res), "",
         _common.markdown_table(
             ["method", "plain step s (median)", "plain x AdamW",
              "refresh x AdamW", "amortized x AdamW", "compile s"], rows), ""]
@@ -152,6 +226,10 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=0,
                       help="batch size for every preset (0: the preset's "
                            "default, PRESETS)")
+  parser.add_argument("--against", default="",
+                      help="a git revision: time this tree's steps against "
+                           "that revision's, alternately in the same rounds "
+                           f"(writes {AGAINST_NAME}.md)")
   parser.add_argument("--out", default=_common.RESULTS)
   parser.add_argument("--resume", action="store_true",
                       help="keep the presets saved in <out>/step_time.partial.json")
@@ -160,16 +238,18 @@ def main() -> None:
   if args.methods[0] != "adamw":
     args.methods = ["adamw"] + [m for m in args.methods if m != "adamw"]
   info = _common.machine()
-  partial = _common.Partial(args.out, NAME, resume=args.resume)
-  results = [partial.get_or_run(preset, lambda preset=preset: bench_preset(preset, args))
+  name, run, render = ((AGAINST_NAME, bench_against, table_against) if args.against
+                       else (NAME, bench_preset, lambda r, i: table(r, args, i)))
+  partial = _common.Partial(args.out, name, resume=args.resume)
+  results = [partial.get_or_run(preset, lambda preset=preset: run(preset, args))
              for preset in args.presets.split(",")]
   record = _common.call_record(args, presets={
       r["preset"]: {"batch": r["batch"], "seq_len": r["seq_len"]}
       for r in results})
-  payload = _common.with_call({"benchmark": NAME, "machine": info,
+  payload = _common.with_call({"benchmark": name, "machine": info,
                                "args": record["args"], "results": results},
                               None, record)
-  _common.write_results(NAME, payload, table(results, args, info), args.out)
+  _common.write_results(name, payload, render(results, info), args.out)
   partial.remove()
 
 

@@ -91,6 +91,23 @@ def is_projected(path: tuple, param: Any, rank: int) -> bool:
           and subspax.default_is_projected(param.shape, rank))
 
 
+def overwrites_gradient(opt_cfg: Any) -> Callable[[tuple, Any], bool]:
+  """Which gradients `build(opt_cfg)` may overwrite in place: (path, leaf) -> bool.
+
+  A subspax method writes a projected parameter's update into that
+  parameter's gradient buffer; AdamW and optax.contrib.galore only read their
+  gradients. The train step orders its gradient-norm metric before these
+  writes (`train.make_train_step`).
+
+  Example:
+    overwrites_gradient(cfg.opt)((DictKey("head"),), head_kernel)  # False
+  """
+  if opt_cfg.name not in subspax.METHODS:
+    return lambda path, leaf: False
+  rank = method_rank(opt_cfg.name, opt_cfg.rank)
+  return lambda path, leaf: is_projected(path, leaf, rank)
+
+
 def _galore_dims(rank: int) -> Callable[[Any], Any]:
   """optax.contrib.galore routing equal to the subspax methods' (`is_projected`)."""
   return lambda params: jax.tree_util.tree_map_with_path(
