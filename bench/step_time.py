@@ -112,14 +112,13 @@ class _Worker:
 
 @contextlib.contextmanager
 def _source_tree(rev: str):
-  """The files of git revision `rev`, extracted into a temporary directory."""
-  root = subprocess.run(["git", "rev-parse", "--show-toplevel"], check=True,
-                        capture_output=True, text=True).stdout.strip()
+  """(this source tree, the files of git revision `rev` extracted into a
+  temporary directory)."""
   with tempfile.TemporaryDirectory(prefix="subspax-rev-") as tree:
-    archive = subprocess.run(["git", "-C", root, "archive", rev], check=True,
-                             capture_output=True).stdout
+    archive = subprocess.run(["git", "-C", _common.ROOT, "archive", rev],
+                             check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
-    yield root, tree
+    yield _common.ROOT, tree
 
 
 def bench_against(preset: str, args) -> dict:

@@ -1,16 +1,20 @@
 """Benchmarks record what is needed to rerun them (bench._common.call_record).
 
 The long benchmarks are not run here: the convergence script runs with its
-training run replaced by a stub, single_matrix on an 8 x 8 weight.
+training run replaced by a stub, single_matrix on an 8 x 8 weight, step_time
+--against on the tiny preset at batch 1.
 """
 
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 from unittest import mock
 
 import optax
+import pytest
 
 import subspax
 from bench import _common
@@ -145,3 +149,28 @@ def test_precision_reports_each_variant_against_float32(tmp_path):
   table = (tmp_path / "precision.md").read_text()
   assert "| bf16_sr | bfloat16 | stochastic | 5.0200 | 1.0040 |" in table
   assert "| bf16_rn | bfloat16 | to nearest | 5.3200 | 1.0640 |" in table
+
+
+@pytest.mark.slow
+def test_step_time_against_a_revision_times_both_trees_in_the_same_rounds(tmp_path):
+  if not os.path.isdir(os.path.join(_common.ROOT, ".git")):
+    pytest.skip("needs the git history of a checkout")
+  proc = subprocess.run(
+      [sys.executable, "-m", "bench.step_time", "--against", "HEAD", "--presets",
+       "tiny", "--methods", "adamw,galore", "--repeats", "2", "--batch", "1",
+       "--out", str(tmp_path)],
+      cwd=_common.ROOT, capture_output=True, text=True, check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  with open(tmp_path / "step_time_against.json") as f:
+    payload = json.load(f)
+  result, = payload["results"]
+  assert result["against"] == "HEAD" and result["batch"] == 1
+  assert set(result["seconds"]) == {
+      f"{side}:{case}" for side in ("this", "base")
+      for case in ("adamw/plain", "galore/plain", "galore/refresh")}
+  assert all(len(s["all"]) == 2 for s in result["seconds"].values())
+  for name in ("adamw", "galore"):
+    assert len(result["vs_base"][name]["plain"]["ratios"]) == 2
+    assert result["plain_vs_adamw"][name]["base"] > 0
+  _assert_rerunnable(payload["calls"][-1], "python -m bench.step_time --against HEAD")
+  assert "against revision `HEAD`" in (tmp_path / "step_time_against.md").read_text()

@@ -269,9 +269,10 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
     train_step = layerwise.make_train_step(
         graphdef, tx, lr, param_shapes, precision.updater(cfg), TrainState)
   else:
+    # The layer modes' deltas get plain Adam, which only reads its gradients.
+    overwritten = None if model_cfg.reparam else optimizers.overwrites_gradient(cfg.opt)
     train_step = make_train_step(graphdef, tx, lr, cfg.grad_accum,
-                                 precision.updater(cfg),
-                                 optimizers.overwrites_gradient(cfg.opt))
+                                 precision.updater(cfg), overwritten)
   return Programs(model_cfg, graphdef, param_shapes, param_names, tx, lr, init,
                   train_step, refresh)
 
