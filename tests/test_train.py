@@ -19,6 +19,7 @@ import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -255,3 +256,23 @@ def test_unknown_config_key_is_a_clear_cli_error(tmp_path):
   assert proc.returncode != 0
   assert "unknown config key 'nme' in --config.opt.nme=adamw" in out
   assert 'Did you mean "name"' in out
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0])
+def test_clip_by_global_norm_equals_optax(max_norm):
+  """optimizers.clip_by_global_norm multiplies by min(1, max_norm / norm) and
+  scales the `in_place` stacks layer by layer: optax's result to float32
+  rounding, exactly when nothing is clipped."""
+  keys = jax.random.split(jax.random.key(0), 3)
+  grads = {"stack": jax.random.normal(keys[0], (4, 8, 6)),
+           "other_stack": jax.random.normal(keys[1], (3, 5, 2)),
+           "matrix": jax.random.normal(keys[2], (5, 7)), "empty": jnp.zeros((0, 3))}
+  in_place = lambda path, leaf: path[0].key == "stack"
+  ours, _ = jax.jit(optimizers.clip_by_global_norm(max_norm, in_place).update)(grads, None)
+  theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
+  for name in grads:
+    if max_norm > 10:
+      np.testing.assert_array_equal(ours[name], grads[name], err_msg=name)
+    np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-6, atol=0, err_msg=name)
+  if max_norm < 10:
+    np.testing.assert_allclose(optax.tree.norm(ours), max_norm, rtol=1e-6)

@@ -245,9 +245,11 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
   if model_cfg.reparam:
     tx = reparam.build_tx(cfg.opt, cfg.steps,
                           reparam.delta_labels(graphdef, param_shapes))
+    overwritten = None  # the deltas' plain Adam only reads its gradients
   else:
     tx = optimizers.build(cfg.opt, cfg.steps, cfg.seed)
-  tx = optimizers.with_clipping(cfg.opt, tx)
+    overwritten = optimizers.overwrites_gradient(cfg.opt)
+  tx = optimizers.with_clipping(cfg.opt, tx, overwritten)
   lr = optimizers.schedule(cfg.opt, cfg.steps)
 
   def init() -> TrainState:
@@ -269,8 +271,6 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
     train_step = layerwise.make_train_step(
         graphdef, tx, lr, param_shapes, precision.updater(cfg), TrainState)
   else:
-    # The layer modes' deltas get plain Adam, which only reads its gradients.
-    overwritten = None if model_cfg.reparam else optimizers.overwrites_gradient(cfg.opt)
     train_step = make_train_step(graphdef, tx, lr, cfg.grad_accum,
                                  precision.updater(cfg), overwritten)
   return Programs(model_cfg, graphdef, param_shapes, param_names, tx, lr, init,
