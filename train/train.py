@@ -150,7 +150,7 @@ def _after_norm(grads: dict, norm: jax.Array,
 
   The subspax methods write a projected parameter's update into its gradient
   buffer in place. Unless the norm is ordered first, XLA keeps a copy of every
-  such gradient for it (at LLaMA-7B, 3.9 GiB of temporaries). Each of these
+  such gradient for it (at LLaMA-7B, 3.8 GiB of temporaries). Each of these
   leaves' first element is rewritten with itself under a select on
   `norm < 0`: never true, but XLA cannot prove it, so the one-element write
   waits for the norm. (The train step's `jax.lax.optimization_barrier` alone
