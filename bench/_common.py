@@ -275,3 +275,26 @@ def preset_config(preset: str, opt_name: str, subspace_layers: bool = False
 
 def mib(n: float) -> float:
   return n / 2**20
+
+
+def run_presets(name: str, args: Any,
+                run: Callable[[str, Any], dict[str, Any]],
+                render: Callable[[list[dict[str, Any]], dict[str, Any]], str]) -> None:
+  """Runs a per-preset benchmark and writes its results.
+
+  `run(preset, args)` is called for each of the comma-separated
+  `args.presets` (each result, which must hold `preset`, `batch` and
+  `seq_len`, is saved as it comes, and `args.resume` keeps the saved ones);
+  then `<args.out>/<name>.json` (results, machine and the call) and
+  `<name>.md` (`render(results, machine)`) are written.
+  """
+  info = machine()
+  partial = Partial(args.out, name, resume=args.resume)
+  results = [partial.get_or_run(preset, lambda preset=preset: run(preset, args))
+             for preset in args.presets.split(",")]
+  record = call_record(args, presets={
+      r["preset"]: {"batch": r["batch"], "seq_len": r["seq_len"]} for r in results})
+  payload = with_call({"benchmark": name, "machine": info, "args": record["args"],
+                       "results": results}, None, record)
+  write_results(name, payload, render(results, info), args.out)
+  partial.remove()

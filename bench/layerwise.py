@@ -124,17 +124,7 @@ def main() -> None:
                       help=f"keep the presets saved in <out>/{NAME}.partial.json")
   args = parser.parse_args()
   args.methods = args.methods.split(",")
-  info = _common.machine()
-  partial = _common.Partial(args.out, NAME, resume=args.resume)
-  results = [partial.get_or_run(preset, lambda preset=preset: bench_preset(preset, args))
-             for preset in args.presets.split(",")]
-  record = _common.call_record(args, presets={
-      r["preset"]: {"batch": r["batch"], "seq_len": r["seq_len"]} for r in results})
-  payload = _common.with_call({"benchmark": NAME, "machine": info,
-                               "args": record["args"], "results": results},
-                              None, record)
-  _common.write_results(NAME, payload, table(results, info), args.out)
-  partial.remove()
+  _common.run_presets(NAME, args, bench_preset, table)
 
 
 if __name__ == "__main__":

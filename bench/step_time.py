@@ -236,20 +236,10 @@ def main() -> None:
   args.methods = args.methods.split(",")
   if args.methods[0] != "adamw":
     args.methods = ["adamw"] + [m for m in args.methods if m != "adamw"]
-  info = _common.machine()
-  name, run, render = ((AGAINST_NAME, bench_against, table_against) if args.against
-                       else (NAME, bench_preset, lambda r, i: table(r, args, i)))
-  partial = _common.Partial(args.out, name, resume=args.resume)
-  results = [partial.get_or_run(preset, lambda preset=preset: run(preset, args))
-             for preset in args.presets.split(",")]
-  record = _common.call_record(args, presets={
-      r["preset"]: {"batch": r["batch"], "seq_len": r["seq_len"]}
-      for r in results})
-  payload = _common.with_call({"benchmark": name, "machine": info,
-                               "args": record["args"], "results": results},
-                              None, record)
-  _common.write_results(name, payload, render(results, info), args.out)
-  partial.remove()
+  if args.against:
+    _common.run_presets(AGAINST_NAME, args, bench_against, table_against)
+  else:
+    _common.run_presets(NAME, args, bench_preset, lambda r, i: table(r, args, i))
 
 
 if __name__ == "__main__":
