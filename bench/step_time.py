@@ -54,13 +54,21 @@ AGAINST_NAME = "step_time_against"
 PRESETS = _step_calls.PRESETS
 
 
+def _amortized(times: dict, case: str, interval: int) -> list[float]:
+  """Per round, (refresh + (T - 1) plain) / T of `case` (`[side:]method`);
+  the plain step where the case has no refresh (AdamW)."""
+  plain = times[f"{case}/plain"]
+  refresh = times.get(f"{case}/refresh", plain)
+  return [(r + (interval - 1) * p) / interval for r, p in zip(refresh, plain)]
+
+
 def _ratios(times: dict, methods: list[str], interval: int, ref: str) -> dict:
   """plain / refresh / amortized per-round ratios of each method to `ref`'s plain."""
   ratios = {}
   for name in methods:
     p = times[f"{name}/plain"]
     r = times.get(f"{name}/refresh", p)
-    amort = [(ri + (interval - 1) * pi) / interval for ri, pi in zip(r, p)]
+    amort = _amortized(times, name, interval)
     ratios[name] = {"plain": _common.ratio_stats(p, times[ref]),
                     "refresh": _common.ratio_stats(r, times[ref]),
                     "amortized": _common.ratio_stats(amort, times[ref])}
@@ -145,9 +153,7 @@ def bench_against(preset: str, args) -> dict:
   vs_base, vs_adamw = {}, {}
   for name in args.methods:
     plain = {s: times[f"{s}:{name}/plain"] for s in workers}
-    refresh = {s: times.get(f"{s}:{name}/refresh", plain[s]) for s in workers}
-    amort = {s: [(r + (interval - 1) * p) / interval
-                 for r, p in zip(refresh[s], plain[s])] for s in workers}
+    amort = {s: _amortized(times, f"{s}:{name}", interval) for s in workers}
     vs_base[name] = {"plain": _common.ratio_stats(plain["this"], plain["base"]),
                      "amortized": _common.ratio_stats(amort["this"], amort["base"])}
     vs_adamw[name] = {s: _common.ratio_stats(plain[s], times[f"{s}:adamw/plain"])[
