@@ -15,13 +15,14 @@ method's name to its factory; :func:`state_bytes` and
 :func:`state_shardings` inspect any optax state; :func:`quantize` and
 :func:`dequantize` read the 8-bit moments of ``quantize_moments``.
 :func:`apply_updates` adds updates to bfloat16 weights with unbiased
-stochastic rounding (:func:`stochastic_round`), and :func:`layerwise` takes
-a stacked model's step one layer at a time. The math, section by section, is
+stochastic rounding (:func:`stochastic_round`), :func:`layerwise` takes
+a stacked model's step one layer at a time, and :func:`clip_by_global_norm`
+clips gradients without a second copy of them. The math, section by section, is
 in ``docs/algorithms.md``.
 
 Examples:
   >>> import jax.numpy as jnp, optax, subspax
-  >>> tx = optax.chain(optax.clip_by_global_norm(1.0),
+  >>> tx = optax.chain(subspax.clip_by_global_norm(1.0),
   ...                  subspax.subtrack(1e-3, rank=4, update_interval=10))
   >>> state = tx.init({'w': jnp.zeros((16, 32))})
 """
@@ -33,6 +34,7 @@ from subspax._apollo import scale_by_apollo
 from subspax._apollo import scale_by_apollo_mini
 from subspax._apollo import scale_by_fira
 from subspax._bases import DenseBasis
+from subspax._clipping import clip_by_global_norm
 from subspax._bases import RowBasis
 from subspax._core import ProjectedState
 from subspax._core import scale_by_subspace_adam
@@ -89,6 +91,7 @@ __all__ = (
     "apollo",
     "apollo_mini",
     "apply_updates",
+    "clip_by_global_norm",
     "default_is_projected",
     "dequantize",
     "fira",

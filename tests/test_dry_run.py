@@ -115,7 +115,7 @@ def test_subspace_and_clipped_train_steps_need_no_more_temporaries_than_adamw():
                               opt__rank=32, batch_size=1, seq_len=8, mesh__data=1,
                               opt__clip_norm=clip)
     temps[name, clip] = dry_run.dry_run(cfg)["temp_bytes"]
-  # Clipping (optimizers.clip_by_global_norm) keeps no copy either; optax's
+  # Clipping (subspax.clip_by_global_norm) keeps no copy either; optax's
   # divide-per-element clip took AdamW to +77% and GaLore to +16% here.
   for case, temp in temps.items():
     assert temp <= 1.01 * temps["adamw", 0.0], {k: v / 2**20 for k, v in temps.items()}

@@ -260,7 +260,7 @@ def test_unknown_config_key_is_a_clear_cli_error(tmp_path):
 
 @pytest.mark.parametrize("max_norm", [0.5, 100.0])
 def test_clip_by_global_norm_equals_optax(max_norm):
-  """optimizers.clip_by_global_norm multiplies by min(1, max_norm / norm) and
+  """subspax.clip_by_global_norm multiplies by min(1, max_norm / norm) and
   scales the `in_place` stacks layer by layer: optax's result to float32
   rounding, exactly when nothing is clipped."""
   keys = jax.random.split(jax.random.key(0), 3)
@@ -268,7 +268,7 @@ def test_clip_by_global_norm_equals_optax(max_norm):
            "other_stack": jax.random.normal(keys[1], (3, 5, 2)),
            "matrix": jax.random.normal(keys[2], (5, 7)), "empty": jnp.zeros((0, 3))}
   in_place = lambda path, leaf: path[0].key == "stack"
-  ours, _ = jax.jit(optimizers.clip_by_global_norm(max_norm, in_place).update)(grads, None)
+  ours, _ = jax.jit(subspax.clip_by_global_norm(max_norm, in_place).update)(grads, None)
   theirs, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
   for name in grads:
     if max_norm > 10:
