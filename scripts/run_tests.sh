@@ -4,5 +4,5 @@
 # .venv first.
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
-ensure_venv test "subspax, chex, flax, orbax.checkpoint, grain, tensorflow_datasets, sentencepiece, ml_collections, safetensors, tokenizers, tensorboardX, pytest, xdist, hypothesis"
+ensure_venv test "subspax, jax_plugins.xla_cuda12, chex, flax, orbax.checkpoint, grain, tensorflow_datasets, sentencepiece, ml_collections, safetensors, tokenizers, tensorboardX, pytest, xdist, hypothesis"
 exec .venv/bin/python -m pytest -q -n 2 --doctest-modules subspax tests "$@"

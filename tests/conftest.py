@@ -1,6 +1,8 @@
 """Session-wide pytest setup, applied before anything imports numpy or jax.
 
-8 fake CPU devices; single-threaded OpenBLAS (importing `train` sets it,
+8 fake CPU devices on the CPU backend (JAX_PLATFORMS=cpu: the test extra
+installs jax's CUDA plugin for the deviceless GPU compiles of
+tests/test_gpu_compile.py, and it must not look for a GPU); single-threaded OpenBLAS (importing `train` sets it,
 train/__init__.py: jaxlib's batched CPU LAPACK kernels are already parallel,
 and nested OpenBLAS threads make them ~100x slower on a 2-core machine); the
 repo root on sys.path for `train`, `configs`.
@@ -12,6 +14,7 @@ import sys
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
 ).strip()
+os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -6,7 +6,9 @@ fields of its section, e.g. `--config.opt.subtrack.eta=5` (configs/base.py). `--
 `runs/<preset>-<opt.name>`; a run started in a workdir that holds a checkpoint
 resumes from it. `--dry_run` compiles the train step from abstract shapes,
 prints its memory and writes `WORKDIR/memory.json` without allocating the
-model or reading data (train/dry_run.py). For several processes, pass
+model or reading data (train/dry_run.py); `--target=h100` (or h100x8, h200,
+a100_80, a100_40) makes it compile with XLA's GPU compiler for that GPU, on a
+machine without one (train/targets.py). For several processes, pass
 `--coordinator_address`, `--num_processes` and `--process_id` (or set
 JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID).
 
@@ -38,6 +40,7 @@ from train import dry_run
 from train import errors
 from train import preemption
 from train import sharding
+from train import targets
 from train import train
 
 
@@ -107,6 +110,11 @@ _VERBOSE = flags.DEFINE_bool(
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Compile the train step from abstract shapes, print its "
     "memory and write WORKDIR/memory.json; allocates nothing, reads no data.")
+_TARGET = flags.DEFINE_string(
+    "target", "", "With --dry_run: compile for this machine's devices (the "
+    "default), its CPU ('cpu') or, deviceless, for a GPU: h100, h100x8, h200, a100_80, a100_40, or a "
+    "GpuTargetConfigProto .txtpb file, optionally with xN devices "
+    "(train/targets.py; needs the gpu-compile extra).")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -151,6 +159,12 @@ def _main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  target = targets.parse(_TARGET.value)
+  if target.is_gpu and not _DRY_RUN.value:
+    raise errors.UserError(
+        f"--target={_TARGET.value} compiles for a GPU without one and needs "
+        "--dry_run; to train on a GPU, run on it without --target")
+  targets.prepare(target)
   # Joining a multi-process run must come before any computation.
   sharding.maybe_initialize_distributed(
       _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
@@ -159,7 +173,7 @@ def _main(argv: list[str]) -> None:
       config_flags.get_config_filename(flags.FLAGS["config"])))[0]
   workdir = _WORKDIR.value or os.path.join("runs", f"{preset}-{cfg.opt.name}")
   if _DRY_RUN.value:
-    dry_run.run_dry(cfg, workdir)
+    dry_run.run_dry(cfg, workdir, _TARGET.value)
   else:
     train.run(cfg, workdir)
 

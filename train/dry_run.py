@@ -22,10 +22,12 @@ import ml_collections
 import subspax
 
 from train import checkpoint as checkpoint_lib
+from train import control_flow
 from train import errors
 from train import hf
 from train import memory as memory_lib
 from train import model as model_lib
+from train import targets
 from train import tokenizer as tokenizer_lib
 from train import train as train_lib
 
@@ -52,7 +54,8 @@ def _byte_fields(prefix: str, mem: dict[str, int]) -> dict[str, int]:
   return {f"{prefix}{k}_bytes": v for k, v in mem.items()}
 
 
-def dry_run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+def dry_run(cfg: ml_collections.ConfigDict, target: str = targets.LOCAL
+            ) -> dict[str, Any]:
   """Compiles the programs of `cfg` from abstract shapes; allocates nothing.
 
   Examples:
@@ -63,6 +66,9 @@ def dry_run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
 
   Args:
     cfg: A full trainer config (configs/base.py).
+    target: What to compile for (`train.targets`): "" (the machine's
+      devices), "cpu", or a GPU such as "h100" or "h100x8", compiled deviceless by
+      XLA's GPU compiler.
 
   Returns:
     The memory record `run_dry` writes: `peak_bytes`, `argument_bytes`,
@@ -70,13 +76,16 @@ def dry_run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     (per device; the same with a `refresh_` prefix for the refresh program of
     the reparametrised modes), `state_bytes` and `param_bytes` (exact, global),
     `params`, `vocab_size`, the device kind and count, the mesh, the compile
-    seconds and the config.
+    seconds and the config; `target` and `compiler`; `control_flow` (and
+    `refresh_control_flow`): the conditionals each program executes per run
+    and its while-loop trip counts (`train.control_flow.count`).
 
   Raises:
     ValueError / FileNotFoundError: on bad input, as `train.run` would.
   """
+  parsed = targets.parse(target)
   cfg = hf.configure(cfg)  # init_from: the Hugging Face checkpoint's model
-  mesh, rules = train_lib.check_and_mesh(cfg)
+  mesh, rules = train_lib.check_and_mesh(cfg, targets.devices(parsed))
   vocab = hf.vocab_size(cfg, vocab_size(cfg.data))
   start = time.perf_counter()
   programs = train_lib.build_programs(cfg, vocab)
@@ -84,21 +93,23 @@ def dry_run(cfg: ml_collections.ConfigDict) -> dict[str, Any]:
   with jax.set_mesh(mesh):
     state = checkpoint_lib.abstract(jax.eval_shape(programs.init), shardings)
     jitted = train_lib.jit_programs(programs, shardings, mesh, cfg)
-    step_mem = memory_lib.compiled_memory(
-        jitted.train_step.lower(state, jitted.batch).compile())
-    refresh_mem = None
-    if jitted.refresh is not None:
-      refresh_mem = memory_lib.compiled_memory(
-          jitted.refresh.lower(state, jitted.batch).compile())
+    step = jitted.train_step.lower(state, jitted.batch).compile()
+    refresh = (None if jitted.refresh is None
+               else jitted.refresh.lower(state, jitted.batch).compile())
   compile_s = time.perf_counter() - start
-  device = jax.devices()[0]
+  device = mesh.devices.flat[0]
   record = {
-      **_byte_fields("", step_mem),
-      **(_byte_fields("refresh_", refresh_mem) if refresh_mem else {}),
+      **_byte_fields("", memory_lib.compiled_memory(step)),
+      "control_flow": control_flow.of_compiled(step),
+      **({} if refresh is None else {
+          **_byte_fields("refresh_", memory_lib.compiled_memory(refresh)),
+          "refresh_control_flow": control_flow.of_compiled(refresh)}),
       "state_bytes": subspax.state_bytes(state.opt_state),
       "param_bytes": subspax.state_bytes(state.params),
       "params": int(model_lib.count_params(programs.model_cfg)),
       "vocab_size": vocab,
+      "target": parsed.name or device.platform,
+      "compiler": targets.compiler_name(parsed, device),
       "device_kind": device.device_kind,
       "platform": device.platform,
       "device_count": mesh.size,
@@ -115,26 +126,33 @@ def report(record: dict[str, Any]) -> str:
   strip = lambda prefix: {k: record[f"{prefix}{k}_bytes"]
                           for k in (*memory_lib.SIZES, "peak")}
   refresh = strip("refresh_") if "refresh_peak_bytes" in record else None
-  return memory_lib.report(strip(""), record["state_bytes"], record["param_bytes"],
-                           refresh)
+  lines = [memory_lib.report(strip(""), record["state_bytes"],
+                             record["param_bytes"], refresh)]
+  if "control_flow" in record:
+    lines.append("train step: " + control_flow.summary(record["control_flow"]))
+  if "refresh_control_flow" in record:
+    lines.append("refresh: " + control_flow.summary(record["refresh_control_flow"]))
+  return "\n".join(lines)
 
 
-def run_dry(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run_dry(cfg: ml_collections.ConfigDict, workdir: str,
+            target: str = targets.LOCAL) -> dict[str, Any]:
   """`dry_run`, then prints the memory report and writes `workdir/memory.json`.
 
   Args:
     cfg: A full trainer config.
     workdir: Where memory.json goes (created if missing).
+    target: What to compile for (see `dry_run`).
 
   Returns:
     The record written.
   """
-  record = dry_run(cfg)
+  record = dry_run(cfg, target)
   if jax.process_index() == 0:
     print(f"dry run: {record['params']:,} params, vocab {record['vocab_size']}; "
           f"optimizer {cfg.opt.name}; mesh {record['mesh']} of "
-          f"{record['device_kind']}; compiled in {record['compile_s']:.1f} s",
-          flush=True)
+          f"{record['device_kind']}; {record['compiler']}; compiled in "
+          f"{record['compile_s']:.1f} s", flush=True)
     print(report(record), flush=True)
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, MEMORY_FILE)

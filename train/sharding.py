@@ -10,7 +10,7 @@ logically (`embed`, `mlp`, `heads`, `vocab`, `layers`); the config's
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -82,20 +82,27 @@ def mesh_shape(mesh_cfg: Any, n_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def make_mesh(mesh_cfg: Any) -> Mesh:
+def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds the ('data', 'fsdp', 'tensor') mesh with Auto axes.
 
   A mesh smaller than the device count uses the first devices (single process
   only: with several processes it must span all of them).
+
+  Args:
+    mesh_cfg: The `mesh` ConfigDict.
+    devices: The devices to lay the mesh over; default `jax.devices()`. A
+      dry run for another target passes its compile-only devices
+      (`train.targets.devices`).
   """
-  shape = mesh_shape(mesh_cfg, jax.device_count())
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
   n = math.prod(shape)
-  if n < jax.device_count() and jax.process_count() > 1:
+  if n < len(devices) and jax.process_count() > 1:
     raise errors.UserError(
-        f"a multi-process mesh must use all {jax.device_count()} devices, got "
+        f"a multi-process mesh must use all {len(devices)} devices, got "
         f"{dict(zip(MESH_AXES, shape))}")
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3,
-                       devices=jax.devices()[:n])
+                       devices=devices[:n])
 
 
 def parse_rules(rules_cfg: Mapping[str, str]) -> dict[str, tuple[str, ...]]:

@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -95,9 +95,14 @@ def _check_clip_norm(opt_cfg: ml_collections.ConfigDict) -> None:
         f"opt.clip_norm must be >= 0 (0 turns clipping off), got {opt_cfg.clip_norm!r}")
 
 
-def check_and_mesh(cfg: ml_collections.ConfigDict
+def check_and_mesh(cfg: ml_collections.ConfigDict,
+                   devices: Sequence[jax.Device] | None = None,
                    ) -> tuple[jax.sharding.Mesh, dict[str, tuple[str, ...]]]:
   """Validates a config (all but its data) and builds its mesh.
+
+  Args:
+    cfg: The full config.
+    devices: The devices to lay the mesh over (`sharding.make_mesh`).
 
   Returns:
     The mesh and the parsed logical-axis rules (`sharding.parse_rules`).
@@ -109,7 +114,7 @@ def check_and_mesh(cfg: ml_collections.ConfigDict
   reparam.validate(cfg.opt)
   optimizers.validate(cfg.opt, model_lib.LlamaConfig.from_config(cfg.model, 1),
                       cfg.steps)
-  mesh = sharding_lib.make_mesh(cfg.mesh)
+  mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   rules = sharding_lib.parse_rules(cfg.mesh.rules)
   sharding_lib.check_batch(cfg.batch_size, mesh)
   return mesh, rules

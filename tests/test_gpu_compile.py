@@ -1,0 +1,85 @@
+"""XLA's GPU compiler on a machine without a GPU (train/targets.py).
+
+The test extra installs jax's CUDA plugin and ptxas (the `gpu-compile` extra),
+so these compile for an H100 on CI's CPU-only machine.
+"""
+
+import doctest
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from train import control_flow
+from train import errors
+from train import targets
+from tests import test_cli
+
+
+def test_doctests():
+  for module in (targets, control_flow):
+    assert doctest.testmod(module).failed == 0, module.__name__
+
+
+def test_parse_names_counts_and_files(tmp_path):
+  assert targets.parse("h100x8") == targets.Target(
+      "h100x8", os.path.join(targets.SPEC_DIR, "h100_sxm.txtpb"), 8)
+  assert targets.parse("h200").count == 1
+  assert not targets.parse("").is_gpu and targets.parse("cpu").cpu
+  spec = tmp_path / "mine.txtpb"
+  spec.write_text(open(targets.parse("a100_80").spec).read())
+  assert targets.parse(f"{spec}x2") == targets.Target(f"{spec}x2", str(spec), 2)
+  with pytest.raises(errors.UserError, match="unknown target"):
+    targets.parse("h1000")
+  with pytest.raises(errors.MissingFileError, match="no such spec file"):
+    targets.parse(str(tmp_path / "missing.txtpb"))
+
+
+@pytest.mark.parametrize("name", sorted(targets.SPECS))
+def test_every_shipped_spec_parses(name):
+  (device,) = targets.devices(targets.parse(name))
+  assert device.platform == "gpu" and device.device_kind.startswith("NVIDIA")
+
+
+def test_missing_extra_is_one_line(monkeypatch):
+  monkeypatch.setattr(targets.importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(errors.UserError, match=r'gpu-compile'):
+    targets.devices(targets.parse("h100"))
+
+
+def test_counts_conditionals_inside_loops():
+  def f(x, c):
+    def step(x, _):
+      inner = lambda x: jax.lax.cond(c > 1, jnp.sin, jnp.cos, x)
+      return jax.lax.cond(c > 0, inner, jnp.cos, x), None
+    return jax.lax.scan(step, x, None, length=3)[0]
+  hlo = jax.jit(f).lower(jnp.ones(4), jnp.int32(1)).compile().as_text()
+  stats = control_flow.count(hlo)
+  assert stats["conditionals"] == 3 * 2  # the outer cond and the inner one, 3 times
+  assert stats["while_trip_counts"] == [3]
+
+
+@pytest.mark.slow
+def test_tiny_preset_on_h100_subspax_below_adamw(tmp_path):
+  """The tiny preset compiled for an H100: SubTrack++'s step peaks below
+  AdamW's and synchronises with the host no more often."""
+  records = {}
+  for method in ("adamw", "subtrack"):
+    workdir = tmp_path / method
+    status, out = test_cli.run(tmp_path, "--config", "configs/tiny.py", "--dry_run",
+                               "--target=h100", f"--config.opt.name={method}",
+                               "--workdir", workdir)
+    assert status == 0, out
+    assert "XLA GPU compiler, NVIDIA H100 80GB HBM3 (deviceless)" in out
+    records[method] = json.loads((workdir / "memory.json").read_text())
+  for record in records.values():
+    assert record["target"] == "h100" and record["platform"] == "gpu"
+    assert record["device_kind"] == "NVIDIA H100 80GB HBM3"
+    assert record["device_count"] == 1
+  adamw, subtrack = records["adamw"], records["subtrack"]
+  assert subtrack["peak_bytes"] <= adamw["peak_bytes"]
+  assert subtrack["state_bytes"] < adamw["state_bytes"]
+  assert (subtrack["control_flow"]["conditionals"]
+          <= adamw["control_flow"]["conditionals"])
