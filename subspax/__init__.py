@@ -69,6 +69,7 @@ from subspax._state import state_bytes
 from subspax._state import state_shardings
 from subspax._layerwise import layerwise
 from subspax._layerwise import LayerwiseUpdate
+from subspax import ordering
 from subspax import reparam
 
 __version__ = "0.1.0"
@@ -112,6 +113,7 @@ __all__ = (
     "scale_by_subspace_adam",
     "scale_by_subtrack",
     "state_bytes",
+    "ordering",
     "reparam",
     "state_shardings",
     "stochastic_round",

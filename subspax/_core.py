@@ -40,6 +40,7 @@ from subspax import _policies
 from subspax import _quantized
 from subspax import _types
 from subspax import _validation
+from subspax import ordering
 
 MOMENTS = typing.get_args(_types.Moments)
 OUTPUTS = typing.get_args(_types.Output)
@@ -390,8 +391,16 @@ def _scale_by_projected_adam(config: _Config, route, side: str,
     return SubspaceAdamState(
         count=jnp.zeros([], jnp.int32), key=_key_data(key), matrices=matrices)
 
-  def update_fn(updates, state, params=None, *, layer=None, **extra_args):
+  def update_fn(updates, state, params=None, *, layer=None, refresh=None,
+                **extra_args):
     """One step; ``layer``: the stacked leaves hold only that layer.
+
+    ``refresh``: ``None`` decides inside the program whether this step
+    refreshes the subspaces (``count % update_interval == 0``), with a
+    conditional per matrix; ``True`` or ``False`` (the caller knows the step
+    count) makes the choice when tracing, so an ordinary step compiles with
+    no conditional (each is a host synchronisation on a GPU) and a refresh
+    step is a program of its own. The results are the same.
 
     A parameter whose update is ``MaskedNode`` while its state is a
     ``ProjectedState`` is skipped (its state is returned unchanged): this is
@@ -406,14 +415,20 @@ def _scale_by_projected_adam(config: _Config, route, side: str,
       raise ValueError("The updates do not have the structure of the state's "
                        "parameters.")
     update_parameter = _sharding_agnostic(
-        functools.partial(_update_parameter, config, layer=layer))
+        functools.partial(_update_parameter, config, layer=layer,
+                          refresh=refresh))
     new_updates, new_states, count, index = [], [], state.count, 0
     for g, leaf_state in zip(flat, leaf_states):
       if isinstance(leaf_state, ProjectedState):
         if not _is_masked(g):
           g, leaf_state = update_parameter(
               g, leaf_state, count, _keys.parameter_key(base_key, index))
-          count = _after(leaf_state, state.count)
+          # Parameters are updated one after the other: each reads its count
+          # after the previous one's new state exists. Otherwise XLA may start
+          # every projection first, or write every new moment last, and keep
+          # all their workspace alive at once. (The chain reads the new
+          # state, not the update, so a chained scale applies in place.)
+          count = ordering.run_after(state.count, leaf_state, state.count)
         index += 1
       new_updates.append(g)
       new_states.append(leaf_state)
@@ -432,38 +447,6 @@ def _is_masked(x) -> bool:
 
 def _is_leaf_state(x) -> bool:
   return isinstance(x, (ProjectedState, MaskedNode))
-
-
-def _after(outputs, count: jax.Array) -> jax.Array:
-  """``count``, as a value that XLA can only compute once ``outputs`` exist.
-
-  Parameters are updated one after the other: each parameter's step reads
-  its count through this, from the previous parameter's new state. Otherwise
-  XLA may start every parameter's projection first, or write every
-  parameter's new moments last, and keep all their reduced gradients (and
-  other workspace) alive at once. The chain reads the new state, not the
-  update: reading the update would keep each update buffer alive until the
-  next parameter runs, so a chained learning-rate scale could not be applied
-  in place. The select never changes the value (``count >= 0``), but XLA
-  cannot prove that.
-  """
-  firsts = [_first_element(x) for x in jax.tree.leaves(outputs) if x.size]
-  unfinished = jnp.isnan(sum(firsts)) & (count < 0)
-  return jnp.where(unfinished, 0, count)
-
-
-def _zero_after(count: jax.Array) -> jax.Array:
-  """A float32 0 that XLA can only compute once ``count`` exists."""
-  return jnp.where(count < 0, jnp.nan, 0.0).astype(jnp.float32)
-
-
-def _first_element(x: jax.Array) -> jax.Array:
-  """``x``'s first element as float32 (with Auto axes under an Explicit mesh)."""
-  first = lambda y: y[(0,) * y.ndim].astype(jnp.float32)
-  if not jax.sharding.get_abstract_mesh().explicit_axes:
-    return first(x)
-  scalar = jax.sharding.PartitionSpec()
-  return jax.sharding.auto_axes(first, out_sharding=scalar)(x)
 
 
 def _sharding_agnostic(update_parameter):
@@ -530,7 +513,8 @@ def _init_matrices(config: _Config, layout: _layout.MatrixLayout
 
 def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
                       count: jax.Array, key: jax.Array, *,
-                      layer: Optional[jax.Array] = None):
+                      layer: Optional[jax.Array] = None,
+                      refresh: Optional[bool] = None):
   """Updates every matrix of one projected parameter.
 
   Memory: nothing full-size is added beyond the output. The matrices are
@@ -546,6 +530,8 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
 
   ``layer``: ``g`` and ``state`` are the slice ``[layer:layer + 1]`` of a
   stacked parameter (the keys are those of its matrices in the stack).
+  ``refresh``: whether this step refreshes, if known when tracing (else
+  decided from ``count`` by a conditional per matrix).
   """
   layout = state.layout
   nb = len(layout.batch_shape)
@@ -569,7 +555,7 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
         lambda a: a.astype(jnp.float32) if jnp.issubdtype(
             a.dtype, jnp.floating) else a, fields_i.basis))
 
-    def refresh(fields_i):
+    def refresh_matrix(fields_i):
       # Made canonical (transposed for side "right") one matrix at a time:
       # the buffers of both branches of a cond are allocated on every step.
       canonical = stack[i].astype(jnp.float32)
@@ -577,14 +563,17 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
       return _refresh_matrix(config, canonical, fields_i, keys[i],
                              count=count, right=right)
 
-    fields_i = jax.lax.cond(refreshing, refresh, lambda f: f, fields_i)
+    if refresh is None:
+      fields_i = jax.lax.cond(refreshing, refresh_matrix, lambda f: f, fields_i)
+    elif refresh:
+      fields_i = refresh_matrix(fields_i)
     if config.stores_basis:
       basis = fields_i.basis
     else:
       basis = config.policy.sample(_epoch_key(config, keys[i], count),
                                    layout.d, layout.rank)
     matrix = _blocks.StackedMatrix(stack, i, basis, layout.rank, right,
-                                   zero=_zero_after(count))
+                                   zero=ordering.allocate_late(count))
     stack, new_state = _update_matrix(config, matrix, fields_i, count=count)
     return stack, _write_index(fields, new_state, i)
 
@@ -603,24 +592,20 @@ def _write_index(stacked, values, i):
 
 
 def _materialized(tree, count: jax.Array, num: int, always: bool = False):
-  """``tree``, computed into buffers of its own before any later use.
+  """``tree`` (a matrix's state, sliced out of the stacked state), read first.
 
-  The matrix loop reads a matrix's (small) state out of the stacked state and
-  writes the new one back in place. If XLA fuses those reads into the
-  computations that consume them, some of them run after the write, and XLA
-  then copies every whole stack to keep the old values. A conditional is not
-  fused (and, unlike ``optimization_barrier``, is kept by the CPU compiler),
-  so passing the slices through one on a predicate XLA cannot fold
-  (``count >= 0``) forces them to be read once, first. A single matrix
-  (``num == 1``, the loop is removed) needs no such thing, unless
-  ``always``: 8-bit moments are decoded by table lookups that XLA would
-  otherwise hoist, for every parameter, to the start of the update (the
-  cond reads ``count``, which comes after the previous parameter).
+  The matrix loop writes each matrix's new state back into the stacked state
+  in place; unless its old slices are read first (`ordering.read_first`), XLA
+  fuses some reads into computations that run after the write and copies
+  every whole stack. A single matrix (``num == 1``, the loop is removed) needs
+  no such thing, unless ``always``: 8-bit moments are decoded by table
+  lookups that XLA would otherwise hoist, for every parameter, to the start
+  of the update (the read is ordered after ``count``, which comes after the
+  previous parameter).
   """
   if num == 1 and not always:
     return tree
-  return jax.lax.cond(count >= 0, lambda t: t,
-                      lambda t: jax.tree.map(jnp.zeros_like, t), tree)
+  return ordering.read_first(tree, count)
 
 
 def _update_matrix(config: _Config, matrix: _blocks.StackedMatrix,
@@ -709,7 +694,7 @@ def _adam_step(config: _Config, reduced: jax.Array, state: ProjectedState, *,
   moments = (_quantized.store(mu, state.mu, cast=False),
              _quantized.store(nu, state.nu, cast=False))
   if config.quantize_moments != "off":
-    # Quantized whole, here: the parameter chain (``_after``) reads one code,
+    # Quantized whole, here: the parameter chain (``ordering.run_after``) reads one code,
     # which XLA could otherwise compute alone and leave the rest, with this
     # matrix's float32 moments, to the end of the update.
     moments = _materialized(moments, count, 1, always=True)

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import optax
 
 from subspax import _core
+from subspax import ordering
 
 MaskedNode = optax.MaskedNode
 Stacked = Union[Any, Callable[[Any], Any]]
@@ -66,12 +67,14 @@ class LayerwiseUpdate(NamedTuple):
     split: ``tree -> (stacked_part, rest_part)``: a tree of the parameters'
       structure as two trees of the same structure, each with
       ``optax.MaskedNode()`` in the other's places.
-    update_layer: ``(grads, state, params, layer) -> (updates, state)``.
+    update_layer: ``(grads, state, params, layer, **extra_args) -> (updates,
+      state)``; ``extra_args`` go to ``tx.update`` (e.g. subspax's
+      ``refresh=``).
       ``grads`` and ``params`` (or ``None``) are a stacked part holding layer
       ``layer`` of each stacked leaf (its leading axis removed); the updates
       come back the same way, and the returned state has that layer's state
       written in. Global leaves (counts) are not advanced.
-    update_rest: ``(grads, state, params) -> (updates, state)`` for a rest
+    update_rest: ``(grads, state, params, **extra_args) -> (updates, state)`` for a rest
       part; advances the global leaves. Call it once per step, after the
       layers (or before: each call reads the global leaves of the previous
       step).
@@ -154,20 +157,20 @@ def layerwise(tx: optax.GradientTransformation, params: Any,
     return (jax.tree.map(lambda x, s: x if s else MaskedNode(), tree, mask),
             jax.tree.map(lambda x, s: MaskedNode() if s else x, tree, mask))
 
-  def update_layer(grads, state, params, layer):
+  def update_layer(grads, state, params, layer, **extra_args):
     add_axis = lambda tree: None if tree is None else jax.tree.map(
         lambda x: x[None], tree)
     sub = _gather(layer_template, state, per_layer, layer)
     updates, sub = tx.update(add_axis(grads), sub, add_axis(params),
-                             layer=layer)
+                             layer=layer, **extra_args)
     state = _scatter(state, sub, lambda key: key in per_layer,
                      lambda full, new: jax.lax.dynamic_update_slice_in_dim(
                          full, new.astype(full.dtype), layer, 0))
     return jax.tree.map(lambda u: u[0], updates), state
 
-  def update_rest(grads, state, params):
+  def update_rest(grads, state, params, **extra_args):
     sub = _gather(rest_template, state, per_layer, None)
-    updates, sub = tx.update(grads, sub, params)
+    updates, sub = tx.update(grads, sub, params, **extra_args)
     state = _scatter(state, sub, lambda key: key not in per_layer,
                      lambda full, new: new)
     return updates, state
@@ -232,17 +235,13 @@ def _gather(template: Any, state: Any, per_layer: set[str], layer) -> Any:
 
 
 def _read_slices(stacks: list[jax.Array], layer: jax.Array) -> list[jax.Array]:
-  """``[layer:layer + 1]`` of each stack, into buffers of their own.
-
-  Sliced inside a conditional on a predicate XLA cannot fold (``layer >=
-  0``): otherwise XLA may fuse a slice into a computation that runs after the
-  layer's new state is written into the same stack, and then copies the whole
-  stack to keep the old values.
+  """``[layer:layer + 1]`` of each stack, read before the layer's new state is
+  written into the same stacks (`ordering.read_first`: otherwise XLA may fuse
+  a slice into a computation that runs after the write, and copy the stack).
   """
-  return jax.lax.cond(
-      layer >= 0,
-      lambda xs: [jax.lax.dynamic_slice_in_dim(x, layer, 1, 0) for x in xs],
-      lambda xs: [jnp.zeros((1,) + x.shape[1:], x.dtype) for x in xs], stacks)
+  return ordering.read_first(
+      stacks, layer,
+      lambda xs: [jax.lax.dynamic_slice_in_dim(x, layer, 1, 0) for x in xs])
 
 
 def _scatter(state: Any, sub: Any, writes: Callable[[str], bool],

@@ -73,8 +73,9 @@ def dry_run(cfg: ml_collections.ConfigDict, target: str = targets.LOCAL
   Returns:
     The memory record `run_dry` writes: `peak_bytes`, `argument_bytes`,
     `temp_bytes`, `output_bytes`, `alias_bytes` of the compiled train step
-    (per device; the same with a `refresh_` prefix for the refresh program of
-    the reparametrised modes), `state_bytes` and `param_bytes` (exact, global),
+    (per device; for a subspax method, its ordinary step), the same with a
+    `refresh_` prefix for the program of the refresh steps (the subspax
+    methods' refresh step, or the reparametrised modes' refresh program), `state_bytes` and `param_bytes` (exact, global),
     `params`, `vocab_size`, the device kind and count, the mesh, the compile
     seconds and the config; `target` and `compiler`; `control_flow` (and
     `refresh_control_flow`): the conditionals each program executes per run
@@ -94,8 +95,11 @@ def dry_run(cfg: ml_collections.ConfigDict, target: str = targets.LOCAL
     state = checkpoint_lib.abstract(jax.eval_shape(programs.init), shardings)
     jitted = train_lib.jit_programs(programs, shardings, mesh, cfg)
     step = jitted.train_step.lower(state, jitted.batch).compile()
-    refresh = (None if jitted.refresh is None
-               else jitted.refresh.lower(state, jitted.batch).compile())
+    # The reparametrised modes' refresh program, or the subspax methods'
+    # refresh step: run once every opt.update_interval steps.
+    refresh = next((f.lower(state, jitted.batch).compile()
+                    for f in (jitted.refresh, jitted.refresh_step) if f is not None),
+                   None)
   compile_s = time.perf_counter() - start
   device = mesh.devices.flat[0]
   record = {

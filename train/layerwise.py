@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import subspax
+from subspax import ordering
 from flax import nnx
 
 from train import errors
@@ -85,18 +86,15 @@ def validate(cfg: Any) -> None:
 def _read_layer(stacks: Any, layer: jax.Array) -> Any:
   """Layer `layer` of stacked arrays, into buffers of its own.
 
-  Sliced inside a conditional on a predicate XLA cannot fold (`layer >= 0`):
-  otherwise XLA's CPU compiler, which slices bfloat16 arrays in float32,
-  converts a stack the scan only reads to float32 once, outside the loop (a
-  float32 copy of every stacked bfloat16 weight). Inside the conditional only
-  the slice is read and converted. The train step reads the weights it
-  writes without it (materialising a whole layer costs more than ordering
-  the write after the reads, see `make_train_step`).
+  Sliced inside `subspax.ordering.read_first`: otherwise XLA's CPU compiler,
+  which slices bfloat16 arrays in float32, converts a stack the scan only
+  reads to float32 once, outside the loop (a float32 copy of every stacked
+  bfloat16 weight); this way only the slice is read and converted. The train
+  step reads the weights it writes without it (materialising a whole layer
+  costs more than ordering the write after the reads, see `make_train_step`).
   """
-  return jax.lax.cond(
-      layer >= 0, lambda t: jax.tree.map(lambda a: a[layer], t),
-      lambda t: jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), t),
-      stacks)
+  return ordering.read_first(
+      stacks, layer, lambda t: jax.tree.map(lambda a: a[layer], t))
 
 
 def _masked_like(tree: Any) -> Any:
@@ -109,7 +107,8 @@ ApplyUpdates = Callable[..., Any]
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr: optax.Schedule, param_shapes: dict,
-                    apply_updates: ApplyUpdates, state_type: type) -> Callable:
+                    apply_updates: ApplyUpdates, state_type: type,
+                    refresh: bool | None = None) -> Callable:
   """The layer-wise (state, batch) -> (state, metrics) step.
 
   Args:
@@ -121,10 +120,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       part of the trainable tree, in its layout (`precision.updater`;
       `layer`: the blocks hold that layer only).
     state_type: The train state's type (`train.TrainState`).
+    refresh: Passed to a subspax method's update (`train.make_train_step`).
 
   Returns:
     The step function; it equals `train.make_train_step`'s.
   """
+  extra = {} if refresh is None else {"refresh": refresh}
   trainable_shapes = model_lib.trainable(graphdef, param_shapes)
   lw = subspax.layerwise(tx, trainable_shapes,
                          {k: k == BLOCKS for k in trainable_shapes})
@@ -165,13 +166,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       sq = sq + optax.tree.norm(grads_l, squared=True)
       updates_l, opt_state = lw.update_layer(
           {**masked_rest, BLOCKS: grads_l}, opt_state,
-          {**masked_rest, BLOCKS: params_l}, layer)
+          {**masked_rest, BLOCKS: params_l}, layer, **extra)
       new_l = apply_updates({BLOCKS: params_l}, {BLOCKS: updates_l[BLOCKS]},
                             state.step, layer=layer)[BLOCKS]
       # The layer's weights are written after dx exists: every read of them
       # (dx's included) is then done, and XLA keeps no copy of the stack.
-      after_dx = (jnp.isnan(dx.reshape(-1)[0]) & (layer < 0))
-      new_l = jax.tree.map(lambda v: jnp.where(after_dx, jnp.zeros_like(v), v), new_l)
+      new_l = ordering.run_after(new_l, dx, layer)
       blocks = _write_layer(blocks, new_l, layer)
       return dx, blocks, opt_state, sq
 
@@ -183,7 +183,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     masked_blocks = _masked_like(blocks)
     rest_updates, opt_state = lw.update_rest(
         {**rest_grads, BLOCKS: masked_blocks}, opt_state,
-        {**rest, BLOCKS: masked_blocks})
+        {**rest, BLOCKS: masked_blocks}, **extra)
     del rest_updates[BLOCKS]
     rest = apply_updates(rest, rest_updates, state.step)
     params = model_lib.combine(rest, {BLOCKS: blocks}, frozen,

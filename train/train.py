@@ -151,31 +151,27 @@ def _loss_and_grads(graphdef: nnx.GraphDef, trainable: dict, frozen: dict,
 def _after_norm(grads: dict, norm: jax.Array,
                 overwritten: Callable[[tuple, jax.Array], bool]) -> dict:
   """`grads`, unchanged, where the `overwritten` leaves can only be used once
-  `norm` exists.
+  `norm` exists (`subspax.ordering.run_after`).
 
   The subspax methods write a projected parameter's update into its gradient
   buffer in place. Unless the norm is ordered first, XLA keeps a copy of every
-  such gradient for it (at LLaMA-7B, 3.8 GiB of temporaries). Each of these
-  leaves' first element is rewritten with itself under a select on
-  `norm < 0`: never true, but XLA cannot prove it, so the one-element write
-  waits for the norm. (The train step's `jax.lax.optimization_barrier` alone
-  leaves these copies in place: XLA's CPU pipeline expands it away.) The
-  other leaves stay free, so that an update that only reads its gradient
-  (AdamW's) is not held back.
+  such gradient for it (at LLaMA-7B, 3.8 GiB of temporaries). (The train
+  step's `jax.lax.optimization_barrier` alone leaves these copies in place:
+  XLA's CPU pipeline expands it away.) The other leaves stay free, so that an
+  update that only reads its gradient (AdamW's) is not held back.
   """
   def after(path, g):
     if not g.size or not overwritten(path, g):
       return g
-    first = (0,) * g.ndim
-    return g.at[first].set(jnp.where(norm < 0, jnp.zeros((), g.dtype), g[first]))
+    return subspax.ordering.run_after(g, norm, norm)
   return jax.tree_util.tree_map_with_path(after, grads)
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     lr: optax.Schedule, micro_batches: int = 1,
                     update_params: precision.Updater | None = None,
-                    overwritten: Callable[[tuple, jax.Array], bool] | None = None
-                    ) -> Callable:
+                    overwritten: Callable[[tuple, jax.Array], bool] | None = None,
+                    refresh: bool | None = None) -> Callable:
   """The (state, batch) -> (state, metrics) function that jit compiles.
 
   Only the `model.TRAINABLE` parameters (all of them, unless the model has
@@ -185,9 +181,12 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   nearest). `micro_batches` > 1 (`grad_accum`) averages the gradients of that
   many parts of the batch before the one update. `overwritten(path, grad)`:
   the gradients `tx` may overwrite in place (`optimizers.overwrites_gradient`),
-  which the gradient-norm metric must read first.
+  which the gradient-norm metric must read first. `refresh`: passed to a
+  subspax method's update (True: a refresh step; False: an ordinary step, with
+  no conditional; None, the default: decided inside the program).
   """
   update_params = update_params or precision.updater()
+  extra = {} if refresh is None else {"refresh": refresh}
   overwritten = overwritten or (lambda path, g: False)
 
   def train_step(state: TrainState, batch_BxL1: jax.Array):
@@ -200,7 +199,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     # methods' copies).
     grads, grad_norm = jax.lax.optimization_barrier((grads, optax.tree.norm(grads)))
     grads = _after_norm(grads, grad_norm, overwritten)
-    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable, **extra)
     params = model_lib.combine(update_params(trainable, updates, state.step), frozen)
     metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                "lr": lr(state.step)}
@@ -232,6 +231,9 @@ class Programs(NamedTuple):
   train_step: Callable  # (state, batch) -> (state, metrics)
   refresh: Callable | None  # reparam modes: (state, batch) -> state, run before
                             # every step whose `state.step % update_interval == 0`
+  refresh_step: Callable | None  # subspax methods: the train step of the steps
+      # whose `state.step % update_interval == 0` (`train_step` is then the
+      # ordinary step, compiled with no refresh and no conditional)
 
 
 def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
@@ -272,14 +274,24 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
     else:
       refresh = reparam.make_refresh(lambda p, b: loss_fn(p, plain_graphdef, b),
                                      graphdef, cfg.opt, cfg.seed)
-  if cfg.opt.layerwise:
-    train_step = layerwise.make_train_step(
-        graphdef, tx, lr, param_shapes, precision.updater(cfg), TrainState)
-  else:
-    train_step = make_train_step(graphdef, tx, lr, cfg.grad_accum,
-                                 precision.updater(cfg), overwritten)
+  def step_function(refresh_subspaces: bool | None) -> Callable:
+    if cfg.opt.layerwise:
+      return layerwise.make_train_step(
+          graphdef, tx, lr, param_shapes, precision.updater(cfg), TrainState,
+          refresh=refresh_subspaces)
+    return make_train_step(graphdef, tx, lr, cfg.grad_accum,
+                           precision.updater(cfg), overwritten,
+                           refresh=refresh_subspaces)
+
+  # A subspax method refreshes its subspaces every `update_interval` steps;
+  # the host knows the step, so an ordinary step and a refresh step are two
+  # programs and neither decides at run time (a conditional per matrix, each
+  # a host synchronisation on a GPU).
+  two_programs = cfg.opt.name in subspax.METHODS and not model_cfg.reparam
+  train_step = step_function(False if two_programs else None)
+  refresh_step = step_function(True) if two_programs else None
   return Programs(model_cfg, graphdef, param_shapes, param_names, tx, lr, init,
-                  train_step, refresh)
+                  train_step, refresh, refresh_step)
 
 
 def initial_state(cfg: ml_collections.ConfigDict, programs: Programs,
@@ -315,6 +327,7 @@ class Jitted(NamedTuple):
   train_step: Any  # (state, batch) -> (state, metrics), the state donated
   refresh: Any  # reparam modes: (state, batch) -> state, donated; else None
   batch: jax.ShapeDtypeStruct  # the global (B, L+1) int32 batch, sharded
+  refresh_step: Any = None  # subspax methods: the refresh steps' train step
 
 
 def jit_programs(programs: Programs, shardings: TrainState, mesh: jax.sharding.Mesh,
@@ -325,9 +338,12 @@ def jit_programs(programs: Programs, shardings: TrainState, mesh: jax.sharding.M
   so the dry run's memory is the run's.
   """
   batch_sharding = sharding_lib.batch_sharding(mesh)
-  train_step = jax.jit(
-      programs.train_step, in_shardings=(shardings, batch_sharding),
+  jit_step = lambda step: jax.jit(
+      step, in_shardings=(shardings, batch_sharding),
       out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
+  train_step = jit_step(programs.train_step)
+  refresh_step = (None if programs.refresh_step is None
+                  else jit_step(programs.refresh_step))
   refresh = None
   if programs.refresh is not None:
     refresh = jax.jit(
@@ -335,7 +351,7 @@ def jit_programs(programs: Programs, shardings: TrainState, mesh: jax.sharding.M
         out_shardings=shardings, donate_argnums=0)
   batch = jax.ShapeDtypeStruct(
       (cfg.batch_size, cfg.seq_len + 1), jnp.int32, sharding=batch_sharding)
-  return Jitted(train_step, refresh, batch)
+  return Jitted(train_step, refresh, batch, refresh_step)
 
 
 class Result(NamedTuple):
@@ -403,6 +419,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
 
     jitted = jit_programs(programs, shardings, mesh, cfg)
     compiled = jitted.train_step.lower(state, jitted.batch).compile()
+    compiled_refresh = (None if jitted.refresh_step is None else
+                        jitted.refresh_step.lower(state, jitted.batch).compile())
     refresh = jitted.refresh  # the reparametrised modes' merge / new-basis program
     eval_step = jax.jit(lambda p, b: loss_fn(p, programs.graphdef, b),
                         in_shardings=(param_shardings, batch_sharding),
@@ -418,8 +436,10 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
       print(f"model: {model_lib.count_params(programs.model_cfg):,} params, "
             f"vocab {data.vocab_size}; optimizer {cfg.opt.name}{mode}; mesh "
             f"{dict(mesh.shape)}", flush=True)
-      print(memory_lib.report(memory_lib.compiled_memory(compiled), state_bytes,
-                              param_bytes), flush=True)
+      print(memory_lib.report(
+          memory_lib.compiled_memory(compiled), state_bytes, param_bytes,
+          compiled_refresh and memory_lib.compiled_memory(compiled_refresh)),
+            flush=True)
 
     writer = metrics_lib.Writer(workdir, start=start, total=cfg.steps, enabled=primary)
     timer = _Timer(start, tokens_per_step=cfg.batch_size * cfg.seq_len)
@@ -428,9 +448,11 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
     for step in range(start + 1, end + 1):
       profiler.before(step)
       batch = to_global(next(data.train_iter))
-      if refresh is not None and (step - 1) % cfg.opt.update_interval == 0:
+      refreshing = (step - 1) % cfg.opt.update_interval == 0
+      if refresh is not None and refreshing:
         state = refresh(state, batch)
-      state, step_metrics = compiled(state, batch)
+      state, step_metrics = (compiled_refresh if compiled_refresh is not None
+                             and refreshing else compiled)(state, batch)
       profiler.after(step, step_metrics)
       if pending is not None:  # read step t-1's metrics after dispatching step t
         writer.write(timer.finish(*pending))
