@@ -61,6 +61,7 @@ import subspax
 
 from bench import _common
 from train import dry_run
+from train import targets
 from train import model as model_lib
 from train import optimizers
 
@@ -133,9 +134,8 @@ def compile_case(size: str, scan: bool, name: str, args,
   cfg.update_from_flattened_dict(VARIANTS[variant])
   if name == "adamw" and "opt.basis_dtype" in VARIANTS[variant]:
     cfg.opt.basis_dtype = "float32"  # (unused by adamw)
-  record = dry_run.dry_run(cfg)
-  mem = {k: record[f"{k}_bytes"] for k in ("argument", "output", "alias", "temp",
-                                           "peak")}
+  record = dry_run.dry_run(cfg, getattr(args, "target", ""))
+  mem = dry_run.run_sizes(record)  # the larger of the ordinary and refresh steps
   mem["argument_plus_temp"] = mem["argument"] + mem["temp"]
   model_cfg = model_lib.LlamaConfig.from_config(cfg.model, record["vocab_size"])
   proj = projected_only(model_lib.abstract_model(model_cfg)[1], cfg.opt.rank)
@@ -288,7 +288,8 @@ def what_fits(budgets_gib: list[float], methods: list[str], args,
           "largest": largest}
 
 
-def one_device_presets(names: list[str], partial: _common.Partial) -> dict:
+def one_device_presets(names: list[str], partial: _common.Partial,
+                       target: str = "") -> dict:
   """The dry runs of the one-device presets, as configured (their own batch).
 
   Returns:
@@ -300,11 +301,9 @@ def one_device_presets(names: list[str], partial: _common.Partial) -> dict:
   for name in names:
     def run(name=name):
       cfg = importlib.import_module(f"configs.{name}").get_config()
-      record = dry_run.dry_run(cfg)
-      sizes = lambda prefix: ({k: record[f"{prefix}{k}_bytes"] for k in (
-          "argument", "output", "alias", "temp", "peak")}
-                              if f"{prefix}peak_bytes" in record else None)
-      return {"step": sizes(""), "refresh": sizes("refresh_"),
+      record = dry_run.dry_run(cfg, target)
+      return {"step": dry_run.program_sizes(record),
+              "refresh": dry_run.program_sizes(record, "refresh_"),
               "state_bytes": record["state_bytes"],
               "param_bytes": record["param_bytes"], "params": record["params"],
               "batch": cfg.batch_size, "seq": cfg.seq_len, "method": cfg.opt.name,
@@ -357,6 +356,15 @@ def merge_fits(earlier: dict | None, fits: dict | None) -> dict | None:
                        for key in ("peaks", "largest", "variants")})
 
 
+def _compiler(target: targets.Target) -> dict:
+  """What compiled the figures: target, compiler, device kind and platform."""
+  device = targets.devices(target)[0]
+  return {"target": target.name or device.platform,
+          "compiler": targets.compiler_name(target, device),
+          "device_kind": device.device_kind, "platform": device.platform,
+          "device_count": 1}
+
+
 DEFAULT_SIZES = ("60m,130m,350m@adamw+optax_galore+subtrack,350m:scan,"
                  "1b@adamw+optax_galore+subtrack,1b:scan,7b:scan")
 
@@ -385,14 +393,21 @@ def main() -> None:
   parser.add_argument("--presets", default=",".join(PRESETS),
                       help="comma-separated one-device presets to dry-run as "
                            "they are ('' skips them)")
+  parser.add_argument("--target", default="",
+                      help="compile for this target (train/targets.py): '' the "
+                           "machine's devices, or deviceless for a GPU, e.g. "
+                           "h100; results go to <out>/memory_<target>.json")
   parser.add_argument("--merge", action="store_true",
                       help=f"keep the sizes and layouts of <out>/{NAME}.json that "
                            "this run does not measure, and the rows of its fits "
                            "table that this run does not compile")
   args = parser.parse_args()
+  target = targets.parse(args.target)
+  targets.prepare(target)
+  name = f"{NAME}_{target.name}" if target.is_gpu else NAME
   methods = args.methods.split(",")
   info = _common.machine()
-  partial = _common.Partial(args.out, NAME, resume=args.resume)
+  partial = _common.Partial(args.out, name, resume=args.resume)
   results = [measure(spec, methods, args, partial)
              for spec in args.sizes.split(",") if spec]
   fits = None
@@ -400,14 +415,16 @@ def main() -> None:
     fits = what_fits([float(b) if "." in b else int(b) for b in args.fits.split(",")],
                      [m for m in FIT_METHODS if m in methods], args, partial,
                      tuple(v for v in args.fit_variants.split(",") if v))
-  presets = one_device_presets([p for p in args.presets.split(",") if p], partial)
-  merged_from = _common.load_json(os.path.join(args.out, f"{NAME}.json")) \
+  presets = one_device_presets([p for p in args.presets.split(",") if p], partial,
+                                args.target)
+  merged_from = _common.load_json(os.path.join(args.out, f"{name}.json")) \
       if args.merge else None
   if merged_from:
     results, fits = merge(merged_from, results, fits, args)
   record = _common.call_record(args, batch=args.batch, seq_len=args.seq)
   payload = _common.with_call(
-      {"benchmark": NAME, "machine": info,
+      {"benchmark": name, "machine": info,
+       "compiler": _compiler(target),
        "args": dict(vars(args), out=os.path.relpath(
            args.out, os.path.dirname(os.path.dirname(_common.RESULTS)))),
        "results": results}, merged_from, record)
@@ -430,9 +447,9 @@ def main() -> None:
       print(f"{key}: this run {v['this_run']}, earlier {v['earlier']}", flush=True)
   markdown = table(results, args) + "\n" + _common.machine_line(info)
   if payload.get("presets"):
-    with open(os.path.join(args.out, f"{NAME}_presets.md"), "w") as f:
+    with open(os.path.join(args.out, f"{name}_presets.md"), "w") as f:
       f.write(presets_table(payload["presets"]) + "\n")
-  _common.write_results(NAME, payload, markdown, args.out)
+  _common.write_results(name, payload, markdown, args.out)
   partial.remove()
 
 

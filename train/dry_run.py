@@ -125,13 +125,37 @@ def dry_run(cfg: ml_collections.ConfigDict, target: str = targets.LOCAL
   return record
 
 
+def program_sizes(record: dict[str, Any], prefix: str = "") -> dict[str, int] | None:
+  """One program's sizes in a `dry_run` record (`prefix` "" for the train
+  step, "refresh_" for the refresh program), or None if it has none."""
+  if f"{prefix}peak_bytes" not in record:
+    return None
+  return {k: record[f"{prefix}{k}_bytes"] for k in (*memory_lib.SIZES, "peak")}
+
+
+def run_sizes(record: dict[str, Any]) -> dict[str, int]:
+  """The sizes of the program with the larger peak: a run's peak memory.
+
+  A subspax method's run alternates an ordinary step and, every
+  `opt.update_interval` steps, a refresh step; only one runs at a time, so
+  the run needs the larger of the two peaks.
+
+  Examples:
+    >>> step = {f"{k}_bytes": 1 for k in ("argument", "temp", "output", "alias")}
+    >>> record = {**step, "peak_bytes": 1, "refresh_peak_bytes": 2,
+    ...           **{f"refresh_{k}": 2 for k in step}}
+    >>> run_sizes(record)["peak"]
+    2
+  """
+  programs = [program_sizes(record), program_sizes(record, "refresh_")]
+  return max((p for p in programs if p), key=lambda p: p["peak"])
+
+
 def report(record: dict[str, Any]) -> str:
   """The trainer's memory report for a `dry_run` record."""
-  strip = lambda prefix: {k: record[f"{prefix}{k}_bytes"]
-                          for k in (*memory_lib.SIZES, "peak")}
-  refresh = strip("refresh_") if "refresh_peak_bytes" in record else None
-  lines = [memory_lib.report(strip(""), record["state_bytes"],
-                             record["param_bytes"], refresh)]
+  lines = [memory_lib.report(program_sizes(record), record["state_bytes"],
+                             record["param_bytes"],
+                             program_sizes(record, "refresh_"))]
   if "control_flow" in record:
     lines.append("train step: " + control_flow.summary(record["control_flow"]))
   if "refresh_control_flow" in record:
