@@ -1,24 +1,28 @@
-"""Targets summary, and the README's Results tables spliced in from bench/results.
+"""The results page and the README's summary table, generated from bench/results.
 
-Reads the JSON results of the other benchmarks (nothing is measured here) and
+Reads the JSON and Markdown results of the other benchmarks (nothing is
+measured here) and writes
 
-* writes `bench/results/targets.md`: per method, where it stands against the
-  project's targets (projected-matrix state <= 0.35x AdamW, compiled peak
-  below AdamW and optax.contrib.galore, non-refresh step <= 1.05x AdamW,
-  SubTrack++ refresh >= 10x cheaper than the SVD refresh, final eval loss
-  within 2% of AdamW), every figure computed from the result files;
-* replaces, in README.md, the text between each pair of markers
-  `<!-- bench:NAME -->` and `<!-- /bench:NAME -->` with
-  `bench/results/NAME.md`, so the README's tables are the generated ones;
-* writes `bench/results/memory_fits.md`, the "what fits" table of
-  `memory.json` (bench.memory --fits), before splicing.
+* `docs/results.md`: a summary table per method, then one section per
+  benchmark: what it measures, its table (`bench/results/<name>.md`), the
+  compiler and machine its figures come from (read from the JSON records) and
+  the commands that produced it;
+* in `README.md`, the text between the markers `<!-- bench:summary -->` and
+  `<!-- /bench:summary -->`: the same summary table.
 
-  python -m bench.readme
+So every figure the documentation shows comes from the result files, and the
+README and the results page cannot disagree.
+
+  python -m bench.readme            # rewrite both
+  python -m bench.readme --check    # exit 1 if either is not what the results give
 """
 
 import argparse
 import os
 import re
+import sys
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import subspax
 
@@ -26,25 +30,200 @@ from bench import _common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBSPAX = tuple(subspax.METHODS)
+MARKER = "summary"
+
+
+class Section(NamedTuple):
+  """One benchmark's part of the results page."""
+  name: str  # bench/results/<name>.{json,md}
+  title: str
+  about: str  # one paragraph: what the table measures
+  image: str | None = None  # a plot in bench/results, shown above the table
+
+
+SECTIONS = (
+    Section("single_matrix", "Memory of one optimizer update",
+            "One compiled `tx.update` of a 1024 x 1024 float32 weight at rank "
+            "128, gradient and state donated. Peak = argument + temp + output "
+            "- alias (`train.memory.compiled_memory`, the definition the "
+            "trainer and every benchmark use)."),
+    Section("update_memory", "Memory of one update over many matrices",
+            "The same update over the 56 attention and MLP kernels of "
+            "LLaMA-60M, as separate leaves (an unrolled model) or as 7 "
+            "stacked leaves (a scanned one). The core updates one matrix at a "
+            "time in row blocks, so the workspace is about one matrix's."),
+    Section("memory", "Memory of the train step, 60M to 7B",
+            "The compiled, donated train step of the LLaMA presets at the "
+            "papers' ranks, from abstract shapes (nothing is allocated): "
+            "exact optimizer-state bytes and the compiler's memory estimate. "
+            "Compare methods within one table: the scanned and unrolled "
+            "layouts are scheduled differently."),
+    Section("memory_fits", "How big a model fits",
+            "Per method and device-memory budget, the largest preset whose "
+            "compiled train step fits (from `memory.json`)."),
+    Section("memory_presets", "The one-device presets",
+            "The dry runs of `configs/llama_7b_24gb.py` and "
+            "`configs/llama_13b_40gb.py` as configured (GiB)."),
+    Section("refresh", "Refresh cost",
+            "One subspace refresh per policy, and each method's whole "
+            "`tx.update` at a plain step, at a refresh step and amortized, "
+            "as ratios to one `optax.adam` update of the same matrix."),
+    Section("step_time", "Step time",
+            "The whole train step per method as a ratio to AdamW's, timed "
+            "in one process, interleaved round-robin, median (min) over "
+            "rounds. Compare ratios within one table, not seconds."),
+    Section("layerwise", "Layer-wise updates",
+            "`opt.layerwise=True` against the ordinary step of the same "
+            "method: time and compiled peak."),
+    Section("reparam", "GRASS sparse gradients and RSO subspace layers",
+            "The trainer's `opt.subspace_layers=True` modes against the "
+            "plain transformations: memory, FLOPs and time."),
+    Section("convergence", "Convergence: the 60-step learning-rate sweep",
+            "Every method on the tiny preset with the same data, seed and "
+            "tokens, at three learning rates.", "convergence.png"),
+    Section("convergence_long", "Convergence: 400 steps",
+            "Every method at its paper defaults and the preset learning rate; "
+            "AdamW at three learning rates.", "convergence_long.png"),
+    Section("precision", "bfloat16 weights with stochastic rounding",
+            "float32 weights against bfloat16 weights with stochastic and "
+            "with round-to-nearest updates."),
+    Section("precision_low_lr", "bfloat16 weights at a ten times smaller "
+            "learning rate",
+            "The same comparison at lr 3e-4, where most updates are below "
+            "half a bfloat16 ulp of the weights."),
+)
 
 
 def load(out: str, name: str) -> dict | None:
   return _common.load_json(os.path.join(out, f"{name}.json"))
 
 
-def span(values: list[float]) -> str:
+def span(values: Sequence[float], digits: int = 2) -> str:
   if not values:
     return "-"
-  lo, hi = min(values), max(values)
-  return f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}-{hi:.2f}"
+  lo, hi = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+  return lo if lo == hi else f"{lo}-{hi}"
 
 
-def verdict(values: list[float], ok) -> str:
-  if not values:
-    return "not measured"
-  n = sum(bool(ok(v)) for v in values)
-  return "met" if n == len(values) else ("missed" if n == 0 else
-                                         f"met in {n} of {len(values)}")
+# Which compiler and machine a record's figures come from.
+
+
+def compiler(record: dict[str, Any]) -> str:
+  """The compiler a result's figures come from, e.g. "XLA CPU compiler".
+
+  New records name it (`target`, `platform` or `device_kind`, at the top or
+  in `machine`); older ones were all compiled for the CPU they ran on.
+  """
+  machine = record.get("machine") or {}
+  get = lambda key: record.get(key) or machine.get(key)
+  target, platform, kind = get("target"), get("platform"), get("device_kind")
+  if not platform:
+    platform = "cpu" if not kind or str(kind).lower() == "cpu" else "gpu"
+  platform = str(platform).lower()
+  backend = {"cuda": "GPU", "rocm": "GPU"}.get(platform, platform.upper())
+  text = f"XLA {backend} compiler"
+  if target:
+    return f"{text} for {target} (compiled without the device)"
+  if backend != "CPU" and kind:
+    return f"{text} on {kind}"
+  return text
+
+
+def machines(record: dict[str, Any]) -> list[str]:
+  """The distinct machines of a record's calls, e.g. "AMD EPYC (2 cores)"."""
+  infos = [c["machine"] for c in record.get("calls", []) if "machine" in c]
+  infos = infos or [record.get("machine") or {}]
+  out = []
+  for info in infos:
+    facts = [f"{info.get('cpu_count', '?')} cores"]
+    kind = info.get("device_kind")
+    if kind and str(kind).lower() != "cpu":
+      facts.append(str(kind))
+    versions = info.get("versions") or {}
+    facts += [f"{k} {versions[k]}" for k in ("jax", "flax", "optax")
+              if k in versions]
+    text = f"{info.get('cpu', 'unknown CPU')} ({', '.join(facts)})"
+    if text not in out:
+      out.append(text)
+  return out
+
+
+def commands(record: dict[str, Any], name: str) -> list[str]:
+  """The command lines that wrote a record, run with the project's venv."""
+  lines = [c["command"] for c in record.get("calls", []) if c.get("command")]
+  lines = lines or [f"python -m bench.{record.get('benchmark', name)}"]
+  out = []
+  for line in lines:
+    line = re.sub(r"^python ", ".venv/bin/python ", line)
+    if line not in out:
+      out.append(line)
+  return out
+
+
+def provenance(record: dict[str, Any], name: str) -> str:
+  hosts = machines(record)
+  return "\n".join([
+      f"Compiler: {compiler(record)}. Machine{'s' if len(hosts) > 1 else ''}: "
+      + " and ".join(hosts) + ".", "",
+      "<!-- check: skip: minutes to hours -->",
+      "```bash", *commands(record, name), "```"])
+
+
+def clean(table: str) -> str:
+  """A benchmark's Markdown without its machine line and measurement dates
+  (the page states machine and commands once per section)."""
+  lines = [l for l in table.strip().splitlines()
+           if not l.startswith("Machine: ")]
+  text = "\n".join(lines).strip()
+  return re.sub(r"; measured \d{4}-\d\d-\d\d \d\d:\d\d UTC", "", text)
+
+
+# The summary table.
+
+
+def summary(out: str) -> str:
+  """Per method, the headline ratios to AdamW, from the result files."""
+  memory, step = load(out, "memory"), load(out, "step_time")
+  conv = load(out, "convergence_long")
+  results = (memory or {}).get("results", [])
+  rows = []
+  for name in list(SUBSPAX) + ["optax_galore"]:
+    state, peak = [], []
+    for res in results:
+      ms = res["methods"]
+      if name in ms and "adamw" in ms:
+        state.append(ms[name]["projected_state_bytes"]
+                     / ms["adamw"]["projected_state_bytes"])
+        if res["scan"]:
+          peak.append(ms[name]["compiled"]["peak"]
+                      / ms["adamw"]["compiled"]["peak"])
+    steps = {res["preset"]: res["vs_adamw"][name]["amortized"]["median"]
+             for res in (step or {}).get("results", [])
+             if name in res["vs_adamw"]}
+    loss = eval_loss_ratios(conv, name, sweep=False)
+    rows.append([f"`{name}`", span(state, 4 if max(state, default=1) < 0.01
+                                   else 2),
+                 span(peak), span(list(steps.values())),
+                 f"{loss[0]:.2f}" if loss else "-"])
+  sizes = sorted({res["size"] for res in results if res["scan"]},
+                 key=lambda s: float(s[:-1]) * (1000 if s[-1] == "b" else 1))
+  presets = [res["preset"].upper() if res["preset"][0].isdigit()
+             else res["preset"] for res in (step or {}).get("results", [])]
+  record = memory or {}
+  return "\n".join([
+      _common.markdown_table(
+          ["method", "projected state x AdamW",
+           f"train-step peak x AdamW ({', '.join(sizes).upper()}, scanned)",
+           f"train step time x AdamW ({', '.join(presets)})",
+           "final eval loss x AdamW's best (400 steps)"], rows), "",
+      "Ranges are over model sizes or presets. State: the attention and MLP "
+      "kernels, exact bytes ([memory](docs/results.md#memory-of-the-train-step-60m-to-7b)); "
+      f"peak: the {compiler(record)}'s estimate for the compiled train step; "
+      "step time: amortized over the refresh interval, median of interleaved "
+      "rounds ([step time](docs/results.md#step-time)); loss: the tiny preset, "
+      "AdamW at its best of three learning rates "
+      "([convergence](docs/results.md#convergence-400-steps)).",
+  ])
 
 
 def eval_loss_ratios(result: dict | None, name: str, sweep: bool) -> list[float]:
@@ -65,111 +244,6 @@ def eval_loss_ratios(result: dict | None, name: str, sweep: bool) -> list[float]
   if sweep:
     return [at[(name, lr0)] / at[("adamw", lr0)], best(name) / best("adamw")]
   return [at[(name, lr0)] / best("adamw")]
-
-
-def targets(out: str) -> str:
-  memory, refresh = load(out, "memory"), load(out, "refresh")
-  step, conv = load(out, "step_time"), load(out, "convergence")
-  long_conv = load(out, "convergence_long")
-  methods = list(SUBSPAX) + ["optax_galore"]
-  rows, notes = [], []
-  for name in methods:
-    state, peak_a, peak_o, peak_cells, peak_o_cells = [], [], [], [], []
-    for res in (memory or {}).get("results", []):
-      ms = res["methods"]
-      if name not in ms or "adamw" not in ms:
-        continue
-      m, ref = ms[name], ms["adamw"]
-      state.append(m["projected_state_bytes"] / ref["projected_state_bytes"])
-      tag = res["size"] + (" scan" if res["scan"] else "")
-      peak_a.append(m["compiled"]["peak"] / ref["compiled"]["peak"])
-      peak_cells.append(f"{tag} {peak_a[-1]:.2f}")
-      og = ms.get("optax_galore")
-      if og and name != "optax_galore":
-        peak_o.append(m["compiled"]["peak"] / og["compiled"]["peak"])
-        peak_o_cells.append(f"{res['size']} {peak_o[-1]:.2f}")
-    whole = []
-    for res in (step or {}).get("results", []):
-      r = res["vs_adamw"].get(name)
-      if r:
-        whole.append((res["preset"], r["plain"]["median"], r["amortized"]["median"]))
-    opt_only = [res["vs_adamw"][f"{name}/plain"]["median"]
-                for res in (refresh or {}).get("results", [])
-                if f"{name}/plain" in res["vs_adamw"]]
-    loss = []  # long run at the preset lr, then the short sweep: preset / best
-    for result, sweep in ((long_conv, False), (conv, True)):
-      loss += eval_loss_ratios(result, name, sweep)
-    rows.append([
-        name, span(state), ", ".join(peak_cells) or "-",
-        ", ".join(peak_o_cells) or "-",
-        ", ".join(f"{p} {a:.2f} / {b:.2f}" for p, a, b in whole) or "-",
-        span(opt_only),
-        " / ".join(f"{x:.3f}" for x in loss) or "-"])
-    notes.append((name, state, peak_a, peak_o, [w[1] for w in whole], opt_only,
-                  loss))
-  lines = [
-      "Per method, as ratios to AdamW measured in the same run (memory: same "
-      "size and layout). Projected state: attention and MLP kernels only "
-      "(bench.memory, every size). Peak: compiled train step (bench.memory; "
-      "'scan' = scanned layers, otherwise unrolled). Train step: whole step, "
-      "plain / amortized, median (bench.step_time). Optimizer update: one "
-      "non-refresh `tx.update` of one matrix, median, range over the shapes "
-      "and ranks of bench.refresh. Eval loss: final eval loss of the long run "
-      "at the preset lr vs AdamW's best lr in that run (bench.convergence "
-      "--name convergence_long, when present), then of the 60-step run at the "
-      "preset lr / best of its lr sweep (bench.convergence).", "",
-      _common.markdown_table(
-          ["method", "projected state x AdamW", "peak x AdamW",
-           "peak x optax_galore", "train step x AdamW (plain / amortized)",
-           "optimizer update x AdamW", "eval loss x AdamW"], rows), "",
-      "Targets, computed from the same files:", ""]
-  for name, state, peak_a, peak_o, whole, opt_only, loss in notes:
-    parts = [
-        f"state <= 0.35x: {verdict(state, lambda v: v <= 0.35)}",
-        f"peak < AdamW: {verdict(peak_a, lambda v: v < 1)}",
-        f"peak < optax_galore: {verdict(peak_o, lambda v: v < 1)}"
-        if name != "optax_galore" else None,
-        f"train step <= 1.05x: {verdict(whole, lambda v: v <= 1.05)}",
-        f"optimizer update <= 1.05x: {verdict(opt_only, lambda v: v <= 1.05)}",
-        f"eval loss within 2%: {verdict(loss, lambda v: v <= 1.02)}",
-    ]
-    lines.append(f"- **{name}**: " + "; ".join(p for p in parts if p) + ".")
-  if refresh:
-    cases = refresh_ratios(refresh)
-    for key, what in (("policy", "the policies alone (`SvdSubspace` vs "
-                                 "`GeodesicSubspace` refresh)"),
-                      ("update", "the whole `tx.update` at a refresh step "
-                                 "(galore vs subtrack, `/refresh` rows)")):
-      ratios = [c[key] for c in cases if c[key] is not None]
-      listed = ", ".join(f"{c['case']} {c[key]:.1f}x" for c in cases
-                         if c[key] is not None)
-      lines.append(f"- **SubTrack++ refresh >= 10x cheaper than the SVD "
-                   f"refresh**, {what}: {verdict(ratios, lambda v: v >= 10)}"
-                   f" ({listed or 'not measured'}).")
-  return "\n".join(lines)
-
-
-def refresh_ratios(refresh: dict) -> list[dict]:
-  """GaLore's SVD refresh over SubTrack++'s, per shape and rank of
-  bench.refresh: the policies alone (``svd_over_geodesic``) and the whole
-  ``tx.update`` at a refresh step (``galore/refresh`` over
-  ``subtrack/refresh``), each the median over rounds of the same-round ratio.
-
-  Returns:
-    ``[{"case": "4096x1024 r128", "policy": x, "update": y}, ...]``; a ratio
-    is None when that row was not measured.
-  """
-  out = []
-  for res in refresh["results"]:
-    seconds = res.get("seconds", {})
-    update = None
-    if "galore/refresh" in seconds and "subtrack/refresh" in seconds:
-      update = _common.ratio_stats(seconds["galore/refresh"]["all"],
-                                   seconds["subtrack/refresh"]["all"])["median"]
-    policy = res.get("svd_over_geodesic", {}).get("median")
-    out.append({"case": f"{res['shape'][0]}x{res['shape'][1]} r{res['rank']}",
-                "policy": policy, "update": update})
-  return out
 
 
 def fits_table(out: str) -> str | None:
@@ -197,50 +271,125 @@ def fits_table(out: str) -> str | None:
       f"Largest LLaMA preset whose compiled train step fits each device memory "
       f"budget, and its peak in GiB (batch {fits['batch']} x seq {fits['seq']}, "
       f"bf16 compute, remat, scanned layers, one device; peak = argument + temp "
-      f"+ output - alias of XLA's `memory_analysis()` on the CPU; measured "
-      f"{fits['measured']}). Rows: the method with float32 weights and "
-      f"optimizer states; `+layerwise`: each layer updated inside the backward "
-      f"scan (`opt.layerwise`); `+layerwise+bf16`: also bfloat16 weights "
-      f"(stochastic rounding), moments and bases.", "",
+      f"+ output - alias of XLA's `memory_analysis()`). Rows: the method with "
+      f"float32 weights and optimizer states; `+layerwise`: each layer updated "
+      f"inside the backward scan (`opt.layerwise`); `+layerwise+bf16`: also "
+      f"bfloat16 weights (stochastic rounding), moments and bases.", "",
       _common.markdown_table(["method", *budgets], rows), "",
       "Compiled peaks in GiB ('-': not needed for the answer, not compiled):", "",
       _common.markdown_table(["method", *map(label, fits["sizes"])], peak_rows),
   ])
 
 
-def splice(readme: str, out: str) -> str:
-  def replace(match):
-    name = match.group(1)
-    path = os.path.join(out, f"{name}.md")
-    if not os.path.exists(path):  # not run yet: leave the README as it is
-      return match.group(0)
-    with open(path) as f:
-      body = f.read().strip()
-    return f"<!-- bench:{name} -->\n{body}\n<!-- /bench:{name} -->"
-  return re.sub(r"<!-- bench:(\w+) -->\n.*?<!-- /bench:\1 -->", replace, readme,
+# The page.
+
+
+def _table(out: str, name: str) -> str | None:
+  if name == "memory_fits":
+    return fits_table(out)
+  path = os.path.join(out, f"{name}.md")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return f.read()
+
+
+def _anchor(title: str) -> str:
+  """GitHub's anchor of a heading."""
+  return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
+
+def results_page(out: str) -> str:
+  """docs/results.md: the summary, then one section per benchmark that ran."""
+  relative = os.path.relpath(out, os.path.join(ROOT, "docs"))
+  parts, toc, shown = [], [], {}
+  for section in SECTIONS:
+    table = _table(out, section.name)
+    if table is None:
+      continue
+    source = section.name.replace("_fits", "").replace("_presets", "")
+    body = [f"## {section.title}", "", section.about, ""]
+    if section.image:
+      body += [f"![{section.title}]({relative}/{section.image})", ""]
+    body.append(clean(table))
+    if source in shown:  # the same record as an earlier section
+      body += ["", f"Compiler, machines and commands: as in [{shown[source]}]"
+               f"(#{_anchor(shown[source])})."]
+    else:
+      body += ["", provenance(load(out, source) or {}, source)]
+      shown[source] = section.title
+    parts.append("\n".join(body))
+    toc.append(f"- [{section.title}](#{_anchor(section.title)})")
+  return "\n".join([
+      "# Results",
+      "",
+      "<!-- Generated by `python -m bench.readme` from bench/results; edit "
+      "bench/readme.py, not this file. -->",
+      "",
+      "Every figure on this page is read from `bench/results/<name>.json` "
+      "(raw numbers, machine, command lines) and `<name>.md` (the table the "
+      "benchmark printed); `bench/README.md` describes each benchmark and its "
+      "options. Memory figures are exact state bytes and the compiler's "
+      "estimate of the compiled program (`memory_analysis()`); each section "
+      "names the compiler. Timings are ratios to AdamW measured in the same "
+      "process, so compare them within one table. The commands run from the "
+      "repository root in the project's virtual environment, `.venv` (made by "
+      "`bash scripts/train.sh`; see the README's Install).",
+      "",
+      "## Summary",
+      "",
+      summary(out),
+      "",
+      *toc,
+      "",
+      "\n\n".join(parts),
+      "",
+  ])
+
+
+def splice(readme: str, block: str) -> str:
+  """``readme`` with the text between the summary markers replaced."""
+  start, end = f"<!-- bench:{MARKER} -->", f"<!-- /bench:{MARKER} -->"
+  pattern = re.escape(start) + r"\n.*?" + re.escape(end)
+  if not re.search(pattern, readme, flags=re.S):
+    raise ValueError(f"the README has no {start} ... {end} markers")
+  return re.sub(pattern, lambda _: f"{start}\n{block}\n{end}", readme,
                 flags=re.S)
 
 
-def main() -> None:
+def render(out: str, readme_text: str) -> tuple[str, str]:
+  """(docs/results.md, README.md) as the result files in ``out`` give them."""
+  page = results_page(out).replace("](docs/results.md#", "](#")
+  return page, splice(readme_text, summary(out))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--out", default=_common.RESULTS)
+  parser.add_argument("--out", default=_common.RESULTS,
+                      help="the results directory to read")
   parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
-  args = parser.parse_args()
-  with open(os.path.join(args.out, "targets.md"), "w") as f:
-    f.write(targets(args.out) + "\n")
-  fits = fits_table(args.out)
-  if fits:
-    with open(os.path.join(args.out, "memory_fits.md"), "w") as f:
-      f.write(fits + "\n")
+  parser.add_argument("--page", default=os.path.join(ROOT, "docs", "results.md"))
+  parser.add_argument("--check", action="store_true",
+                      help="write nothing; exit 1 if a file is out of date")
+  args = parser.parse_args(argv)
   with open(args.readme) as f:
-    text = f.read()
-  new = splice(text, args.out)
-  if new != text:
-    with open(args.readme, "w") as f:
-      f.write(new)
-  print(f"wrote {args.out}/targets.md; README.md "
-        f"{'updated' if new != text else 'unchanged'}")
+    readme_text = f.read()
+  page, readme_new = render(args.out, readme_text)
+  stale = []
+  for path, text in ((args.page, page), (args.readme, readme_new)):
+    old = open(path).read() if os.path.exists(path) else None
+    if old == text:
+      continue
+    stale.append(os.path.relpath(path, ROOT))
+    if not args.check:
+      with open(path, "w") as f:
+        f.write(text)
+  if args.check:
+    print("out of date: " + ", ".join(stale) if stale else "up to date")
+    return 1 if stale else 0
+  print("wrote " + (", ".join(stale) if stale else "nothing (up to date)"))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(main())

@@ -1,7 +1,7 @@
 """SubTrack++'s geodesic step rule: does one refresh lower the projection error?
 
 What it measures, per step rule (subspax/_policies.py, `GeodesicSubspace`):
-`normalized` with the paper scripts' eta = 10 (the former default), and
+`normalized` with the paper scripts' eta = 10, and
 `optimal` (the closed-form best angle along the geodesic) damped by several
 factors. Every case is a float32 gradient of shape d x D with a decaying
 spectrum (singular values 0.85^k) and an orthonormal d x r basis S; F(S) =
@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import subspax
+
 from bench import _common
-from subspax import _linalg
-from subspax import _policies
 
 NAME = "subtrack_step"
 SHAPES = ((32, 96, 4), (64, 128, 8), (128, 256, 32))
@@ -47,16 +47,32 @@ REFRESHES = 20
 
 
 def rules() -> dict:
-  out = {"normalized, eta=10 (former default)": _policies.GeodesicSubspace(
+  out = {"normalized, eta=10 (paper scripts)": subspax.GeodesicSubspace(
       eta=10.0, step="normalized")}
   for damping in DAMPINGS:
-    out[f"optimal, eta={damping:g}"] = _policies.GeodesicSubspace(
+    out[f"optimal, eta={damping:g}"] = subspax.GeodesicSubspace(
         eta=damping, step="optimal")
   return out
 
 
 def _spectrum(k: int) -> jax.Array:
   return 0.85 ** jnp.arange(k, dtype=jnp.float32)
+
+
+def _orthonormal(x):
+  """Q of the thin QR of ``x`` with R's diagonal made non-negative (unique)."""
+  q, r = jnp.linalg.qr(x)
+  return q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0).astype(q.dtype)
+
+
+def _haar(key, d, r):
+  """A Haar-random ``d x r`` orthonormal basis (Mezzadri 2007)."""
+  return _orthonormal(jax.random.normal(key, (d, r), jnp.float32))
+
+
+def _top(g, r):
+  """The top-``r`` left singular vectors of ``g`` (GaLore's refresh)."""
+  return jnp.linalg.svd(g, full_matrices=False)[0][:, :r]
 
 
 def _low_rank(u, v):
@@ -77,14 +93,14 @@ def _one_step(policy, key, d, big_d, r, case):
   """(F before, F after) of one refresh in a `tracking` or `random` case."""
   ku, kv, kn, ks = jax.random.split(key, 4)
   k = min(d, big_d)
-  g0 = _low_rank(_linalg.haar_basis(ku, d, k), _linalg.haar_basis(kv, big_d, k))
+  g0 = _low_rank(_haar(ku, d, k), _haar(kv, big_d, k))
   if case == "tracking":
-    s = _linalg.exact_top_subspace(g0, r)
+    s = _top(g0, r)
     g = _noisy(kn, g0, NOISE_TRACKING)
   else:
-    s = _linalg.haar_basis(ks, d, r)
+    s = _haar(ks, d, r)
     g = g0
-  new = policy.refresh(_policies._bases.DenseBasis(s), g, ks, r).s  # pylint: disable=protected-access
+  new = policy.refresh(subspax.DenseBasis(s), g, ks, r).s
   return _error(s, g), _error(new, g)
 
 
@@ -92,16 +108,16 @@ def _drift(update, key, d, big_d, r):
   """Held-out errors and seen-F changes of one drifting sequence."""
   k = min(d, big_d)
   ku, kv, key = jax.random.split(key, 3)
-  u, v = _linalg.haar_basis(ku, d, k), _linalg.haar_basis(kv, big_d, k)
+  u, v = _haar(ku, d, k), _haar(kv, big_d, k)
 
   def gradient(key, u, v):
     kz, kw, kn = jax.random.split(key, 3)
-    u = _linalg._sign_fixed_qr(u + DRIFT * jax.random.normal(kz, u.shape))  # pylint: disable=protected-access
-    v = _linalg._sign_fixed_qr(v + DRIFT * jax.random.normal(kw, v.shape))  # pylint: disable=protected-access
+    u = _orthonormal(u + DRIFT * jax.random.normal(kz, u.shape))
+    v = _orthonormal(v + DRIFT * jax.random.normal(kw, v.shape))
     return u, v, _noisy(kn, _low_rank(u, v), NOISE_DRIFT)
 
   u, v, g = gradient(jax.random.fold_in(key, 0), u, v)
-  s = _linalg.exact_top_subspace(g, r)
+  s = _top(g, r)
 
   def body(carry, i):
     s, u, v = carry
@@ -119,10 +135,10 @@ def _drift(update, key, d, big_d, r):
 def _updates(r: int) -> dict:
   """Every rule and reference as ``(s, g, key) -> new s``."""
   out = {name: (lambda s, g, k, p=p: p.refresh(
-      _policies._bases.DenseBasis(s), g, k, r).s)  # pylint: disable=protected-access
+      subspax.DenseBasis(s), g, k, r).s)
          for name, p in rules().items()}
   out["exact SVD of G_t (GaLore)"] = lambda s, g, k: (
-      _linalg.exact_top_subspace(g, r))
+      _top(g, r))
   out["frozen S_0"] = lambda s, g, k: s
   return out
 

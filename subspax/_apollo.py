@@ -286,7 +286,7 @@ def fira(
   References:
     Chen et al., Fira, https://arxiv.org/abs/2410.01623
   """
-  return _methods._with_learning_rate(  # pylint: disable=protected-access
+  return _methods.with_learning_rate(
       scale_by_fira(rank, update_interval, scale=scale,
                     recovery_limit=recovery_limit, limiter=limiter, b1=b1,
                     b2=b2, eps=eps, side=side, projected=projected,
@@ -353,7 +353,7 @@ def apollo(
   References:
     Zhu et al., APOLLO, https://arxiv.org/abs/2412.05270
   """
-  return _methods._with_learning_rate(  # pylint: disable=protected-access
+  return _methods.with_learning_rate(
       scale_by_apollo(rank, update_interval, key=key, scale_type=scale_type,
                       scale=scale, recovery_limit=recovery_limit,
                       limiter=limiter, store_basis=store_basis, b1=b1, b2=b2,
@@ -420,7 +420,7 @@ def apollo_mini(
   References:
     Zhu et al., APOLLO, https://arxiv.org/abs/2412.05270
   """
-  return _methods._with_learning_rate(  # pylint: disable=protected-access
+  return _methods.with_learning_rate(
       scale_by_apollo_mini(rank, update_interval, key=key, scale=scale,
                            recovery_limit=recovery_limit, limiter=limiter,
                            store_basis=store_basis, b1=b1, b2=b2, eps=eps,

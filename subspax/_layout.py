@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import typing
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -275,20 +276,67 @@ def make_router(projected: Projected, rank: int
     ``None`` for one that gets plain Adam. Complex parameters are never
     projected by default; projecting one explicitly raises a ``ValueError``
     (the reduced-space math is real: it would drop the imaginary part).
+    A ``UserWarning`` names each parameter where ``rank`` saves nothing: a
+    projected matrix with ``rank`` not smaller than its smaller side (its
+    state would be larger than Adam's), or a matrix the default rule leaves
+    to plain Adam only because of its rank.
   """
   route = _make_real_router(projected, rank)
+  warned = set()  # parameters already warned about (the router runs per trace)
 
   def checked(path, p):
     spec = route(path, p)
+    name = jax.tree_util.keystr(path) or "<root>"
     if spec is not None and _is_complex(p):
       raise ValueError(
-          f"projected: parameter {jax.tree_util.keystr(path) or '<root>'} is "
+          f"projected: parameter {name} is "
           f"complex ({_dtype(p)}) and subspace projection is real "
           "only; leave it out of `projected` (complex parameters then get "
           "plain Adam, as by default).")
+    message = _rank_message(name, p, spec, rank, default=projected is None)
+    if message and name not in warned:
+      warned.add(name)
+      warnings.warn(message, UserWarning, stacklevel=2)
     return spec
 
   return checked
+
+
+def _rank_message(name: str, p: Any, spec: Optional[MatrixSpec], rank: int,
+                  default: bool) -> Optional[str]:
+  """Why ``rank`` saves nothing on parameter ``name``, or None when it does.
+
+  A projected matrix whose rank is not smaller than its smaller side keeps
+  more state than Adam's (the rank is cut to the projected side, and the basis
+  comes on top of full-size moments). The default rule leaves such a matrix to
+  plain Adam, which is as silent a surprise when the rank was meant for it;
+  matrices it leaves out for their shape (embeddings, heads) are not reported.
+  """
+  shape = tuple(jnp.shape(p))
+  if spec is None:
+    if not default or len(shape) < 2 or _is_complex(p):
+      return None
+    m, n = shape[-2], shape[-1]
+    if rank < min(m, n) or max(m, n) > MAX_ASPECT_RATIO * min(m, n):
+      return None
+    return (f"rank {rank} is not smaller than the smaller side of parameter "
+            f"{name} ({m} x {n}), so it gets plain Adam and no subspace; "
+            f"pass a rank below {min(m, n)} to project it.")
+  if len(shape) < 2:
+    return None  # make_layout raises its own error
+  try:
+    rows = _normalize_axes(spec.rows, len(shape), "rows")
+    cols = _normalize_axes(spec.cols, len(shape), "cols")
+  except ValueError:
+    return None  # make_layout raises its own error
+  m = math.prod(shape[a] for a in rows)
+  n = math.prod(shape[a] for a in cols)
+  if rank < min(m, n):
+    return None
+  return (f"rank {rank} is not smaller than the smaller side of projected "
+          f"parameter {name} ({m} x {n}), so its optimizer state is larger "
+          f"than Adam's; pass a rank below {min(m, n)}, or leave it out of "
+          "`projected` to give it plain Adam.")
 
 
 def _dtype(p):

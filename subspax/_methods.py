@@ -27,11 +27,15 @@ from subspax import _types
 from subspax import _validation
 
 
-def _with_learning_rate(transform: optax.GradientTransformation,
-                        learning_rate: optax.ScalarOrSchedule,
-                        weight_decay: Any, mask: Any
-                        ) -> optax.GradientTransformation:
-  """``chain(transform, add_decayed_weights, scale_by_learning_rate)``."""
+def with_learning_rate(transform: optax.GradientTransformation,
+                       learning_rate: optax.ScalarOrSchedule,
+                       weight_decay: Any, mask: Any
+                       ) -> optax.GradientTransformation:
+  """``chain(transform, add_decayed_weights, scale_by_learning_rate)``.
+
+  The user-facing layer of every method (``subspax.<method>`` over
+  ``subspax.scale_by_<method>``), shared by this module and ``_apollo``.
+  """
   return optax.chain(transform,
                      optax.add_decayed_weights(weight_decay, mask),
                      optax.scale_by_learning_rate(learning_rate))
@@ -154,7 +158,7 @@ def galore(
   References:
     Zhao et al., GaLore, https://arxiv.org/abs/2403.03507
   """
-  return _with_learning_rate(
+  return with_learning_rate(
       scale_by_galore(rank, update_interval, scale=scale,
                       align_signs=align_signs, b1=b1, b2=b2, eps=eps,
                       side=side, projected=projected, mu_dtype=mu_dtype,
@@ -320,7 +324,7 @@ def subtrack(
   References:
     Rajabi, Nonta, Rambhatla, SubTrack++, https://arxiv.org/abs/2502.01586
   """
-  return _with_learning_rate(
+  return with_learning_rate(
       scale_by_subtrack(rank, update_interval, key=key, eta=eta, step=step,
                         init=init, scale=scale, recovery=recovery,
                         recovery_limit=recovery_limit, b1=b1, b2=b2, eps=eps,
@@ -466,7 +470,7 @@ def grasswalk(
     Rajabi et al., Randomized Gradient Subspaces,
     https://arxiv.org/abs/2510.01878
   """
-  return _with_learning_rate(
+  return with_learning_rate(
       scale_by_grasswalk(rank, update_interval, key=key, eta=eta,
                          jump_prob=jump_prob, init=init, scale=scale,
                          recovery=recovery, recovery_limit=recovery_limit,
@@ -601,7 +605,7 @@ def grassjump(
     Rajabi et al., Randomized Gradient Subspaces,
     https://arxiv.org/abs/2510.01878
   """
-  return _with_learning_rate(
+  return with_learning_rate(
       scale_by_grassjump(rank, update_interval, key=key,
                          store_basis=store_basis, scale=scale,
                          recovery=recovery, recovery_limit=recovery_limit,
@@ -752,7 +756,7 @@ def rso(
   """
   if prox_learning_rate is None:
     prox_learning_rate = learning_rate
-  return _with_learning_rate(
+  return with_learning_rate(
       scale_by_rso(rank, update_interval, key=key, orthonormal=orthonormal,
                    store_basis=store_basis, scale=scale, prox=prox,
                    prox_learning_rate=prox_learning_rate, b1=b1, b2=b2,
@@ -898,7 +902,7 @@ def grass(
   References:
     Muhamed et al., GRASS, https://arxiv.org/abs/2406.17660
   """
-  return _with_learning_rate(
+  return with_learning_rate(
       scale_by_grass(rank, update_interval, key=key, selection=selection,
                      replacement=replacement, keep_overlap=keep_overlap,
                      scale=scale, recovery=recovery,

@@ -1,4 +1,8 @@
-"""bench.readme: the targets summary computes its ratios from the result files."""
+"""bench.readme: the results page and the README's summary come from bench/results."""
+
+import os
+
+import pytest
 
 from bench import readme
 
@@ -20,16 +24,46 @@ def test_eval_loss_ratios_of_a_sweep_and_of_a_long_run():
   assert readme.eval_loss_ratios(None, "subtrack", sweep=True) == []
 
 
-def test_verdicts_count_the_cases_that_meet_a_target():
-  assert readme.verdict([0.3, 0.34], lambda v: v <= 0.35) == "met"
-  assert readme.verdict([0.3, 0.4], lambda v: v <= 0.35) == "met in 1 of 2"
-  assert readme.verdict([0.4], lambda v: v <= 0.35) == "missed"
-  assert readme.verdict([], lambda v: v <= 0.35) == "not measured"
-
-
-def test_splice_replaces_only_marked_tables_that_have_results(tmp_path):
-  (tmp_path / "memory.md").write_text("new table\n")
-  text = ("a\n<!-- bench:memory -->\nold\n<!-- /bench:memory -->\n"
+def test_splice_replaces_only_the_summary_between_its_markers():
+  text = ("a\n<!-- bench:summary -->\nold\n<!-- /bench:summary -->\n"
           "<!-- bench:gpu -->\nkept\n<!-- /bench:gpu -->\n")
-  out = readme.splice(text, str(tmp_path))
+  out = readme.splice(text, "new table")
   assert "new table" in out and "old" not in out and "kept" in out
+  with pytest.raises(ValueError, match="no <!-- bench:summary -->"):
+    readme.splice("no markers\n", "new table")
+
+
+@pytest.mark.parametrize("record,expected", [
+    ({"machine": {"device_kind": "cpu"}}, "XLA CPU compiler"),
+    ({"machine": {"cpu": "AMD EPYC"}}, "XLA CPU compiler"),  # older records
+    ({"machine": {"device_kind": "NVIDIA H100 80GB HBM3", "platform": "gpu"}},
+     "XLA GPU compiler on NVIDIA H100 80GB HBM3"),
+    ({"platform": "gpu", "target": "NVIDIA H100", "machine": {"device_kind": "cpu"}},
+     "XLA GPU compiler for NVIDIA H100 (compiled without the device)"),
+])
+def test_each_table_names_the_compiler_its_record_gives(record, expected):
+  assert readme.compiler(record) == expected
+
+
+def test_the_page_states_machine_and_command_but_no_dates():
+  record = {"calls": [{"command": "python -m bench.memory --sizes 60m",
+                       "machine": {"cpu": "Xeon", "cpu_count": 2,
+                                   "date": "2026-01-01 00:00 UTC",
+                                   "versions": {"jax": "0.10.2"}}}]}
+  text = readme.provenance(record, "memory")
+  assert "Xeon (2 cores, jax 0.10.2)" in text and "XLA CPU compiler" in text
+  assert ".venv/bin/python -m bench.memory --sizes 60m" in text
+  assert "2026" not in text
+  table = "**60m** (rank 128; measured 2026-12-02 12:43 UTC)\n\n|a|\n\nMachine: x; 2026."
+  assert readme.clean(table) == "**60m** (rank 128)\n\n|a|"
+
+
+def test_docs_results_and_readme_summary_are_up_to_date():
+  """What `python -m bench.readme --check` checks: the committed pages are
+  what the committed results give (regenerate with `python -m bench.readme`)."""
+  with open(os.path.join(readme.ROOT, "README.md")) as f:
+    readme_text = f.read()
+  page, readme_new = readme.render(readme._common.RESULTS, readme_text)  # pylint: disable=protected-access
+  with open(os.path.join(readme.ROOT, "docs", "results.md")) as f:
+    assert f.read() == page, "docs/results.md is stale: python -m bench.readme"
+  assert readme_new == readme_text, "README.md is stale: python -m bench.readme"
