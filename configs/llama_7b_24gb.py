@@ -1,8 +1,12 @@
 """LLaMA-7B on a 24 GB device: SubTrack++ at rank 1024, the memory-saving way.
 
-What it changes from configs/llama_7b.py, each with what it saves at batch
-1 x 256 (`python -m train --config configs/llama_7b_24gb.py --dry_run`; the
-README's "How big a model fits" has the measured breakdown):
+It trains micro-batches of 16 sequences of 256 tokens, as GaLore's 24 GB
+script does. Compiled for an H100 by XLA's GPU compiler (`python -m train
+--config configs/llama_7b_24gb.py --dry_run --target=h100`), the ordinary
+step and the refresh step each peak at about 21 GiB: 12.6 GiB of bfloat16
+weights, 5.8 GiB of optimizer state, the rest activations and one layer's
+gradient (docs/results.md has the measured breakdown). What it changes from
+configs/llama_7b.py:
 
 * `opt.layerwise=True`: every layer is updated inside the backward scan, so
   only one layer's gradient exists (not the model's 6.7B-value gradient);
@@ -15,17 +19,18 @@ README's "How big a model fits" has the measured breakdown):
 * `opt.mu_dtype=opt.nu_dtype=bfloat16`: the embedding's and the head's Adam
   moments (they are not projected) in 2 bytes.
 
-One sequence of 256 tokens per step (a layer-wise step cannot accumulate
-micro-batches); learning rate, rank and refresh interval are the 7B preset's.
+A layer-wise step cannot accumulate micro-batches: each step trains one batch
+of 16 x 256 tokens. Learning rate, rank and refresh interval are the 7B
+preset's.
 """
 
 from configs import llama_7b
 
 
 def get_config():
-  """configs/llama_7b.py with layer-wise updates, bf16 weights, 8-bit moments, batch 1."""
+  """configs/llama_7b.py with layer-wise updates, bf16 weights, 8-bit moments, batch 16."""
   cfg = llama_7b.get_config()
-  cfg.batch_size = 1
+  cfg.batch_size = 16
   cfg.mesh.data = 1  # one device
   cfg.opt.layerwise = True
   cfg.model.param_dtype = "bfloat16"

@@ -90,10 +90,13 @@ def test_vocab_size_comes_from_the_config_or_the_tokenizer_file(tmp_path):
 @pytest.mark.parametrize("preset, budget_gib", [("llama_7b_24gb", 22),
                                                 ("llama_13b_40gb", 38)])
 def test_the_one_device_presets_fit_their_budget(preset, budget_gib):
-  """configs/llama_7b_24gb.py and llama_13b_40gb.py: every program's compiled
-  peak (batch 1 x 256, XLA's CPU estimate) leaves room for the runtime."""
+  """configs/llama_7b_24gb.py (batch 16 x 256) and llama_13b_40gb.py (1 x 256):
+  every program's peak, compiled for an H100 by XLA's GPU compiler, leaves
+  room for the runtime on a 24 GB / 40 GB card."""
   import importlib  # pylint: disable=g-import-not-at-top
-  record = dry_run.dry_run(importlib.import_module(f"configs.{preset}").get_config())
+  record = dry_run.dry_run(
+      importlib.import_module(f"configs.{preset}").get_config(), "h100")
+  assert record["device_kind"] == "NVIDIA H100 80GB HBM3"
   peaks = [record["peak_bytes"], record.get("refresh_peak_bytes", 0)]
   assert max(peaks) <= budget_gib * 2**30, [p / 2**30 for p in peaks]
   # bfloat16 weights (plus, for GRASS's subspace layers, deltas and rows).
