@@ -52,13 +52,15 @@ def with_count(tree, value: int):
   return jax.tree_util.tree_map_with_path(set_count, tree)
 
 
-def _train_step(graphdef, tx, lr, opt_cfg) -> Callable:
+def _train_step(graphdef, tx, lr, opt_cfg, params) -> Callable:
   """The trainer's step, with the arguments this tree's trainer passes."""
   kwargs = {}
   overwrites = getattr(optimizers, "overwrites_gradient", None)
   if overwrites and "overwritten" in inspect.signature(
       train_lib.make_train_step).parameters:
-    kwargs["overwritten"] = overwrites(opt_cfg)
+    # Older trees take the opt section; newer ones ask the transformation.
+    from_tx = "tx" in inspect.signature(overwrites).parameters
+    kwargs["overwritten"] = overwrites(tx, params) if from_tx else overwrites(opt_cfg)
   return train_lib.make_train_step(graphdef, tx, lr, **kwargs)
 
 
@@ -91,7 +93,7 @@ def build_calls(preset: str, methods: list[str], batch: int = 0
     opt_cfg = _common.opt_config(name, rank=rank, update_interval=interval)
     tx = optimizers.build(opt_cfg, cfg.steps, cfg.seed)
     lr = optimizers.schedule(opt_cfg, cfg.steps)
-    step = jax.jit(_train_step(graphdef, tx, lr, opt_cfg))
+    step = jax.jit(_train_step(graphdef, tx, lr, opt_cfg, params))
     state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     start = time.perf_counter()
     compiled = step.lower(state, tokens).compile()

@@ -387,6 +387,9 @@ def main() -> None:
   parser.add_argument("--fits", default="24,40,80",
                       help="comma-separated device memory budgets in GiB for the "
                            "'what fits' table; '' skips it")
+  parser.add_argument("--fit_methods", default="",
+                      help="comma-separated methods of the 'what fits' table "
+                           "(default: every method of --methods)")
   parser.add_argument("--fit_variants", default=",".join(VARIANTS),
                       help=f"comma-separated variants of the fits table: "
                            f"{', '.join(VARIANTS)}")
@@ -413,7 +416,9 @@ def main() -> None:
   fits = None
   if args.fits:
     fits = what_fits([float(b) if "." in b else int(b) for b in args.fits.split(",")],
-                     [m for m in FIT_METHODS if m in methods], args, partial,
+                     [m for m in FIT_METHODS if m in (
+                         args.fit_methods.split(",") if args.fit_methods
+                         else methods)], args, partial,
                      tuple(v for v in args.fit_variants.split(",") if v))
   presets = one_device_presets([p for p in args.presets.split(",") if p], partial,
                                 args.target)

@@ -65,6 +65,7 @@ from subspax._quantized import QuantizedArray
 from subspax._registry import METHODS
 from subspax._rounding import apply_updates
 from subspax._rounding import stochastic_round
+from subspax._state import overwritten
 from subspax._state import state_bytes
 from subspax._state import state_shardings
 from subspax._layerwise import layerwise
@@ -114,6 +115,7 @@ __all__ = (
     "scale_by_subtrack",
     "state_bytes",
     "ordering",
+    "overwritten",
     "reparam",
     "state_shardings",
     "stochastic_round",

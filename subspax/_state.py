@@ -147,3 +147,45 @@ def state_shardings(tx: optax.GradientTransformation, params: Any,
 
   return jax.tree_util.tree_map_with_path(sharding_of, abstract_state,
                                           is_leaf=_is_projected)
+
+
+def overwritten(tx: optax.GradientTransformation, params: Any) -> Any:
+  """Which gradients ``tx.update`` overwrites in place: a bool per parameter.
+
+  A subspax method writes a projected parameter's update into that
+  parameter's gradient buffer (so that XLA reuses a donated gradient for the
+  update). Whoever reads those gradients beside ``tx.update`` (a norm, a
+  clip) must read them first, or XLA keeps a copy of each one
+  (:func:`subspax.ordering.run_after`, :func:`subspax.clip_by_global_norm`'s
+  ``in_place``). The answer comes from the transformation's own state: the
+  parameters that hold a ``ProjectedState`` anywhere in it.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, subspax
+    >>> params = {'w': jnp.zeros((8, 16)), 'b': jnp.zeros(16)}
+    >>> subspax.overwritten(subspax.subtrack(1e-3, rank=2), params)
+    {'b': False, 'w': True}
+    >>> subspax.overwritten(optax.adamw(1e-3), params)
+    {'b': False, 'w': False}
+
+  Args:
+    tx: Any optax transformation (chains and wrappers included).
+    params: The parameters (arrays or ``jax.ShapeDtypeStruct``).
+
+  Returns:
+    A tree of ``params``' structure with a bool per leaf.
+  """
+  state = jax.eval_shape(tx.init, params)
+  structure = jax.tree.structure(params)
+  found = jax.tree.map(lambda _: False, params)
+  for node in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, _core.SubspaceAdamState)):
+    if not isinstance(node, _core.SubspaceAdamState):
+      continue
+    matrices = jax.tree.leaves(node.matrices, is_leaf=lambda x: isinstance(
+        x, (_core.ProjectedState, optax.MaskedNode)))
+    if len(matrices) != structure.num_leaves:
+      continue  # a state of another tree (e.g. a masked part of params)
+    found = jax.tree.map(lambda f, m: f or _is_projected(m), found,
+                         structure.unflatten(matrices))
+  return found

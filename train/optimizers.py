@@ -91,21 +91,27 @@ def is_projected(path: tuple, param: Any, rank: int) -> bool:
           and subspax.default_is_projected(param.shape, rank))
 
 
-def overwrites_gradient(opt_cfg: Any) -> Callable[[tuple, Any], bool]:
-  """Which gradients `build(opt_cfg)` may overwrite in place: (path, leaf) -> bool.
+def overwrites_gradient(tx: optax.GradientTransformation, params: Any
+                        ) -> Callable[[tuple, Any], bool]:
+  """Which gradients `tx` overwrites in place, as a `(path, leaf) -> bool`.
 
-  A subspax method writes a projected parameter's update into that
-  parameter's gradient buffer; AdamW and optax.contrib.galore only read their
-  gradients. The train step orders its gradient-norm metric before these
-  writes (`train.make_train_step`).
+  The transformation knows (`subspax.overwritten`): a subspax method writes
+  a projected parameter's update into that parameter's gradient buffer;
+  AdamW and optax.contrib.galore only read their gradients. The train step
+  orders its gradient-norm metric before these writes
+  (`train.make_train_step`), and the clip scales them in place
+  (`with_clipping`).
 
-  Example:
-    overwrites_gradient(cfg.opt)((DictKey("head"),), head_kernel)  # False
+  Args:
+    tx: The optimizer, before clipping.
+    params: The parameters it updates (arrays or shapes).
+
+  Returns:
+    A predicate over a gradient's key path (and the leaf, unused).
   """
-  if opt_cfg.name not in subspax.METHODS:
-    return lambda path, leaf: False
-  rank = method_rank(opt_cfg.name, opt_cfg.rank)
-  return lambda path, leaf: is_projected(path, leaf, rank)
+  flags = jax.tree_util.tree_flatten_with_path(subspax.overwritten(tx, params))[0]
+  paths = {jax.tree_util.keystr(path) for path, flag in flags if flag}
+  return lambda path, leaf: jax.tree_util.keystr(path) in paths
 
 
 def _galore_dims(rank: int) -> Callable[[Any], Any]:
@@ -224,7 +230,7 @@ def with_clipping(opt_cfg: Any, tx: optax.GradientTransformation,
 
   Example:
     tx = with_clipping(cfg.opt, build(cfg.opt, cfg.steps, cfg.seed),
-                       overwrites_gradient(cfg.opt))
+                       overwrites_gradient(tx, params))
 
   Args:
     opt_cfg: The `opt` ConfigDict.

@@ -255,7 +255,8 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
     overwritten = None  # the deltas' plain Adam only reads its gradients
   else:
     tx = optimizers.build(cfg.opt, cfg.steps, cfg.seed)
-    overwritten = optimizers.overwrites_gradient(cfg.opt)
+    overwritten = optimizers.overwrites_gradient(
+        tx, model_lib.trainable(graphdef, param_shapes))
   tx = optimizers.with_clipping(cfg.opt, tx, overwritten)
   lr = optimizers.schedule(cfg.opt, cfg.steps)
 
