@@ -428,8 +428,7 @@ def main() -> None:
     results, fits = merge(merged_from, results, fits, args)
   record = _common.call_record(args, batch=args.batch, seq_len=args.seq)
   payload = _common.with_call(
-      {"benchmark": name, "machine": info,
-       "compiler": _compiler(target),
+      {"benchmark": name, "machine": info, **_compiler(target),
        "args": dict(vars(args), out=os.path.relpath(
            args.out, os.path.dirname(os.path.dirname(_common.RESULTS)))),
        "results": results}, merged_from, record)

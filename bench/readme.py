@@ -52,16 +52,29 @@ SECTIONS = (
             "LLaMA-60M, as separate leaves (an unrolled model) or as 7 "
             "stacked leaves (a scanned one). The core updates one matrix at a "
             "time in row blocks, so the workspace is about one matrix's."),
-    Section("memory", "Memory of the train step, 60M to 7B",
+    Section("memory_h100", "Memory of the train step on an H100",
             "The compiled, donated train step of the LLaMA presets at the "
-            "papers' ranks, from abstract shapes (nothing is allocated): "
-            "exact optimizer-state bytes and the compiler's memory estimate. "
-            "Compare methods within one table: the scanned and unrolled "
-            "layouts are scheduled differently."),
-    Section("memory_fits", "How big a model fits",
+            "papers' ranks, compiled by XLA's GPU compiler for an H100 SXM "
+            "80 GB on a machine without a GPU (`--target h100`): exact "
+            "optimizer-state bytes and the compiler's memory estimate. A "
+            "subspax method's run alternates an ordinary step and a refresh "
+            "step (two programs); its peak is the larger of the two."),
+    Section("memory_h100_fits", "How big a model fits on one GPU",
+            "Per method and device-memory budget, the largest preset whose "
+            "compiled train step fits, on the H100 compiler "
+            "(`memory_h100.json`)."),
+    Section("memory_h100_presets", "The one-device presets on an H100",
+            "The dry runs of `configs/llama_7b_24gb.py` (batch 16 x 256) and "
+            "`configs/llama_13b_40gb.py` (batch 1 x 256) as configured, "
+            "compiled for an H100 (GiB)."),
+    Section("memory", "Memory of the train step, 60M to 7B, CPU compiler",
+            "The same train steps compiled by XLA's CPU compiler, in both "
+            "layouts. Compare methods within one table: the scanned and "
+            "unrolled layouts are scheduled differently."),
+    Section("memory_fits", "How big a model fits, CPU compiler",
             "Per method and device-memory budget, the largest preset whose "
             "compiled train step fits (from `memory.json`)."),
-    Section("memory_presets", "The one-device presets",
+    Section("memory_presets", "The one-device presets, CPU compiler",
             "The dry runs of `configs/llama_7b_24gb.py` and "
             "`configs/llama_13b_40gb.py` as configured (GiB)."),
     Section("refresh", "Refresh cost",
@@ -183,7 +196,8 @@ def clean(table: str) -> str:
 
 def summary(out: str) -> str:
   """Per method, the headline ratios to AdamW, from the result files."""
-  memory, step = load(out, "memory"), load(out, "step_time")
+  memory = load(out, "memory_h100") or load(out, "memory")
+  step = load(out, "step_time")
   conv = load(out, "convergence_long")
   results = (memory or {}).get("results", [])
   rows = []
@@ -217,7 +231,8 @@ def summary(out: str) -> str:
            f"train step time x AdamW ({', '.join(presets)})",
            "final eval loss x AdamW's best (400 steps)"], rows), "",
       "Ranges are over model sizes or presets. State: the attention and MLP "
-      "kernels, exact bytes ([memory](docs/results.md#memory-of-the-train-step-60m-to-7b)); "
+      "kernels, exact bytes ([memory](docs/results.md#"
+      f"{_anchor(memory_section(memory).title)})); "
       f"peak: the {compiler(record)}'s estimate for the compiled train step; "
       "step time: amortized over the refresh interval, median of interleaved "
       "rounds ([step time](docs/results.md#step-time)); loss: the tiny preset, "
@@ -246,14 +261,20 @@ def eval_loss_ratios(result: dict | None, name: str, sweep: bool) -> list[float]
   return [at[(name, lr0)] / best("adamw")]
 
 
-def fits_table(out: str) -> str | None:
-  """The 'what fits' table of memory.json (bench.memory --fits), or None.
+def memory_section(record: dict | None) -> Section:
+  """The results-page section of a bench.memory record."""
+  name = (record or {}).get("benchmark", "memory")
+  return next(s for s in SECTIONS if s.name == name)
+
+
+def fits_table(out: str, name: str = "memory") -> str | None:
+  """The 'what fits' table of `name`.json (bench.memory --fits), or None.
 
   Per method and device-memory budget: the largest LLaMA preset whose
   compiled train step fits, with its peak; then every peak that was compiled
   to find it.
   """
-  fits = (load(out, "memory") or {}).get("fits")
+  fits = (load(out, name) or {}).get("fits")
   if not fits:
     return None
   gib = lambda b: f"{b / 2**30:.1f}"
@@ -285,8 +306,8 @@ def fits_table(out: str) -> str | None:
 
 
 def _table(out: str, name: str) -> str | None:
-  if name == "memory_fits":
-    return fits_table(out)
+  if name.endswith("_fits"):
+    return fits_table(out, name[:-len("_fits")])
   path = os.path.join(out, f"{name}.md")
   if not os.path.exists(path):
     return None
