@@ -22,9 +22,12 @@ What it measures, on one accelerator (the first local device):
 
 3. **The one-device presets** (`--one-device`, default
    `configs/llama_7b_24gb.py` and `configs/llama_13b_40gb.py`): each as
-   configured (layer-wise updates, bf16 weights, 8-bit or bf16 moments,
-   batch 1 x 256), `--steps` train steps as in 1., against the budget in its
-   name (24 or 40 GB: `peak_bytes_in_use` must stay below it).
+   configured (layer-wise updates, bf16 weights, 8-bit or bf16 moments),
+   `--steps` train steps as in 1., against the budget in its name (24 or 40
+   GB: `peak_bytes_in_use` must stay below it), and beside it the peak the
+   deviceless dry run predicts for `--predict` (default h100: `python -m
+   train --dry_run --target=h100`, XLA's GPU compiler without the device;
+   needs the gpu-compile extra, whose CUDA plugin a GPU install already has).
 
 Without a GPU it says so and exits 0 (nothing is written); `--allow-cpu`
 runs it anyway on the CPU (the tests do that with the test preset). Writes
@@ -37,14 +40,17 @@ bench/results/gpu.{json,md}.
 import argparse
 import importlib
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 
 from bench import _common
+from train import dry_run
 from train import model as model_lib
 from train import reparam
 from train import train as train_lib
@@ -120,8 +126,7 @@ def measure_case(preset: str, case: str, steps: int, warmup: int) -> dict:
   programs = _programs(cfg)
   batch = _batch(cfg)
   state = jax.jit(programs.init)()
-  step = jax.jit(programs.train_step, donate_argnums=0)
-  compiled = step.lower(state, batch).compile()
+  compiled = _compiled_steps(programs, state, batch)
   refresh = None
   if programs.refresh is not None:
     refresh = jax.jit(programs.refresh, donate_argnums=0)
@@ -133,7 +138,9 @@ def measure_case(preset: str, case: str, steps: int, warmup: int) -> dict:
       start = time.perf_counter()
     if refresh is not None and i % interval == 0:
       state = refresh(state, batch)
-    state, metrics = compiled(state, batch)
+    # A subspax method's refresh steps are a program of their own.
+    step = compiled[-1] if i % interval == 0 else compiled[0]
+    state, metrics = step(state, batch)
   jax.block_until_ready((state, metrics))
   seconds = (time.perf_counter() - start) / (steps - warmup)
   stats = jax.local_devices()[0].memory_stats() or {}
@@ -143,7 +150,7 @@ def measure_case(preset: str, case: str, steps: int, warmup: int) -> dict:
       "tokens_per_s": cfg.batch_size * cfg.seq_len / seconds,
       "final_loss": float(metrics["train/loss"]),
       "peak_bytes_in_use": stats.get("peak_bytes_in_use"),
-      "compiled_peak": _common.compiled_memory(compiled)["peak"],
+      "compiled_peak": max(_common.compiled_memory(c)["peak"] for c in compiled),
       "params": model_lib.count_params(programs.model_cfg),
       "flops_per_token": flops_per_token(programs.model_cfg, cfg.seq_len),
       "batch": cfg.batch_size, "seq_len": cfg.seq_len, "rank": cfg.opt.rank,
@@ -151,14 +158,41 @@ def measure_case(preset: str, case: str, steps: int, warmup: int) -> dict:
   }
 
 
+def _compiled_steps(programs, state, batch) -> list:
+  """The compiled train step, and the refresh step where there is one."""
+  steps = [programs.train_step, programs.refresh_step]
+  return [jax.jit(s, donate_argnums=0).lower(state, batch).compile()
+          for s in steps if s is not None]
+
+
 def compiled_peak(preset: str, case: str) -> int:
-  """The compiler's peak bytes of one donated train step (nothing allocated)."""
+  """The compiler's peak bytes of a run's donated train steps (the larger of
+  the ordinary and the refresh step; nothing allocated)."""
   cfg = config(preset, case)
   programs = _programs(cfg)
   state = jax.eval_shape(programs.init)
   batch = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len + 1), jnp.int32)
-  compiled = jax.jit(programs.train_step, donate_argnums=0).lower(state, batch).compile()
-  return _common.compiled_memory(compiled)["peak"]
+  return max(_common.compiled_memory(c)["peak"]
+             for c in _compiled_steps(programs, state, batch))
+
+
+def predicted_peak(preset: str, target: str) -> dict:
+  """The deviceless dry run's peak for `target` (`python -m train --dry_run
+  --target=...` in a subprocess: XLA's GPU compiler without the device), to
+  set beside what the device measures."""
+  with tempfile.TemporaryDirectory() as workdir:
+    done = subprocess.run(
+        [sys.executable, "-m", "train", "--config",
+         _common.PRESETS[preset].rsplit(".", 1)[-1],  # a packaged preset's name
+         "--dry_run", f"--target={target}", "--workdir", workdir],
+        capture_output=True, text=True, check=False,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    path = os.path.join(workdir, "memory.json")
+    if done.returncode or not os.path.exists(path):
+      return {"target": target, "error": (done.stderr or done.stdout)[-300:]}
+    with open(path) as f:
+      record = json.load(f)
+  return {"target": target, "peak": dry_run.run_sizes(record)["peak"]}
 
 
 def _worker(kind: str, preset: str, case: str, args) -> dict:
@@ -236,16 +270,20 @@ def table(payload: dict) -> str:
     rows = []
     for r in one:
       if "error" in r:
-        rows.append([r["preset"], "failed: " + r["error"]] + ["-"] * 4)
+        rows.append([r["preset"], "failed: " + r["error"]] + ["-"] * 6)
         continue
       used = r["peak_bytes_in_use"]
+      predicted = (r.get("predicted") or {}).get("peak")
       rows.append([r["preset"], f"{r['tokens_per_s']:,.0f}", mib(used),
-                   mib(r["compiled_peak"]), f"{r['budget_gib']} GiB" + (
+                   mib(r["compiled_peak"]), mib(predicted),
+                   f"{used / predicted:.3f}" if used and predicted else "-",
+                   f"{r['budget_gib']} GiB" + (
                        "" if used is None or used <= r["budget_gib"] * 2**30
                        else " (exceeded)"), f"{r['final_loss']:.3f}"])
     lines.append(_common.markdown_table(
         ["preset", "tokens/s", "peak MiB (memory_stats)", "compiled peak MiB",
-         "budget", "final loss"], rows))
+         "deviceless prediction MiB", "measured / predicted", "budget",
+         "final loss"], rows))
     lines.append("")
   lines.append(f"Device: {payload['device']}; peak bf16 "
                f"{payload['peak_tflops'] or '?'} TFLOP/s (MFU uses it).")
@@ -268,6 +306,10 @@ def main(argv=None) -> int:
                       help="device memory for the fit table (0: memory_stats' bytes_limit)")
   parser.add_argument("--peak-tflops", type=float, default=0.0,
                       help="peak bf16 TFLOP/s for MFU (0: from the device kind)")
+  parser.add_argument("--predict", default="h100",
+                      help="for the one-device presets, also the deviceless "
+                           "dry run's peak for this target (train/targets.py; "
+                           "'' skips it), beside the measured peak")
   parser.add_argument("--case-timeout", type=float, default=3600.0)
   parser.add_argument("--allow-cpu", action="store_true",
                       help="run on the CPU when there is no GPU (for testing)")
@@ -315,6 +357,8 @@ def main(argv=None) -> int:
   for preset in filter(None, args.one_device.split(",")):
     result = _worker("run", preset, "as_configured", args)
     result["budget_gib"] = ONE_DEVICE.get(preset)
+    if args.predict:
+      result["predicted"] = predicted_peak(preset, args.predict)
     payload["one_device"].append(result)
     print(json.dumps(result), flush=True)
   if limit:

@@ -65,8 +65,18 @@ def test_the_one_device_presets_run_as_configured_and_are_tabled():
   assert cfg.opt.layerwise and cfg.model.param_dtype == "bfloat16"
   assert gpu.config("13b_40gb", "as_configured").opt.subspace_layers
   result = {"preset": "7b_24gb", "tokens_per_s": 100.0, "peak_bytes_in_use": 30 * 2**30,
-            "compiled_peak": 21 * 2**30, "budget_gib": 24, "final_loss": 9.0}
+            "compiled_peak": 21 * 2**30, "budget_gib": 24, "final_loss": 9.0,
+            "predicted": {"target": "h100", "peak": 24 * 2**30}}
   payload = {"throughput": [], "fits": [], "one_device": [result], "device": "GPU",
              "peak_tflops": None, "machine": _common.machine()}
   text = gpu.table(payload)
-  assert "| 7b_24gb | 100 | 30,720 | 21,504 | 24 GiB (exceeded) | 9.000 |" in text
+  assert ("| 7b_24gb | 100 | 30,720 | 21,504 | 24,576 | 1.250 | 24 GiB (exceeded) "
+          "| 9.000 |") in text
+
+
+def test_predicted_peak_is_the_deviceless_dry_run():
+  """bench.gpu's prediction is the dry run's for the target, run as a user
+  would (the test preset compiled for an H100 by the GPU compiler)."""
+  predicted = gpu.predicted_peak("test", "h100")
+  assert "error" not in predicted, predicted
+  assert 0 < predicted["peak"] < 2**30
