@@ -178,6 +178,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.opt.min_lr_ratio = 0.1  # the cosine ends at this fraction of the peak
   cfg.opt.rank = 64  # subspace rank r (ignored by adamw; apollo_mini is rank 1)
   cfg.opt.update_interval = 50  # subspace refresh every T steps (ignored by adamw)
+  # Which parameters a subspace method projects: comma-separated names, globs or
+  # re:regexes of parameter paths (subspax.projected_by_name), e.g. "attn,mlp" or
+  # "attn.q,attn.v"; "": the blocks' attention and MLP kernels
+  cfg.opt.projected = ""
   cfg.opt.weight_decay = 0.0  # decoupled weight decay
   cfg.opt.decay_matrices_only = False  # True: no weight decay on 1-D params (norms)
   cfg.opt.b1 = 0.9  # Adam first-moment decay
