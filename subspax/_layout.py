@@ -417,7 +417,9 @@ def projected_by_name(patterns: Union[str, Sequence[str]]
   A parameter is projected when any pattern matches and it has at least two
   dimensions (norm scales and biases stay with plain Adam even when their
   module matches). Unlike the default rule no shape test is applied: name an
-  embedding and it is projected.
+  embedding and it is projected. A stack of per-layer vectors (the ``(L, D)``
+  norm scales of a scanned model) has two dimensions: name the kernels
+  (``attn,mlp``, ``*.kernel``) rather than a whole block.
 
   Examples:
     >>> import jax.numpy as jnp, subspax

@@ -241,3 +241,11 @@ def test_opt_projected_rank_is_checked_on_the_selected_kernels():
   cfg.opt.rank = 32  # below mlp's 96 but not its d_model 32 side
   with pytest.raises(errors.UserError, match=r"opt.rank=32 .* \(mlp.down kernel"):
     optimizers.validate(cfg.opt, _model_cfg(cfg), 10)
+
+
+def test_opt_projected_never_takes_a_scanned_norm_scale():
+  """A scanned model's norm scales are (L, D): 2-D, but not weight matrices."""
+  cfg = test_preset.get_config()
+  cfg.opt.projected = "blocks"
+  names = _projected_names(cfg.opt, _model_cfg(cfg))
+  assert len(names) == 7 and all(n.endswith(".kernel") for n in names)

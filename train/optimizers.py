@@ -97,16 +97,25 @@ def is_projected(path: tuple, param: Any, rank: int) -> bool:
 def projected(opt_cfg: Any) -> Callable[[tuple, Any], bool]:
   """The `projected=` predicate of the subspax methods for `opt_cfg`.
 
-  `is_projected` when `opt.projected` is empty, else
-  `subspax.projected_by_name(opt.projected)` (e.g. "attn,mlp", "attn.q,attn.v").
+  `is_projected` when `opt.projected` is empty, else the weight matrices
+  (kernels, embedding) `subspax.projected_by_name(opt.projected)` selects
+  (e.g. "attn,mlp", "attn.q,attn.v"): a scanned model's norm scales are
+  (L, D) arrays, which a name such as "blocks" would otherwise take.
 
   Example:
     projected(cfg.opt)((DictKey("head"), DictKey("kernel")), head_kernel)  # False
   """
   if opt_cfg.get("projected"):
-    return subspax.projected_by_name(opt_cfg.projected)
+    by_name = subspax.projected_by_name(opt_cfg.projected)
+    return lambda path, p: _is_weight(path) and by_name(path, p)
   rank = method_rank(opt_cfg.name, opt_cfg.rank)
   return lambda path, p: is_projected(path, p, rank)
+
+
+def _is_weight(path: tuple) -> bool:
+  """Whether a parameter is a weight matrix (a kernel or an embedding), not a
+  norm scale, which a scanned model stacks into an (L, D) array too."""
+  return bool(path) and getattr(path[-1], "key", None) in ("kernel", "embedding")
 
 
 def overwrites_gradient(opt_cfg: Any) -> Callable[[tuple, Any], bool]:
@@ -233,7 +242,7 @@ def _check_projected(opt_cfg: Any, model_cfg: model_lib.LlamaConfig) -> None:
   leaves = _named_params(model_cfg)
   if not any(rule(path, p) for path, p in leaves):
     known = sorted({re.sub(r"\.\d+\.", ".", subspax.path_name(path))
-                    for path, p in leaves if len(p.shape) >= 2})
+                    for path, p in leaves if _is_weight(path)})
     raise errors.UserError(
         f"opt.projected={names!r} selects no matrix of the model; its matrices are "
         f"{', '.join(known)} (a name matches whole words, e.g. attn, mlp.up)")

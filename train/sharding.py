@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -51,6 +52,18 @@ def maybe_initialize_distributed(coordinator_address: str = "",
         f"> 1, got coordinator_address={coordinator_address!r}, "
         f"num_processes={num_processes}")
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def min_over_processes(value: int) -> int:
+  """The minimum of a host-side int over all processes (an all-gather).
+
+  Example:
+    n = min_over_processes(len(eval_windows))  # the same on every process
+  """
+  if jax.process_count() == 1:
+    return value
+  gathered = multihost_utils.process_allgather(np.asarray(value, np.int32))
+  return int(np.min(gathered))
 
 
 def mesh_shape(mesh_cfg: Any, n_devices: int) -> tuple[int, int, int]:

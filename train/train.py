@@ -367,7 +367,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
   data = data_lib.build_data(
       cfg.data, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
       seed=cfg.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(),
+      min_over_processes=sharding_lib.min_over_processes)
   programs = build_programs(cfg, hf.vocab_size(cfg, data.vocab_size))
   shardings = train_state_shardings(programs, mesh, rules)
   # Checkpoints of another config are refused before anything is written.
