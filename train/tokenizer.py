@@ -186,6 +186,29 @@ class JsonTokenizer:
     return self._json
 
 
+RUN_FILES = ("tokenizer.model", "tokenizer.json")  # `save`'s names in a workdir
+
+
+def save(tok: spm.SentencePieceProcessor | JsonTokenizer, directory: str) -> str:
+  """Writes a tokenizer into a run directory, where `python -m train.generate`
+  finds it: `tokenizer.model` (SentencePiece) or `tokenizer.json`.
+
+  Example:
+    save(data.tokenizer, workdir)  # -> "<workdir>/tokenizer.model"
+
+  Returns:
+    The path written.
+  """
+  name = RUN_FILES[1] if isinstance(tok, JsonTokenizer) else RUN_FILES[0]
+  path = os.path.join(directory, name)
+  os.makedirs(directory, exist_ok=True)
+  tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
+  with open(tmp, "wb") as f:
+    f.write(tok.serialized_model_proto())
+  os.replace(tmp, path)
+  return path
+
+
 def load(path: str) -> spm.SentencePieceProcessor | JsonTokenizer:
   """A tokenizer file: a SentencePiece `.model`, or a Hugging Face `.json`."""
   if path.endswith(".json"):

@@ -35,6 +35,7 @@ from train import preemption
 from train import reparam
 from train import resume
 from train import sharding as sharding_lib
+from train import tokenizer as tokenizer_lib
 
 
 class TrainState(NamedTuple):
@@ -377,6 +378,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
   resume.check_config(checkpointer.saved_config(), cfg)
   if jax.process_index() == 0:
     hf.write_run_info(workdir, programs.model_cfg, cfg)  # for train.export
+    tokenizer_lib.save(data.tokenizer, workdir)  # for train.generate
   param_shardings, init = shardings.params, programs.init
   replicated = sharding_lib.replicated(mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
