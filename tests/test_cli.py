@@ -110,6 +110,7 @@ def test_small_corpus_short_run_relative_paths(tmp_path):
       "blocks.attn.k.kernel, blocks.attn.o.kernel"]),
     (["--config.data.corpus=files", "--config.data.files=notes.txt"],
      ["data.files: notes.txt is not a .parquet or JSON lines"]),
+    (["--multihost"], ["--multihost: JAX detects no cluster here"]),
     (["--config.opt.stochastic_rounding=True", "--config.opt.nu_dtype=float16"],
      ["2 problems", "opt.stochastic_rounding=True rounds updates to bfloat16 "
       "weights, but model.param_dtype='float32'; set --config.model.param_dtype="
