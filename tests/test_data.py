@@ -264,9 +264,10 @@ def test_eval_split_of_no_window_grows_to_one_batch(corpus, capsys):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-  """Four shards of 30 documents each, as C4 / FineWeb ship them: parquet,
-  JSON lines, gzipped JSON lines (with other fields and a null row)."""
-  import gzip, json  # pylint: disable=g-import-not-at-top,multiple-imports
+  """Four shards of 30 documents each, as C4 / FineWeb / SlimPajama ship them:
+  parquet, JSON lines, gzipped and zstd JSON lines (with other fields and a
+  row without text)."""
+  import gzip, io, json  # pylint: disable=g-import-not-at-top,multiple-imports
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   root = tmp_path_factory.mktemp("shards")
@@ -274,12 +275,13 @@ def shards(tmp_path_factory):
   docs = [[_pseudo_english(rng, 12) for _ in range(30)] for _ in range(4)]
   pq.write_table(pa.table({"url": ["u"] * 30, "text": docs[0]}),
                  root / "part-0.parquet", row_group_size=7)
+  zstd = lambda path, mode: io.TextIOWrapper(pa.CompressedOutputStream(str(path), "zstd"))
   for i, (name, opener) in enumerate([("part-1.jsonl", open),
                                       ("part-2.json.gz", gzip.open),
-                                      ("part-3.jsonl.gz", gzip.open)], 1):
+                                      ("part-3.jsonl.zst", zstd)], 1):
     with opener(root / name, "wt") as f:
       for j, text in enumerate(docs[i]):
-        f.write(json.dumps({"text": text, "timestamp": j}) + "\n")
+        f.write(json.dumps({"text": text, "meta": {"timestamp": j}}) + "\n")
       f.write(json.dumps({"url": "a row without text"}) + "\n")
   return {"files": str(root / "part-*"), "docs": docs, "dir": str(root / "cache")}
 
@@ -296,7 +298,7 @@ def _stream_rows(data, local_batch=8):
 
 
 def test_shards_stream_the_documents_in_order(shards):
-  """parquet, .jsonl and .json(l).gz rows are tokenized with the run's
+  """parquet, .jsonl, .json.gz and .jsonl.zst rows are tokenized with the run's
   tokenizer in shard order, one document each (rows without text skipped)."""
   data = _build(shards, cfg=_shard_cfg(shards))
   expected = tokenizer_lib.encode_documents(
