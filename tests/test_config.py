@@ -157,13 +157,15 @@ assert seen == ["1"], seen
 
 @pytest.mark.slow
 def test_every_entry_point_pins_openblas_before_numpy_loads():
-  """`python -m train`, `-m train.export` and `-m bench.<name>` import the
+  """`python -m train`, `-m train.export`, `-m train.generate` and
+  `-m bench.<name>` import the
   `train` package (train/__init__.py) before anything imports numpy."""
   procs = [subprocess.Popen([sys.executable, "-c", _SPY, module], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": REPO},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-           for module in ("train.__main__", "train.export", "bench.refresh")]
+           for module in ("train.__main__", "train.export", "train.generate",
+                          "bench.refresh")]
   for proc in procs:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
