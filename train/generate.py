@@ -56,8 +56,18 @@ class Output(NamedTuple):
 
 
 def unstack_layers(params: dict, n_layers: int) -> dict:
-  """A scanned model's parameters with the stacked (L, ...) blocks split into
-  the per-layer dicts `{0: ..., 1: ...}` of an unscanned model."""
+  """A scanned model's parameters in the layout of the unscanned model.
+
+  Example:
+    unstack_layers(params, 2)["blocks"][1]["attn"]["q"]["kernel"]  # layer 1's
+
+  Args:
+    params: parameters whose `blocks` hold stacked `(L, ...)` arrays.
+    n_layers: L.
+
+  Returns:
+    `params` with `blocks` as the per-layer dicts `{0: ..., 1: ...}`.
+  """
   blocks = params["blocks"]
   return {**params, "blocks": {
       i: jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(n_layers)}}
@@ -110,7 +120,14 @@ def _tokenizer_path(workdir: str, path: str, info: dict) -> str:
 
 
 def check_options(max_tokens: int, top_p: float, temperature: float) -> None:
-  """Rejects sampling options out of range, naming the flag and the fix."""
+  """Rejects sampling options out of range, naming each flag and its range.
+
+  Example:
+    check_options(64, 0.9, 1.0)  # passes
+
+  Raises:
+    UserError: every bad option, in one line.
+  """
   errors.gather(
       lambda: _check(max_tokens >= 1, f"--max_tokens must be >= 1, got {max_tokens}"),
       lambda: _check(0 <= top_p <= 1, f"--top_p must be in [0, 1] (0: greedy), got "

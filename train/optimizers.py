@@ -104,6 +104,12 @@ def projected(opt_cfg: Any) -> Callable[[tuple, Any], bool]:
 
   Example:
     projected(cfg.opt)((DictKey("head"), DictKey("kernel")), head_kernel)  # False
+
+  Args:
+    opt_cfg: The `opt` ConfigDict (`opt.projected`, `opt.name`, `opt.rank`).
+
+  Returns:
+    `(path, param) -> bool`, the `projected=` of `subspax.<opt.name>`.
   """
   if opt_cfg.get("projected"):
     by_name = subspax.projected_by_name(opt_cfg.projected)

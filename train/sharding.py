@@ -77,8 +77,16 @@ def maybe_initialize_distributed(coordinator_address: str = "",
 def min_over_processes(value: int) -> int:
   """The minimum of a host-side int over all processes (an all-gather).
 
+  Every process must call it, at the same point of the program.
+
   Example:
     n = min_over_processes(len(eval_windows))  # the same on every process
+
+  Args:
+    value: this process's int.
+
+  Returns:
+    The smallest of the processes' values (`value` with one process).
   """
   if jax.process_count() == 1:
     return value

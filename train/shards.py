@@ -33,7 +33,18 @@ _JSON_BLOCK = 1 << 24  # bytes per JSON read; a document must fit in one block
 
 
 def check_format(path: str) -> None:
-  """Raises a `UserError` unless `path` names a shard format `read_documents` reads."""
+  """Checks that `read_documents` reads `path`'s format, from its name alone.
+
+  Example:
+    check_format("c4/c4-train.00000-of-01024.json.gz")  # passes
+
+  Args:
+    path: a shard's path.
+
+  Raises:
+    UserError: the name ends in none of `SUFFIXES`; the message names the
+      formats and `data.corpus="text_files"` for plain text.
+  """
   if not path.endswith(SUFFIXES):
     raise errors.UserError(
         f"data.files: {path} is not a .parquet or JSON lines (.jsonl, .json, "

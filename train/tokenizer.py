@@ -51,7 +51,11 @@ def train_bpe(lines: Iterable[str], vocab_size: int) -> bytes:
 
 
 def token_dtype(sp: spm.SentencePieceProcessor) -> np.dtype:
-  """uint16 if the vocabulary fits, else uint32."""
+  """The dtype of a token stream: uint16 if the vocabulary fits, else uint32.
+
+  Example:
+    token_dtype(sp)  # dtype('uint16') for a 32,000-token vocabulary
+  """
   return np.dtype(np.uint16 if sp.vocab_size() <= 1 << 16 else np.uint32)
 
 
