@@ -251,3 +251,16 @@ def test_opt_projected_never_takes_a_scanned_norm_scale():
   cfg.opt.projected = "blocks"
   names = _projected_names(cfg.opt, _model_cfg(cfg))
   assert len(names) == 7 and all(n.endswith(".kernel") for n in names)
+
+
+def test_opt_projected_is_checked_for_every_optimizer():
+  """A bad pattern is an error under AdamW too (which projects nothing), and
+  the subspace-layer modes choose their kernels themselves."""
+  cfg = test_preset.get_config()
+  cfg.opt.name, cfg.opt.projected = "adamw", "re:("
+  with pytest.raises(errors.UserError, match="not a valid regular expression"):
+    optimizers.validate(cfg.opt, _model_cfg(cfg), 10)
+  cfg.opt.name, cfg.opt.projected, cfg.opt.subspace_layers = "grass", "attn", True
+  with pytest.raises(errors.UserError, match="cannot be combined with "
+                     "opt.subspace_layers=True"):
+    optimizers.validate(cfg.opt, _model_cfg(cfg), 10)

@@ -235,16 +235,18 @@ def _check_projected(opt_cfg: Any, model_cfg: model_lib.LlamaConfig) -> None:
     raise errors.UserError(
         f"opt.projected must be a string of comma-separated names, got {names!r}; "
         'e.g. --config.opt.projected=attn,mlp ("" projects the blocks\' kernels)')
-  if not names or opt_cfg.name == "adamw":
+  if not names:
     return
-  if opt_cfg.get("subspace_layers"):
-    raise errors.UserError(
-        f"opt.projected={names!r} cannot be combined with opt.subspace_layers=True "
-        "(its subspace layers are the blocks' kernels); set opt.projected=\"\"")
   try:
     rule = subspax.projected_by_name(names)
   except ValueError as e:
     raise errors.UserError(f"opt.projected={names!r}: {e}") from None
+  if opt_cfg.name == "adamw":
+    return  # AdamW projects nothing
+  if opt_cfg.get("subspace_layers"):
+    raise errors.UserError(
+        f"opt.projected={names!r} cannot be combined with opt.subspace_layers=True "
+        "(its subspace layers are the blocks' kernels); set opt.projected=\"\"")
   leaves = _named_params(model_cfg)
   if not any(rule(path, p) for path, p in leaves):
     known = sorted({re.sub(r"\.\d+\.", ".", subspax.path_name(path))
