@@ -92,7 +92,7 @@ def test_ported_settings_reproduce_the_authors_steps(name, monkeypatch):
   assert _steps(name, monkeypatch) < TOLERANCE
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", ["galore", "apollo"])
 def test_each_convention_matters(name, monkeypatch):
   """Without the eps schedule, or with optax's decay order, the steps differ
   by far more than rounding (lr^2 wd u per step for the decay)."""
