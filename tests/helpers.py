@@ -112,3 +112,22 @@ def decaying_spectrum(key, d, big_d, decay=0.8):
 def projection_sq_error(s, g):
   """``||G - S S^T G||_F^2``."""
   return jnp.sum(jnp.square(g - s @ (s.T @ g)))
+
+
+class ReplayedSubspace(subspax.SubspacePolicy):
+  """Replays recorded bases in order (refresh k returns ``bases[k]``).
+
+  The reference packages draw their random projections with torch's RNG and
+  take their SVDs with arbitrary signs; replaying their bases makes the
+  remaining update rule comparable step for step.
+  """
+
+  def __init__(self, bases):
+    self.bases = jnp.asarray(bases)
+
+  def refresh(self, basis, g, key, r):
+    del g, key, r
+    dist = jnp.sum(jnp.square(self.bases - basis.s), axis=(1, 2))
+    following = jnp.where(jnp.min(dist) < 1e-12, jnp.argmin(dist) + 1, 0)
+    return subspax.DenseBasis(
+        self.bases[jnp.minimum(following, len(self.bases) - 1)])

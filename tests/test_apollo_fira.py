@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+import helpers
 import subspax
 from subspax import _apollo
 from subspax import _policies
@@ -29,25 +30,6 @@ def _case(name):
   return (json.loads(str(FIXTURES[f"{name}/config"])),
           FIXTURES[f"{name}/grads"], FIXTURES[f"{name}/updates"],
           FIXTURES[f"{name}/bases"])
-
-
-class _Replayed(subspax.SubspacePolicy):
-  """Replays recorded bases in order (refresh k returns ``bases[k]``).
-
-  The reference packages draw their random projections with torch's RNG and
-  take their SVDs with arbitrary signs; replaying their bases makes the
-  remaining update rule comparable step for step.
-  """
-
-  def __init__(self, bases):
-    self.bases = jnp.asarray(bases)
-
-  def refresh(self, basis, g, key, r):
-    del g, key, r
-    dist = jnp.sum(jnp.square(self.bases - basis.s), axis=(1, 2))
-    following = jnp.where(jnp.min(dist) < 1e-12, jnp.argmin(dist) + 1, 0)
-    return subspax.DenseBasis(
-        self.bases[jnp.minimum(following, len(self.bases) - 1)])
 
 
 def _reference_config(config):
@@ -71,7 +53,7 @@ def _run_case(name, monkeypatch, **overrides):
   config, grads, _, bases = _case(name)
   factory, kwargs = _reference_config(config)
   if config["update_interval"] < len(grads):  # replay the recorded bases
-    replayed = _Replayed(bases)
+    replayed = helpers.ReplayedSubspace(bases)
     monkeypatch.setattr(_policies, "SvdSubspace", lambda: replayed)
     monkeypatch.setattr(_policies, "RandomSubspace",
                         lambda orthonormal: replayed)

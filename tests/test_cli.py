@@ -105,12 +105,19 @@ def test_small_corpus_short_run_relative_paths(tmp_path):
     (["--config.opt.layerwise=True", "--config.opt.name=optax_galore"],
      ["does not support opt.name='optax_galore'"]),
     (["--config.grad_accum=3"], ["batch_size=8 must be a multiple of grad_accum=3"]),
+    (["--config.opt.projected=atn"],
+     ["opt.projected='atn' selects no matrix of the model; its matrices are "
+      "blocks.attn.k.kernel, blocks.attn.o.kernel"]),
+    (["--config.data.corpus=files", "--config.data.files=notes.txt"],
+     ["data.files: notes.txt is not a .parquet or JSON lines"]),
+    (["--multihost"], ["--multihost: JAX detects no cluster here"]),
     (["--config.opt.stochastic_rounding=True", "--config.opt.nu_dtype=float16"],
      ["2 problems", "opt.stochastic_rounding=True rounds updates to bfloat16 "
       "weights, but model.param_dtype='float32'; set --config.model.param_dtype="
       "bfloat16", "opt.nu_dtype must be 'float32' or 'bfloat16', got 'float16'"]),
 ])
 def test_input_errors_are_one_line_with_status_2(tmp_path, args, fragments):
+  (tmp_path / "notes.txt").write_text("plain text, not a shard\n")
   status, out = run(tmp_path, "--config", "configs/test.py", "--workdir=run", *args)
   assert_one_line_error(status, out, *fragments)
   assert not (tmp_path / "run").exists()

@@ -157,13 +157,15 @@ assert seen == ["1"], seen
 
 @pytest.mark.slow
 def test_every_entry_point_pins_openblas_before_numpy_loads():
-  """`python -m train`, `-m train.export` and `-m bench.<name>` import the
+  """`python -m train`, `-m train.export`, `-m train.generate` and
+  `-m bench.<name>` import the
   `train` package (train/__init__.py) before anything imports numpy."""
   procs = [subprocess.Popen([sys.executable, "-c", _SPY, module], cwd=REPO,
                             env={**os.environ, "PYTHONPATH": REPO},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-           for module in ("train.__main__", "train.export", "bench.refresh")]
+           for module in ("train.__main__", "train.export", "train.generate",
+                          "bench.refresh")]
   for proc in procs:
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
@@ -192,3 +194,78 @@ def test_the_trainer_projects_the_blocks_kernels_only():
       shape=(4096, 32000)), 1024)
   assert optimizers.is_projected((key("blocks"), key("mlp"), key("up"), key("kernel")),
                                  kernel, 1024)
+
+
+def _projected_names(opt_cfg, model_cfg):
+  shapes = model_lib.abstract_model(model_cfg)[1]
+  rule = optimizers.projected(opt_cfg)
+  return sorted(subspax.path_name(path) for path, p in
+                jax.tree_util.tree_flatten_with_path(shapes)[0] if rule(path, p))
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_opt_projected_attn_mlp_is_the_default_selection(scan):
+  """`opt.projected="attn,mlp"` (optim_target_modules=["attn", "mlp"]) selects
+  the blocks' seven kernels, as the default does; "attn.q,attn.v" two."""
+  cfg = test_preset.get_config()
+  cfg.model.scan = scan
+  model_cfg = _model_cfg(cfg)
+  default = _projected_names(cfg.opt, model_cfg)
+  cfg.opt.projected = "attn,mlp"
+  optimizers.validate(cfg.opt, model_cfg, 10)
+  assert _projected_names(cfg.opt, model_cfg) == default
+  assert len(default) == 7 * (1 if scan else cfg.model.n_layers)
+  cfg.opt.projected = "attn.q,attn.v"
+  assert [n.rsplit(".", 2)[-2] for n in _projected_names(cfg.opt, model_cfg)] == (
+      ["q", "v"] * (1 if scan else cfg.model.n_layers))
+  # The gradients the update overwrites in place are exactly the selected ones.
+  shapes = model_lib.abstract_model(model_cfg)[1]
+  over = optimizers.overwrites_gradient(optimizers.build(cfg.opt, 10, 0), shapes)
+  assert sorted(subspax.path_name(path) for path, p in
+                jax.tree_util.tree_flatten_with_path(shapes)[0]
+                if over(path, p)) == _projected_names(cfg.opt, model_cfg)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("atn", "opt.projected='atn' selects no matrix of the model; its matrices are "
+     "blocks.attn.k.kernel"),
+    ("re:(q", "opt.projected='re:(q': projected_by_name: 're:(q' is not a valid "
+     "regular expression"),
+    (3, "opt.projected must be a string of comma-separated names, got 3"),
+])
+def test_a_bad_opt_projected_is_one_line(value, message):
+  cfg = test_preset.get_config()
+  section = cfg.opt.to_dict()
+  section["projected"] = value
+  cfg.opt = ml_collections.ConfigDict(section)
+  with pytest.raises(errors.UserError, match=message.replace("(", r"\(")):
+    optimizers.validate(cfg.opt, _model_cfg(cfg), 10)
+
+
+def test_opt_projected_rank_is_checked_on_the_selected_kernels():
+  cfg = test_preset.get_config()
+  cfg.opt.projected = "mlp"
+  cfg.opt.rank = 32  # below mlp's 96 but not its d_model 32 side
+  with pytest.raises(errors.UserError, match=r"opt.rank=32 .* \(mlp.down kernel"):
+    optimizers.validate(cfg.opt, _model_cfg(cfg), 10)
+
+
+def test_opt_projected_never_takes_a_scanned_norm_scale():
+  """A scanned model's norm scales are (L, D): 2-D, but not weight matrices."""
+  cfg = test_preset.get_config()
+  cfg.opt.projected = "blocks"
+  names = _projected_names(cfg.opt, _model_cfg(cfg))
+  assert len(names) == 7 and all(n.endswith(".kernel") for n in names)
+
+
+def test_opt_projected_is_checked_for_every_optimizer():
+  """A bad pattern is an error under AdamW too (which projects nothing), and
+  the subspace-layer modes choose their kernels themselves."""
+  cfg = test_preset.get_config()
+  cfg.opt.name, cfg.opt.projected = "adamw", "re:("
+  with pytest.raises(errors.UserError, match="not a valid regular expression"):
+    optimizers.validate(cfg.opt, _model_cfg(cfg), 10)
+  cfg.opt.name, cfg.opt.projected, cfg.opt.subspace_layers = "grass", "attn", True
+  with pytest.raises(errors.UserError, match="cannot be combined with "
+                     "opt.subspace_layers=True"):
+    optimizers.validate(cfg.opt, _model_cfg(cfg), 10)

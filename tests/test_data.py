@@ -190,7 +190,7 @@ def test_killed_tokenization_leaves_no_cache(corpus, tmp_path, monkeypatch):
   def fail(*args):
     raise KeyboardInterrupt
 
-  monkeypatch.setattr(tokenizer_lib, "encode_documents", fail)
+  monkeypatch.setattr(tokenizer_lib, "encode_stream", fail)
   cfg = _cfg(corpus, dir=str(tmp_path))
   with pytest.raises(KeyboardInterrupt):
     _build(corpus, cfg=cfg)
@@ -257,3 +257,102 @@ def test_eval_split_of_no_window_grows_to_one_batch(corpus, capsys):
   batches = list(data.eval_batches())
   assert len(batches) == 1 and batches[0].shape == (8, SEQ_LEN + 1)
   assert len({row.tobytes() for row in batches[0]}) == 1  # the one window, repeated
+
+
+# ---------------------------------------------------------------- shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  """Four shards of 30 documents each, as C4 / FineWeb / SlimPajama ship them:
+  parquet, JSON lines, gzipped and zstd JSON lines (with other fields and a
+  row without text)."""
+  import gzip, io, json  # pylint: disable=g-import-not-at-top,multiple-imports
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("shards")
+  rng = np.random.default_rng(2)
+  docs = [[_pseudo_english(rng, 12) for _ in range(30)] for _ in range(4)]
+  pq.write_table(pa.table({"url": ["u"] * 30, "text": docs[0]}),
+                 root / "part-0.parquet", row_group_size=7)
+  zstd = lambda path, mode: io.TextIOWrapper(pa.CompressedOutputStream(str(path), "zstd"))
+  for i, (name, opener) in enumerate([("part-1.jsonl", open),
+                                      ("part-2.json.gz", gzip.open),
+                                      ("part-3.jsonl.zst", zstd)], 1):
+    with opener(root / name, "wt") as f:
+      for j, text in enumerate(docs[i]):
+        f.write(json.dumps({"text": text, "meta": {"timestamp": j}}) + "\n")
+      f.write(json.dumps({"url": "a row without text"}) + "\n")
+  return {"files": str(root / "part-*"), "docs": docs, "dir": str(root / "cache")}
+
+
+def _shard_cfg(shards, **overrides):
+  return _cfg(shards, **{"corpus": "files", "shuffle": False, "eval_fraction": 0.05,
+                         **overrides})
+
+
+def _stream_rows(data, local_batch=8):
+  """The unshuffled train stream of a process, window by window, as tokens."""
+  rows = np.concatenate(_take(data.train_iter, data.epoch_windows // local_batch))
+  return np.concatenate([rows[0, :1], rows[:, 1:].ravel()])
+
+
+def test_shards_stream_the_documents_in_order(shards):
+  """parquet, .jsonl, .json.gz and .jsonl.zst rows are tokenized with the run's
+  tokenizer in shard order, one document each (rows without text skipped)."""
+  data = _build(shards, cfg=_shard_cfg(shards))
+  expected = tokenizer_lib.encode_documents(
+      data.tokenizer, [(d, True) for docs in shards["docs"] for d in docs])
+  stream = _stream_rows(data)
+  np.testing.assert_array_equal(stream, expected[:len(stream)])
+  eval_rows = np.concatenate(list(data.eval_batches()))
+  assert stream.size + eval_rows[:, 1:].size > 0.9 * expected.size
+  assert data.vocab_size == VOCAB
+
+
+def test_each_process_reads_its_own_shards(shards):
+  """Process p of 2 tokenizes shards p and p + 2 only; both evaluate the
+  same number of batches (the smaller of the two)."""
+  cfg = _shard_cfg(shards)
+  fewest = lambda n: min(n, 1)  # stands for the all-gather of train.run
+  parts = [_build(shards, cfg=cfg, global_batch_size=8, process_index=p,
+                  process_count=2, min_over_processes=fewest) for p in range(2)]
+  for p, data in enumerate(parts):
+    own = [(d, True) for docs in shards["docs"][p::2] for d in docs]
+    expected = tokenizer_lib.encode_documents(data.tokenizer, own)
+    stream = _stream_rows(data, 4)
+    np.testing.assert_array_equal(stream, expected[:len(stream)])
+    assert len(list(data.eval_batches())) == 1
+  with pytest.raises(ValueError, match="names 4 shards for 5 processes"):
+    _build(shards, cfg=cfg, global_batch_size=5, process_index=4, process_count=5)
+
+
+def test_shard_iterator_resumes_exactly(shards):
+  cfg = _shard_cfg(shards, shuffle=True)
+  data = _build(shards, cfg=cfg)
+  _take(data.train_iter, 3)
+  state = data.train_iter.get_state()
+  expected = _take(data.train_iter, 4)
+  resumed = _build(shards, cfg=cfg).train_iter
+  resumed.set_state(state)
+  for want, got in zip(expected, _take(resumed, 4)):
+    np.testing.assert_array_equal(want, got)
+
+
+@pytest.mark.parametrize("name, text_key, match", [
+    ("part-0.parquet", "content",
+     "data.text_key 'content' is not a column of .*part-0.parquet; its columns are "
+     "url, text"),
+    ("part-1.jsonl", "content", "data.text_key 'content': no row of .*part-1.jsonl"),
+    ("notes.txt", "text", "notes.txt is not a .parquet or JSON lines"),
+    ("", "", "data.text_key must name the field"),
+])
+def test_bad_shards_are_a_clear_error(shards, tmp_path, name, text_key, match):
+  if name == "notes.txt":
+    (tmp_path / name).write_text("plain text\n")
+    files = str(tmp_path / name)
+  else:
+    files = shards["files"].replace("part-*", name or "part-*")
+  cfg = _shard_cfg(shards, files=files, text_key=text_key, dir=str(tmp_path / "c"))
+  with pytest.raises(ValueError, match=match):
+    _build(shards, cfg=cfg)

@@ -20,7 +20,7 @@ import pytest
 import safetensors.numpy
 
 from train import errors
-from train import export
+from train import checkpoint as checkpoint_lib
 from train import hf
 from train import metrics as metrics_lib
 from train import model as model_lib
@@ -206,7 +206,7 @@ def test_fine_tune_from_hf_and_export_via_the_cli(corpus, tmp_path):
   assert {"config.json", "model.safetensors", "tokenizer.json",
           "tokenizer_config.json"} <= set(os.listdir(out))
   info = hf.read_run_info(str(workdir))
-  step, trained = export.restore_params(str(workdir), info["model"])
+  step, trained = checkpoint_lib.restore_params(str(workdir), info["model"])
   assert step == 8
   _, back, _ = _load(_model_cfg(scan=True, directory=str(out)), str(out))
   assert jax.tree.all(jax.tree.map(

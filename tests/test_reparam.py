@@ -22,7 +22,7 @@ import pytest
 import helpers
 import subspax
 from bench import reparam as bench_reparam
-from train import export
+from train import checkpoint as checkpoint_lib
 from train import hf
 from train import memory as train_memory
 from train import model as model_lib
@@ -328,7 +328,7 @@ def test_resume_across_a_refresh_is_bit_exact(corpus, tmp_path, name):
   assert a[8]["train/loss"] < a[1]["train/loss"]
   # The export reads the plain model's weights: the deltas merged.
   model_cfg = hf.read_run_info(str(tmp_path / "straight"))["model"]
-  step, weights = export.restore_params(str(tmp_path / "straight"), model_cfg)
+  step, weights = checkpoint_lib.restore_params(str(tmp_path / "straight"), model_cfg)
   graphdef = model_lib.abstract_model(model_cfg)[0]
   assert step == 8
   jax.tree.map(np.testing.assert_array_equal, weights, reparam.merged_weights(

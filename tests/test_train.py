@@ -6,6 +6,7 @@ the session runs on 8 fake CPU devices (tests/conftest.py), and the preset's
 """
 
 import importlib
+import json
 import os
 import shutil
 import signal
@@ -203,12 +204,28 @@ def test_every_optimizer_lowers_the_loss(corpus, tmp_path, name):
   assert result.metrics["eval/loss"] < losses[0] - 1.0
 
 
+def _shards(corpus, root):
+  """The corpus's lines as four JSON lines shards, 25 lines per document."""
+  with open(corpus["data.files"]) as f:
+    lines = f.read().splitlines()
+  docs = ["\n".join(lines[i:i + 25]) for i in range(0, len(lines), 25)]
+  for k in range(4):
+    with open(root / f"part-{k}.jsonl", "w") as f:
+      f.writelines(json.dumps({"text": d}) + "\n" for d in docs[k::4])
+  return {"data.corpus": "files", "data.files": str(root / "part-*.jsonl"),
+          "data.dir": str(root / "cache")}
+
+
 @pytest.mark.slow
-def test_two_processes_train_together(corpus, tmp_path):
+@pytest.mark.parametrize("corpus_kind", ["text_files", "files"])
+def test_two_processes_train_together(corpus, tmp_path, corpus_kind):
+  """Two CPU processes, on a text file each reads all of, or on shards each
+  reads half of (their held-out batch counts agreed by an all-gather)."""
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  args = cli_args(corpus, tmp_path / "run", "--config.steps=4",
+  data = corpus if corpus_kind == "text_files" else _shards(corpus, tmp_path)
+  args = cli_args(data, tmp_path / "run", "--config.steps=4",
                   "--config.checkpoint_every=2", "--config.mesh.data=-1")
   procs = []
   for i in range(2):

@@ -7,7 +7,7 @@ sets it: jaxlib's CPU LAPACK kernels (the SVD, QR and eigh of a subspace
 refresh) already run a batch in parallel, and nested OpenBLAS threads
 busy-wait and made a refresh of stacked (L, m, n) kernels ~100x slower on 2
 cores. Every entry point (`python -m train`, `python -m train.export`,
-`python -m bench.<name>`, the tests' conftest) imports this package before
+`python -m train.generate`, `python -m bench.<name>`, the tests' conftest) imports this package before
 numpy or jax load, and nothing here imports either.
 """
 

@@ -10,7 +10,9 @@ model or reading data (train/dry_run.py); `--target=h100` (or h100x8, h200,
 a100_80, a100_40) makes it compile with XLA's GPU compiler for that GPU, on a
 machine without one (train/targets.py). For several processes, pass
 `--coordinator_address`, `--num_processes` and `--process_id` (or set
-JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID).
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID), or
+`--multihost` under SLURM, Open MPI or Kubernetes, where JAX detects them
+(docs/multihost.md).
 
 `--config` takes a preset file; a path that does not exist names the packaged
 preset of the same name (`--config configs/test.py` or `--config test` work
@@ -105,6 +107,9 @@ _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", "", "host:port of process 0 for a multi-process run.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's index.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Join a multi-host run that JAX detects from the cluster "
+    "(SLURM, Open MPI, Kubernetes); docs/multihost.md.")
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Show the traceback of an input error, not just its line.")
 _DRY_RUN = flags.DEFINE_bool(
@@ -167,7 +172,8 @@ def _main(argv: list[str]) -> None:
   targets.prepare(target)
   # Joining a multi-process run must come before any computation.
   sharding.maybe_initialize_distributed(
-      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+      auto=_MULTIHOST.value)
   cfg = _CONFIG.value
   preset = os.path.splitext(os.path.basename(
       config_flags.get_config_filename(flags.FLAGS["config"])))[0]

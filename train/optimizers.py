@@ -12,6 +12,7 @@ generates them from `subspax.<name>`'s signature), e.g.
 """
 
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -77,18 +78,50 @@ def _decay_mask(opt_cfg: Any) -> Callable[[Any], Any] | None:
 
 
 def is_projected(path: tuple, param: Any, rank: int) -> bool:
-  """Whether the trainer projects a parameter: the attention and MLP kernels.
+  """Whether the trainer projects a parameter by default: the attention and
+  MLP kernels.
 
   As in the papers' code, only the blocks' weight matrices are projected
   (subspax's default rule on their shapes: rank below both sides, aspect
-  ratio at most 8); the embedding and the LM head always get plain Adam,
-  even where their shape would pass (LLaMA-7B's 32000 x 4096 does).
+  ratio at most 8); the embedding and the LM head always get plain Adam, even
+  where their shape would pass (LLaMA-7B's 32000 x 4096 does). `opt.projected`
+  replaces this rule (`projected`).
 
   Example:
     is_projected((jax.tree_util.DictKey("head"),), head_kernel, 64)  # False
   """
   return (bool(path) and getattr(path[0], "key", None) == "blocks"
           and subspax.default_is_projected(param.shape, rank))
+
+
+def projected(opt_cfg: Any) -> Callable[[tuple, Any], bool]:
+  """The `projected=` predicate of the subspax methods for `opt_cfg`.
+
+  `is_projected` when `opt.projected` is empty, else the weight matrices
+  (kernels, embedding) `subspax.projected_by_name(opt.projected)` selects
+  (e.g. "attn,mlp", "attn.q,attn.v"): a scanned model's norm scales are
+  (L, D) arrays, which a name such as "blocks" would otherwise take.
+
+  Example:
+    projected(cfg.opt)((DictKey("head"), DictKey("kernel")), head_kernel)  # False
+
+  Args:
+    opt_cfg: The `opt` ConfigDict (`opt.projected`, `opt.name`, `opt.rank`).
+
+  Returns:
+    `(path, param) -> bool`, the `projected=` of `subspax.<opt.name>`.
+  """
+  if opt_cfg.get("projected"):
+    by_name = subspax.projected_by_name(opt_cfg.projected)
+    return lambda path, p: _is_weight(path) and by_name(path, p)
+  rank = method_rank(opt_cfg.name, opt_cfg.rank)
+  return lambda path, p: is_projected(path, p, rank)
+
+
+def _is_weight(path: tuple) -> bool:
+  """Whether a parameter is a weight matrix (a kernel or an embedding), not a
+  norm scale, which a scanned model stacks into an (L, D) array too."""
+  return bool(path) and getattr(path[-1], "key", None) in ("kernel", "embedding")
 
 
 def overwrites_gradient(tx: optax.GradientTransformation, params: Any
@@ -114,11 +147,12 @@ def overwrites_gradient(tx: optax.GradientTransformation, params: Any
   return lambda path, leaf: jax.tree_util.keystr(path) in paths
 
 
-def _galore_dims(rank: int) -> Callable[[Any], Any]:
-  """optax.contrib.galore routing equal to the subspax methods' (`is_projected`)."""
+def _galore_dims(opt_cfg: Any) -> Callable[[Any], Any]:
+  """optax.contrib.galore routing equal to the subspax methods' (`projected`)."""
+  rule = projected(opt_cfg)
   return lambda params: jax.tree_util.tree_map_with_path(
       lambda path, p: (optax.contrib.GaLoreDimensionNumbers()
-                       if p.ndim == 2 and is_projected(path, p, rank) else None),
+                       if p.ndim == 2 and rule(path, p) else None),
       params)
 
 
@@ -181,9 +215,10 @@ def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int) -> None
   """
   errors.gather(lambda: _check_name(opt_cfg), lambda: _check_schedule(opt_cfg),
                 lambda: _check_options(opt_cfg),
+                lambda: _check_projected(opt_cfg, model_cfg),
                 lambda: precision.validate(opt_cfg, model_cfg.param_dtype))
   if opt_cfg.name != "adamw":
-    dims = model_cfg.projected_dims()
+    dims = _projected_dims(opt_cfg, model_cfg)
     where, (d_in, d_out) = min(dims.items(), key=lambda kv: min(kv[1]))
     if not 0 < opt_cfg.rank < min(d_in, d_out):
       raise errors.UserError(
@@ -198,6 +233,58 @@ def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int) -> None
     build(opt_cfg, steps, seed=0)
   except (TypeError, ValueError) as e:  # the method's own checks of its options
     raise errors.UserError(f"opt.{opt_cfg.name}: {e}") from e
+
+
+def _check_projected(opt_cfg: Any, model_cfg: model_lib.LlamaConfig) -> None:
+  """Rejects an `opt.projected` that is not a pattern list or selects nothing."""
+  names = opt_cfg.get("projected", "")
+  if not isinstance(names, str):
+    raise errors.UserError(
+        f"opt.projected must be a string of comma-separated names, got {names!r}; "
+        'e.g. --config.opt.projected=attn,mlp ("" projects the blocks\' kernels)')
+  if not names:
+    return
+  try:
+    rule = subspax.projected_by_name(names)
+  except ValueError as e:
+    raise errors.UserError(f"opt.projected={names!r}: {e}") from None
+  if opt_cfg.name == "adamw":
+    return  # AdamW projects nothing
+  if opt_cfg.get("subspace_layers"):
+    raise errors.UserError(
+        f"opt.projected={names!r} cannot be combined with opt.subspace_layers=True "
+        "(its subspace layers are the blocks' kernels); set opt.projected=\"\"")
+  leaves = _named_params(model_cfg)
+  if not any(rule(path, p) for path, p in leaves):
+    known = sorted({re.sub(r"\.\d+\.", ".", subspax.path_name(path))
+                    for path, p in leaves if _is_weight(path)})
+    raise errors.UserError(
+        f"opt.projected={names!r} selects no matrix of the model; its matrices are "
+        f"{', '.join(known)} (a name matches whole words, e.g. attn, mlp.up)")
+
+
+def _named_params(model_cfg: model_lib.LlamaConfig) -> list[tuple[tuple, Any]]:
+  """(path, ShapeDtypeStruct) of every parameter of the model."""
+  shapes = model_lib.abstract_model(model_cfg)[1]
+  return jax.tree_util.tree_flatten_with_path(shapes)[0]
+
+
+def _projected_dims(opt_cfg: Any, model_cfg: model_lib.LlamaConfig
+                    ) -> dict[str, tuple[int, int]]:
+  """(in, out) of the per-layer kernels the optimizer projects, by name.
+
+  The blocks' kernels only: an embedding or head selected by `opt.projected`
+  has a vocabulary side not known before the tokenizer loads.
+  """
+  if not opt_cfg.get("projected"):
+    return model_cfg.projected_dims()
+  rule = projected(opt_cfg)
+  short = lambda path: re.sub(r"^blocks\.(\d+\.)?|\.kernel$", "",
+                             subspax.path_name(path))
+  dims = {short(path): p.shape[-2:]
+          for path, p in _named_params(model_cfg)
+          if getattr(path[0], "key", None) == "blocks" and rule(path, p)}
+  return dims or model_cfg.projected_dims()
 
 
 def _check_name(opt_cfg: Any) -> None:
@@ -271,13 +358,13 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
         base_optimizer=precision.with_moment_dtype(
             optax.scale_by_adam(**adam), nu_dtype),
         weight_decay=opt_cfg.weight_decay, mask=mask,
-        weight_dimension_numbers=_galore_dims(opt_cfg.rank), **kwargs)
+        weight_dimension_numbers=_galore_dims(opt_cfg), **kwargs)
   else:
     factory = subspax.METHODS[opt_cfg.name]
     if "key" in inspect.signature(factory).parameters:
       kwargs["key"] = seed
     rank = method_rank(opt_cfg.name, opt_cfg.rank)
-    kwargs["projected"] = lambda path, p: is_projected(path, p, rank)
+    kwargs["projected"] = projected(opt_cfg)
     kwargs["basis_dtype"] = jnp.dtype(opt_cfg.get("basis_dtype", "float32"))
     tx = factory(lr, rank=rank, update_interval=opt_cfg.update_interval,
                  weight_decay=opt_cfg.weight_decay, mask=mask, nu_dtype=nu_dtype,

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -26,16 +27,24 @@ BATCH_AXES = ("data", "fsdp")
 
 def maybe_initialize_distributed(coordinator_address: str = "",
                                  num_processes: int = 1,
-                                 process_id: int = 0) -> None:
+                                 process_id: int = 0, *,
+                                 auto: bool = False) -> None:
   """Joins a multi-process run when asked to, before any other JAX call.
 
   Each argument falls back to the environment variable JAX_COORDINATOR_ADDRESS,
-  JAX_NUM_PROCESSES or JAX_PROCESS_ID. Nothing happens for a single process.
+  JAX_NUM_PROCESSES or JAX_PROCESS_ID. Nothing happens for a single process,
+  unless `auto` asks JAX to detect the run from its cluster environment
+  (SLURM, Open MPI, Kubernetes, Cloud TPU: `jax.distributed.initialize()` with
+  no arguments; docs/multihost.md).
 
   Args:
     coordinator_address: host:port of process 0's coordination service.
     num_processes: Total number of processes.
     process_id: This process's index in [0, num_processes).
+    auto: Let JAX detect what the arguments and variables leave unset.
+
+  Raises:
+    UserError: a partial setting, or `auto` outside a cluster JAX knows.
   """
   env = os.environ
   coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS", "")
@@ -43,6 +52,18 @@ def maybe_initialize_distributed(coordinator_address: str = "",
     num_processes = int(env.get("JAX_NUM_PROCESSES", "1"))
   if process_id == 0:
     process_id = int(env.get("JAX_PROCESS_ID", "0"))
+  if auto:
+    given = dict(coordinator_address=coordinator_address or None,
+                 num_processes=num_processes if num_processes > 1 else None,
+                 process_id=process_id if num_processes > 1 else None)
+    try:
+      jax.distributed.initialize(**given)
+    except (ValueError, RuntimeError) as e:
+      raise errors.UserError(
+          f"--multihost: JAX detects no cluster here ({' '.join(str(e).split())}); "
+          "run it under SLURM, Open MPI or Kubernetes, or pass "
+          "--coordinator_address, --num_processes and --process_id") from None
+    return
   if not coordinator_address and num_processes == 1:
     return
   if not coordinator_address or num_processes < 2:
@@ -51,6 +72,26 @@ def maybe_initialize_distributed(coordinator_address: str = "",
         f"> 1, got coordinator_address={coordinator_address!r}, "
         f"num_processes={num_processes}")
   jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def min_over_processes(value: int) -> int:
+  """The minimum of a host-side int over all processes (an all-gather).
+
+  Every process must call it, at the same point of the program.
+
+  Example:
+    n = min_over_processes(len(eval_windows))  # the same on every process
+
+  Args:
+    value: this process's int.
+
+  Returns:
+    The smallest of the processes' values (`value` with one process).
+  """
+  if jax.process_count() == 1:
+    return value
+  gathered = multihost_utils.process_allgather(np.asarray(value, np.int32))
+  return int(np.min(gathered))
 
 
 def mesh_shape(mesh_cfg: Any, n_devices: int) -> tuple[int, int, int]:

@@ -116,14 +116,23 @@ def prepare(name: str, files: Sequence[str], data_dir: str) -> SubspaxText:
 
   Returns:
     The prepared builder: `builder.as_data_source("train")` reads the records.
+    Processes sharing `data_dir` may prepare it at once: the one that
+    finishes second reads the first one's files.
   """
+  tfds.disable_progress_bar()
+  try:
+    return _prepared(name, files, data_dir)
+  except FileExistsError:  # another process sharing data_dir finished first
+    return _prepared(name, files, data_dir)
+
+
+def _prepared(name: str, files: Sequence[str], data_dir: str) -> SubspaxText:
   with _absl_errors_only():  # tfds warns about every config not in the class
     builder = SubspaxText(
         config=TextConfig(name=name, files=tuple(files)),
         data_dir=data_dir,
         file_format="array_record",
     )
-  tfds.disable_progress_bar()
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(
           compute_stats=tfds.download.ComputeStatsMode.SKIP))

@@ -50,26 +50,50 @@ def train_bpe(lines: Iterable[str], vocab_size: int) -> bytes:
   return model.getvalue()
 
 
-def encode_documents(sp: spm.SentencePieceProcessor,
-                     records: Iterable[tuple[str, bool]]) -> np.ndarray:
-  """Encodes text records into one flat token stream.
+def token_dtype(sp: spm.SentencePieceProcessor) -> np.dtype:
+  """The dtype of a token stream: uint16 if the vocabulary fits, else uint32.
+
+  Example:
+    token_dtype(sp)  # dtype('uint16') for a 32,000-token vocabulary
+  """
+  return np.dtype(np.uint16 if sp.vocab_size() <= 1 << 16 else np.uint32)
+
+
+def encode_stream(sp: spm.SentencePieceProcessor,
+                  records: Iterable[tuple[str, bool]]) -> Iterator[np.ndarray]:
+  """Encodes text records one by one, for a token stream of any length.
 
   Args:
     sp: the tokenizer.
     records: `(text, ends_document)` pairs in corpus order; the end-of-sequence
       token follows each record that ends a document.
 
+  Yields:
+    The tokens of each record, in `token_dtype(sp)`.
+  """
+  dtype = token_dtype(sp)
+  newline = _newline_ids(sp)
+  eos = [sp.eos_id()] if sp.eos_id() >= 0 else []
+  for text, ends in records:
+    yield np.asarray(_encode_record(sp, text, newline, eos if ends else []), dtype)
+
+
+def encode_documents(sp: spm.SentencePieceProcessor,
+                     records: Iterable[tuple[str, bool]]) -> np.ndarray:
+  """Encodes text records into one flat token array in memory.
+
+  Example:
+    tokens = encode_documents(sp, [("Hello there.", True)])
+
+  Args:
+    sp: the tokenizer.
+    records: `(text, ends_document)` pairs (see `encode_stream`).
+
   Returns:
     The tokens, uint16 if the vocabulary fits, else uint32.
   """
-  dtype = np.uint16 if sp.vocab_size() <= 1 << 16 else np.uint32
-  newline = _newline_ids(sp)
-  eos = [sp.eos_id()] if sp.eos_id() >= 0 else []
-  parts = [
-      np.asarray(_encode_record(sp, text, newline, eos if ends else []), dtype)
-      for text, ends in records
-  ]
-  return np.concatenate(parts) if parts else np.zeros((0,), dtype)
+  parts = list(encode_stream(sp, records))
+  return np.concatenate(parts) if parts else np.zeros((0,), token_dtype(sp))
 
 
 def _newline_ids(sp: spm.SentencePieceProcessor) -> list[int]:
@@ -164,6 +188,29 @@ class JsonTokenizer:
 
   def serialized_model_proto(self) -> bytes:
     return self._json
+
+
+RUN_FILES = ("tokenizer.model", "tokenizer.json")  # `save`'s names in a workdir
+
+
+def save(tok: spm.SentencePieceProcessor | JsonTokenizer, directory: str) -> str:
+  """Writes a tokenizer into a run directory, where `python -m train.generate`
+  finds it: `tokenizer.model` (SentencePiece) or `tokenizer.json`.
+
+  Example:
+    save(data.tokenizer, workdir)  # -> "<workdir>/tokenizer.model"
+
+  Returns:
+    The path written.
+  """
+  name = RUN_FILES[1] if isinstance(tok, JsonTokenizer) else RUN_FILES[0]
+  path = os.path.join(directory, name)
+  os.makedirs(directory, exist_ok=True)
+  tmp = os.path.join(directory, f".{name}.tmp{os.getpid()}")
+  with open(tmp, "wb") as f:
+    f.write(tok.serialized_model_proto())
+  os.replace(tmp, path)
+  return path
 
 
 def load(path: str) -> spm.SentencePieceProcessor | JsonTokenizer:

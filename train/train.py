@@ -35,6 +35,7 @@ from train import preemption
 from train import reparam
 from train import resume
 from train import sharding as sharding_lib
+from train import tokenizer as tokenizer_lib
 
 
 class TrainState(NamedTuple):
@@ -389,7 +390,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
   data = data_lib.build_data(
       cfg.data, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
       seed=cfg.seed, process_index=jax.process_index(),
-      process_count=jax.process_count())
+      process_count=jax.process_count(),
+      min_over_processes=sharding_lib.min_over_processes)
   programs = build_programs(cfg, hf.vocab_size(cfg, data.vocab_size))
   shardings = train_state_shardings(programs, mesh, rules)
   # Checkpoints of another config are refused before anything is written.
@@ -398,6 +400,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
   resume.check_config(checkpointer.saved_config(), cfg)
   if jax.process_index() == 0:
     hf.write_run_info(workdir, programs.model_cfg, cfg)  # for train.export
+    tokenizer_lib.save(data.tokenizer, workdir)  # for train.generate
   param_shardings, init = shardings.params, programs.init
   replicated = sharding_lib.replicated(mesh)
   batch_sharding = sharding_lib.batch_sharding(mesh)
