@@ -83,3 +83,37 @@ def test_tiny_preset_on_h100_subspax_below_adamw(tmp_path):
   assert subtrack["state_bytes"] < adamw["state_bytes"]
   assert (subtrack["control_flow"]["conditionals"]
           <= adamw["control_flow"]["conditionals"])
+
+
+def _ordinary_step_conditionals(**overrides) -> int:
+  """Conditionals executed by the trainer's ordinary (non-refresh) train step
+  of the test preset, compiled for an H100."""
+  from train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
+  from train import train as train_lib  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  cfg = helpers.make_config({}, mesh__data=1, **overrides)
+  mesh, rules = train_lib.check_and_mesh(cfg, targets.devices(targets.parse("h100")))
+  programs = train_lib.build_programs(cfg, cfg.data.vocab_size)
+  shardings = train_lib.train_state_shardings(programs, mesh, rules)
+  with jax.set_mesh(mesh):
+    state = checkpoint_lib.abstract(jax.eval_shape(programs.init), shardings)
+    jitted = train_lib.jit_programs(programs, shardings, mesh, cfg)
+    compiled = jitted.train_step.lower(state, jitted.batch).compile()
+  return control_flow.of_compiled(compiled)["conditionals"]
+
+
+@pytest.mark.slow
+def test_no_ordinary_step_synchronises_with_the_host_more_than_adamw():
+  """On the GPU compiler, the ordinary step of every subspax method, both
+  subspace-layer modes and the layer-wise step executes no more conditionals
+  (host synchronisations) than AdamW's."""
+  import subspax  # pylint: disable=g-import-not-at-top
+  adamw = _ordinary_step_conditionals(opt__name="adamw")
+  cases = [{"opt__name": name} for name in subspax.METHODS]
+  cases += [{"opt__name": "grass", "opt__subspace_layers": True},
+            {"opt__name": "rso", "opt__subspace_layers": True},
+            {"opt__name": "subtrack", "opt__layerwise": True},
+            {"opt__name": "grass", "opt__layerwise": True,
+             "opt__subspace_layers": True}]
+  counts = {str(case): _ordinary_step_conditionals(**case) for case in cases}
+  assert all(n <= adamw for n in counts.values()), (adamw, counts)

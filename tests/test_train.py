@@ -293,3 +293,42 @@ def test_clip_by_global_norm_equals_optax(max_norm):
     np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-6, atol=0, err_msg=name)
   if max_norm < 10:
     np.testing.assert_allclose(optax.tree.norm(ours), max_norm, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_ordinary_and_refresh_programs_equal_the_one_program(layerwise):
+  """The trainer runs a subspax method as two programs, an ordinary step and a
+  refresh step, chosen on the host by the step count; the states equal those
+  of one program that decides inside (`refresh=None`) across refreshes, to
+  float32 rounding (XLA fuses the three programs differently, and a refresh
+  amplifies the last bits a little), and the step counts agree with the
+  host's. A refresh skipped or taken at the wrong step moves the weights by
+  orders of magnitude more."""
+  cfg = helpers.make_config({}, opt__name="subtrack", opt__update_interval=2,
+                            opt__layerwise=layerwise, mesh__data=1)
+  programs = train.build_programs(cfg, cfg.data.vocab_size)
+  assert programs.refresh_step is not None
+  make = train.make_train_step if not layerwise else None
+  if layerwise:
+    from train import layerwise as layerwise_lib  # pylint: disable=g-import-not-at-top
+    from train import precision  # pylint: disable=g-import-not-at-top
+    one = layerwise_lib.make_train_step(
+        programs.graphdef, programs.tx, programs.lr, programs.param_shapes,
+        precision.updater(cfg), train.TrainState)
+  else:
+    one = make(programs.graphdef, programs.tx, programs.lr, cfg.grad_accum,
+               overwritten=optimizers.overwrites_gradient(
+                   programs.tx, model_lib.trainable(programs.graphdef,
+                                                    programs.param_shapes)))
+  batches = jax.random.randint(jax.random.key(0), (3, cfg.batch_size, cfg.seq_len + 1),
+                               0, cfg.data.vocab_size, jnp.int32)
+  ordinary, refresh = jax.jit(programs.train_step), jax.jit(programs.refresh_step)
+  one = jax.jit(one)
+  a = b = jax.jit(programs.init)()
+  for step, batch in enumerate(batches, start=1):
+    a, _ = (refresh if (step - 1) % cfg.opt.update_interval == 0 else ordinary)(a, batch)
+    b, _ = one(b, batch)
+  counts = [x for x in jax.tree.leaves(a.opt_state) if x.dtype == jnp.int32 and not x.ndim]
+  assert counts and all(int(c) == int(a.step) for c in counts)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-5),
+               a, b)
