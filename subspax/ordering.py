@@ -31,6 +31,15 @@ both:
 
 :func:`disabled` turns guarantees off while a function is traced, to measure
 what each one saves (tests/test_ordering.py does, on both compilers).
+
+Examples:
+  >>> import jax.numpy as jnp
+  >>> from subspax import ordering
+  >>> stack, count = jnp.ones((3, 4)), jnp.int32(5)
+  >>> row = ordering.read_first(stack, count, lambda s: s[0])
+  >>> count = ordering.run_after(count, row, count)  # the next step waits for it
+  >>> int(count), ordering.allocate_late(count).dtype
+  (5, dtype('float32'))
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import optax
 import pytest
 
 import subspax
+import subspax.ordering
 import subspax.reparam
 import subspax.testing
 
@@ -59,6 +60,8 @@ def _documented_names():
   cases = [("subspax", name) for name in subspax.__all__]
   cases += [("subspax.reparam", name)
             for name in _module_functions(subspax.reparam)]
+  cases += [("subspax.ordering", name)
+            for name in _module_functions(subspax.ordering)]
   cases += [("subspax.testing", name) for name in subspax.testing.__all__]
   return _params(cases, PENDING, "docstring pending")
 
