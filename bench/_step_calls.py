@@ -31,6 +31,7 @@ if __name__ == "__main__":
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import subspax  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from bench import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from train import model as model_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -52,9 +53,14 @@ def with_count(tree, value: int):
   return jax.tree_util.tree_map_with_path(set_count, tree)
 
 
-def _train_step(graphdef, tx, lr, opt_cfg, params) -> Callable:
-  """The trainer's step, with the arguments this tree's trainer passes."""
+def _train_step(graphdef, tx, lr, opt_cfg, params, refresh=None) -> Callable:
+  """The trainer's step, with the arguments this tree's trainer passes
+  (`refresh`: the ordinary or the refresh step, where the tree's trainer
+  compiles them as two programs)."""
   kwargs = {}
+  if (opt_cfg.name in subspax.METHODS and "refresh" in inspect.signature(
+      train_lib.make_train_step).parameters):
+    kwargs["refresh"] = refresh
   overwrites = getattr(optimizers, "overwrites_gradient", None)
   if overwrites and "overwritten" in inspect.signature(
       train_lib.make_train_step).parameters:
@@ -93,20 +99,25 @@ def build_calls(preset: str, methods: list[str], batch: int = 0
     opt_cfg = _common.opt_config(name, rank=rank, update_interval=interval)
     tx = optimizers.build(opt_cfg, cfg.steps, cfg.seed)
     lr = optimizers.schedule(opt_cfg, cfg.steps)
-    step = jax.jit(_train_step(graphdef, tx, lr, opt_cfg, params))
+    step, refresh_step = (
+        jax.jit(_train_step(graphdef, tx, lr, opt_cfg, params, refresh))
+        for refresh in (False, True))
     state = train_lib.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
     start = time.perf_counter()
     compiled = step.lower(state, tokens).compile()
+    compiled_refresh = (refresh_step.lower(state, tokens).compile()
+                        if name != "adamw" else compiled)
     compile_s[name] = time.perf_counter() - start
-    state, _ = jax.block_until_ready(compiled(state, tokens))  # step 0: initial basis
+    # Step 0: the initial basis.
+    state, _ = jax.block_until_ready(compiled_refresh(state, tokens))
     plain = with_count(state, 1)._replace(step=jnp.asarray(1, jnp.int32))
     calls[f"{name}/plain"] = lambda c=compiled, s=plain: jax.block_until_ready(
         c(s, tokens))
     if name != "adamw":
       refresh = with_count(state, interval)._replace(
           step=jnp.asarray(interval, jnp.int32))
-      calls[f"{name}/refresh"] = lambda c=compiled, s=refresh: jax.block_until_ready(
-          c(s, tokens))
+      calls[f"{name}/refresh"] = lambda c=compiled_refresh, s=refresh: (
+          jax.block_until_ready(c(s, tokens)))
     print(f"{preset} {name}: compiled in {compile_s[name]:.1f} s", file=sys.stderr,
           flush=True)
   info = {"preset": preset, "params": sum(x.size for x in jax.tree.leaves(params)),
