@@ -233,7 +233,7 @@ def summary(out: str) -> str:
       "Ranges are over model sizes or presets. State: the attention and MLP "
       "kernels, exact bytes ([memory](docs/results.md#"
       f"{_anchor(memory_section(memory).title)})); "
-      f"peak: the {compiler(record)}'s estimate for the compiled train step; "
+      f"peak: the compiled train step's, as estimated by the {compiler(record)}; "
       "step time: amortized over the refresh interval, median of interleaved "
       "rounds ([step time](docs/results.md#step-time)); loss: the tiny preset, "
       "AdamW at its best of three learning rates "
