@@ -26,8 +26,6 @@ PAGES = sorted(
        if f.endswith(".md")])
 SKIP = re.compile(r"<!-- check: skip: (.+?) -->")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```\n", re.S | re.M)
-# Linked before it is written; merged from elsewhere.
-PENDING_LINKS = {"docs/porting.md"}
 PACKAGES = ("subspax", "configs", "train", "bench")  # floors, bottom first
 
 
@@ -117,8 +115,6 @@ def test_relative_links_resolve(page):
     if re.match(r"[a-z]+:", target) or target.startswith("#"):
       continue
     path = os.path.normpath(os.path.join(base, target.split("#")[0]))
-    if path.replace(os.sep, "/") in PENDING_LINKS:
-      continue
     assert os.path.exists(os.path.join(ROOT, path)), f"{page}: {target}"
 
 
