@@ -52,7 +52,6 @@ import jax.numpy as jnp
 from bench import _common
 from train import dry_run
 from train import model as model_lib
-from train import reparam
 from train import train as train_lib
 
 NAME = "gpu"
@@ -104,7 +103,6 @@ def peak_tflops(device: jax.Device, override: float) -> float | None:
 
 def _programs(cfg):
   train_lib.validate(cfg)
-  reparam.validate(cfg.opt)
   return train_lib.build_programs(cfg, cfg.data.vocab_size)
 
 

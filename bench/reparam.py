@@ -47,7 +47,6 @@ from subspax import _blocks as subspax_blocks
 
 from bench import _common
 from train import model as model_lib
-from train import reparam
 from train import train as train_lib
 
 NAME = "reparam"
@@ -141,7 +140,6 @@ def measure(preset: str, time_repeats: int) -> dict:
   for label, (name, subspace_layers) in CASES.items():
     cfg = config(preset, name, subspace_layers)
     train_lib.validate(cfg)
-    reparam.validate(cfg.opt)
     programs = train_lib.build_programs(cfg, cfg.data.vocab_size)
     cases[label] = (cfg, programs)
     state = jax.eval_shape(programs.init)

@@ -111,10 +111,7 @@ def check_and_mesh(cfg: ml_collections.ConfigDict,
   Raises:
     ValueError: naming the field, its value and the fix.
   """
-  validate(cfg)
-  reparam.validate(cfg.opt)
-  optimizers.validate(cfg.opt, model_lib.LlamaConfig.from_config(cfg.model, 1),
-                      cfg.steps)
+  validate(cfg)  # the opt section too (reparam.validate, optimizers.validate)
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   rules = sharding_lib.parse_rules(cfg.mesh.rules)
   sharding_lib.check_batch(cfg.batch_size, mesh)
