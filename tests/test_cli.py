@@ -219,6 +219,27 @@ def test_damaged_checkpoints_fall_back_to_the_newest_good_one(finished, tmp_path
   assert os.listdir(tmp_path / "bad" / "checkpoints") == ["5"]
 
 
+def test_steps_note_describes_the_checkpoint_that_restores(finished, tmp_path):
+  """With the newest checkpoint (5) damaged and a longer run asked for, the
+  note on the changed schedule speaks of step 4, the one restored, after the
+  warning."""
+  args = _copy(finished, tmp_path)
+  _damage(tmp_path / "run" / "checkpoints" / "5", "truncated array file")
+  status, out = run(tmp_path, *args, "--config.steps=7")
+  assert status == 0, out
+  lines = out.splitlines()
+  warning = [i for i, line in enumerate(lines)
+             if line.startswith("warning: the checkpoint at step 5 is damaged")]
+  notes = [i for i, line in enumerate(lines)
+           if line.startswith("note: steps changed")]
+  assert len(warning) == 1 and len(notes) == 1, out
+  assert warning[0] < notes[0], out
+  assert lines[notes[0]].startswith(
+      "note: steps changed from 5 to 7 since the checkpoint at step 4: "), out
+  assert "so step 5 trains at lr " in lines[notes[0]], out
+  assert "resumed from step 4 in run" in out
+
+
 def test_restarts_of_a_finished_run(finished, tmp_path):
   args = _copy(finished, tmp_path)
   before = losses(tmp_path / "run")
