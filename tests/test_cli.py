@@ -263,6 +263,45 @@ def test_restarts_of_a_finished_run(finished, tmp_path):
   assert after[:5] == before and [s for s, *_ in after] == list(range(1, 8))
 
 
+def _export(cwd, *args):
+  """Runs `python -m train.export ARGS` in `cwd`; returns (exit status, output)."""
+  done = subprocess.run([sys.executable, "-m", "train.export", *map(str, args)],
+                        cwd=cwd, env=ENV, capture_output=True, text=True,
+                        timeout=TIMEOUT, check=False)
+  return done.returncode, done.stdout + done.stderr
+
+
+def test_export_is_readable_refuses_a_full_out_and_overwrites_on_request(
+    finished, tmp_path):
+  _copy(finished, tmp_path)
+  umask = os.umask(0o022)
+  try:
+    status, out = _export(tmp_path, "--workdir=run", "--out=hf")
+    assert status == 0, out
+    files = sorted(os.listdir(tmp_path / "hf"))
+    assert "model.safetensors" in files and "config.json" in files, files
+    modes = {f: oct(os.stat(tmp_path / "hf" / f).st_mode & 0o777) for f in files}
+    assert set(modes.values()) == {"0o644"}, modes
+    assert oct(os.stat(tmp_path / "hf").st_mode & 0o777) == "0o755"
+    assert sorted(os.listdir(tmp_path)) == ["hf", "run"]  # no staging left
+    written = {f: (tmp_path / "hf" / f).read_bytes() for f in files}
+
+    status, out = _export(tmp_path, "--workdir=run", "--out=hf", "--step=4")
+    assert_one_line_error(status, out, "--out='hf' is not empty",
+                          "--overwrite")
+    assert {f: (tmp_path / "hf" / f).read_bytes() for f in files} == written
+
+    status, out = _export(tmp_path, "--workdir=run", "--out=hf", "--step=4",
+                          "--overwrite")
+    assert status == 0 and "step 4 of run" in out, out
+    assert sorted(os.listdir(tmp_path / "hf")) == files
+    assert ((tmp_path / "hf" / "model.safetensors").read_bytes()
+            != written["model.safetensors"])
+    assert sorted(os.listdir(tmp_path)) == ["hf", "run"]
+  finally:
+    os.umask(umask)
+
+
 # ---------------------------------------------------------------- preemption
 
 
