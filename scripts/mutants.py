@@ -70,6 +70,7 @@ PROPS = "tests/test_properties.py"
 TABLE = "tests/test_optax_table.py"
 REPARAM = "tests/test_reparam.py"
 ROUNDING = "tests/test_rounding.py"
+OPTIONS = "tests/test_options.py"
 
 MUTANTS = [
     # The five mutants of the audit that first motivated tests/test_math.py.
@@ -227,6 +228,44 @@ MUTANTS = [
         "return (index * np.uint32(0x9E3779B9) + seed[0]) ^ seed[1]",
         (ROUNDING, "-k", "uncorrelated or variance"),
         "the random bits are a Weyl sequence of the index, not a hash"),
+    # The trainer's options.
+    Mutant(
+        "decay-mask-inverted", "train/optimizers.py",
+        "lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)",
+        "lambda params: jax.tree.map(lambda p: p.ndim < 2, params)",
+        (OPTIONS, "-k", "weight_decay and adamw"),
+        "opt.decay_matrices_only decays the norms and spares the kernels"),
+    Mutant(
+        "schedule-horizon-after-warmup", "train/optimizers.py",
+        "decay_steps=steps, end_value=peak * opt_cfg.min_lr_ratio)",
+        "decay_steps=steps - warmup_steps(opt_cfg, steps),\n"
+        "      end_value=peak * opt_cfg.min_lr_ratio)",
+        (OPTIONS, "-k", "schedule"),
+        "the cosine reaches its end warmup steps before the run does"),
+    Mutant(
+        "trainer-eps-ignored", "train/optimizers.py",
+        "adam = dict(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, "
+        "mu_dtype=mu_dtype)",
+        "adam = dict(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=1e-8, mu_dtype=mu_dtype)",
+        (OPTIONS, "-k", "adam_b1 and (adamw or grass)"),
+        "opt.eps never reaches Adam"),
+    Mutant(
+        "method-option-ignored", "train/optimizers.py",
+        "return {key: section.get(key, option.default)",
+        "return {key: option.default",
+        (OPTIONS, "-k", "method_option"),
+        "the options of opt.<name> are replaced by the method's defaults"),
+    Mutant(
+        "rope-theta-ignored", "train/model.py",
+        "freq_H2 = theta ** (", "freq_H2 = 10_000.0 ** (",
+        (OPTIONS, "-k", "rotary or rope"),
+        "model.rope_theta ignored: RoPE always uses base 10000"),
+    Mutant(
+        "norm-eps-ignored", "train/model.py",
+        "cfg.d_model, epsilon=cfg.norm_eps, dtype=jnp.float32,",
+        "cfg.d_model, epsilon=1e-6, dtype=jnp.float32,",
+        (OPTIONS, "-k", "rms_norm or rope"),
+        "model.norm_eps ignored"),
     # The layout: side and stacked leaves.
     Mutant(
         "side-projects-larger", "subspax/_layout.py",

@@ -240,6 +240,12 @@ def scale_by_subspace_adam(
 ) -> optax.GradientTransformation:
   """Adam with moments in a reduced subspace chosen by ``policy``.
 
+  The update of a projected parameter is written over its gradient, one
+  matrix and one row block at a time. Jit the update with the gradients
+  donated (``jax.jit(tx.update, donate_argnums=(0, 1))``, as a train step
+  does) so that XLA writes into the gradient's buffer; a gradient that is
+  not donated is copied first (docs/algorithms.md section 8.2).
+
   Examples:
     >>> import jax.numpy as jnp, optax, subspax
     >>> tx = subspax.scale_by_subspace_adam(
