@@ -129,8 +129,9 @@ def test_optax_learning_rate_schedule(battery, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("target", ["_setup_matrix_parabola",
-                                    "_setup_mixed_tensor_target"])
+@pytest.mark.parametrize("target", [
+    "_setup_matrix_parabola",
+    pytest.param("_setup_mixed_tensor_target", marks=pytest.mark.slow)])
 def test_optax_optimizers_converge(battery, name, target):
   """30,000 steps of optax's convergence test on its matrix targets."""
   _call(battery, "test_optimizers", opt_name=name,
