@@ -3,13 +3,17 @@
 The attention and MLP kernels of LLaMA-60M (d 512, d_ff 1376, 8 layers) as
 56 separate leaves (`--layout leaves`, the unrolled model) or as 7 stacked
 (8, m, n) leaves (`--layout stacked`, the scanned model). Compiles
-`tx.update(grads, state, params)` with gradients and state donated and reports
-XLA's temp and the peak (argument + temp + output - alias) as a ratio to
-`optax.adam`'s, for optax.contrib.galore (leaves only) and every subspax
-method at rank 128 (apollo_mini at rank 1). Nothing is allocated or timed.
+`tx.update(grads, state, params)` twice: with gradients and state donated (as
+in a train step, `jax.jit(tx.update, donate_argnums=(0, 1))`) and with the
+state donated and the gradients kept (`donate_argnums=1`, an update jitted on
+its own whose caller still reads the gradients). Reports XLA's temp and the
+peak (argument + temp + output - alias) as a ratio to `optax.adam`'s, for
+optax.contrib.galore (leaves only) and every subspax method at rank 128
+(apollo_mini at rank 1). Nothing is allocated or timed.
 
-  python -m bench.update_memory                    # both layouts
+  python -m bench.update_memory                    # both layouts, both donations
   python -m bench.update_memory --layouts leaves   # 56 separate leaves
+  python -m bench.update_memory --donate grads+state  # the train step's only
   python -m bench.update_memory --quantize_moments quantile  # 8-bit moments
 """
 
@@ -29,6 +33,8 @@ SHAPES = {"q": (512, 512), "k": (512, 512), "v": (512, 512),
           "down": (1376, 512)}
 LAYERS = 8
 NAME = "update_memory"
+# What the jitted update donates: argument numbers of (grads, state, params).
+DONATIONS = {"grads+state": (0, 1), "state": (1,)}
 
 
 def params(layout: str) -> dict:
@@ -39,9 +45,10 @@ def params(layout: str) -> dict:
           for layer in range(LAYERS) for name, shape in SHAPES.items()}
 
 
-def measure(tx, tree) -> dict:
+def measure(tx, tree, donate: tuple[int, ...] = (0, 1)) -> dict:
+  """`train.memory.compiled_memory` of `jax.jit(tx.update, donate_argnums=donate)`."""
   state = jax.eval_shape(tx.init, tree)
-  compiled = jax.jit(tx.update, donate_argnums=(0, 1)).lower(
+  compiled = jax.jit(tx.update, donate_argnums=donate).lower(
       tree, state, tree).compile()
   return memory_lib.compiled_memory(compiled)
 
@@ -52,10 +59,10 @@ def state_mib(tx, tree) -> float:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)) / 2**20
 
 
-def table(layout: str, rows: dict) -> str:
+def table(layout: str, donation: str, rows: dict) -> str:
   base = rows["adam"]["peak"]
   galore = rows.get("optax_galore", {}).get("peak")
-  header = [f"method ({layout})", "state MiB", "temp MiB", "peak MiB",
+  header = [f"method ({layout}; {donation} donated)", "state MiB", "temp MiB", "peak MiB",
             "peak x adam", "peak x optax_galore"]
   return _common.markdown_table(header, [
       [name, row["state"], row["temp"] / 2**20, row["peak"] / 2**20,
@@ -66,6 +73,9 @@ def table(layout: str, rows: dict) -> str:
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--layouts", default="leaves,stacked")
+  parser.add_argument("--donate", default=",".join(DONATIONS),
+                      help="what the jitted update donates: grads+state (a "
+                      "train step), state (the gradients kept), or both")
   parser.add_argument("--rank", type=int, default=128)
   parser.add_argument("--methods", default=",".join(_common.METHODS))
   parser.add_argument("--out", default=_common.RESULTS)
@@ -84,19 +94,27 @@ def main(argv=None) -> None:
         rank = optimizers.method_rank(name, args.rank)  # apollo_mini: 1
         txs[name] = subspax.METHODS[name](
             1e-3, rank, 200, quantize_moments=args.quantize_moments)
-    rows = {}
-    for name, tx in txs.items():
-      rows[name] = {**measure(tx, tree), "state": state_mib(tx, tree)}
-      print(f"{layout} {name}: temp {rows[name]['temp'] / 2**20:.1f} MiB, "
-            f"peak {rows[name]['peak'] / 2**20:.1f} MiB", flush=True)
-    results[layout] = rows
-    tables.append(table(layout, rows))
+    results[layout] = {}
+    for donation in args.donate.split(","):
+      rows = {}
+      for name, tx in txs.items():
+        rows[name] = {**measure(tx, tree, DONATIONS[donation]),
+                      "state": state_mib(tx, tree)}
+        print(f"{layout} {donation} {name}: temp "
+              f"{rows[name]['temp'] / 2**20:.1f} MiB, peak "
+              f"{rows[name]['peak'] / 2**20:.1f} MiB", flush=True)
+      results[layout][donation] = rows
+      tables.append(table(layout, donation, rows))
   record = _common.call_record(args, argv, batch=None, seq_len=None)
   payload = _common.with_call(
       {"benchmark": NAME, "machine": record["machine"], "args": record["args"],
        "results": results}, None, record)
-  note = (f"One `tx.update` (gradients and state donated) of the attention "
-          f"and MLP kernels of LLaMA-60M, rank {args.rank}: 56 separate "
+  note = (f"One `tx.update` of the attention "
+          f"and MLP kernels of LLaMA-60M, rank {args.rank}, jitted with the "
+          f"gradients and the state donated (`donate_argnums=(0, 1)`, as in a "
+          f"train step) or with the state only (`donate_argnums=1`: the "
+          f"caller keeps the gradients, so an update that overwrites them "
+          f"in place works on a copy): 56 separate "
           f"leaves, or 7 stacked (8, m, n) leaves; subspax moments "
           f"quantize_moments={args.quantize_moments!r}. Peak = argument + temp + "
           f"output - alias (`train.memory.compiled_memory`); state = exact "

@@ -69,6 +69,8 @@ MATH = "tests/test_math.py"
 PROPS = "tests/test_properties.py"
 TABLE = "tests/test_optax_table.py"
 REPARAM = "tests/test_reparam.py"
+ROUNDING = "tests/test_rounding.py"
+OPTIONS = "tests/test_options.py"
 
 MUTANTS = [
     # The five mutants of the audit that first motivated tests/test_math.py.
@@ -93,8 +95,8 @@ MUTANTS = [
         'SubTrack++ with moments="keep" instead of "rotate"'),
     Mutant(
         "projected-update-times-zero", "subspax/_core.py",
-        "  return layout.from_matrices(stack, g.dtype), ProjectedState(",
-        "  return layout.from_matrices(0 * stack, g.dtype), ProjectedState(",
+        "  return layout.from_matrices(stack, g.dtype), new_state",
+        "  return layout.from_matrices(0 * stack, g.dtype), new_state",
         (MATH, "-k", "only_projected"),
         "every projected update multiplied by 0"),
     Mutant(
@@ -112,7 +114,7 @@ MUTANTS = [
     # The core.
     Mutant(
         "adam-mu-not-bias-corrected", "subspax/_core.py",
-        "mu_hat = mu / (1 - config.b1**steps)", "mu_hat = mu",
+        "mu_hat = mu / _bias_correction(config.b1, steps)", "mu_hat = mu",
         (MATH, "-k", "recovery_update"),
         "Adam's first-moment bias correction dropped"),
     Mutant(
@@ -128,8 +130,8 @@ MUTANTS = [
         "rotation against the new basis (C = I: the moments never move)"),
     Mutant(
         "reset-keeps-age", "subspax/_core.py",
-        "return jnp.zeros_like(mu), jnp.zeros_like(nu), jnp.zeros_like(age)",
-        "return jnp.zeros_like(mu), jnp.zeros_like(nu), age",
+        "return zeros(mu), zeros(nu), zeros(age)",
+        "return zeros(mu), zeros(nu), age",
         (MATH, "-k", "reset_restarts"),
         "moments reset without restarting their bias correction"),
     Mutant(
@@ -181,8 +183,8 @@ MUTANTS = [
         "GRASS samples rows by squared norms (not the variance-optimal q)"),
     Mutant(
         "grass-row-scale-dropped", "subspax/_bases.py",
-        "return self.scale[:, None] * g[self.index]",
-        "return g[self.index]",
+        "self.scale[:, None] != 0, self.scale[:, None] * rows, 0.0)",
+        "self.scale[:, None] != 0, rows, 0.0)",
         (PROPS, "-k", "grass_multinomial_with_replacement_is_unbiased"),
         "GRASS's unbiasing row scales left out of the projection"),
     Mutant(
@@ -191,6 +193,79 @@ MUTANTS = [
         "return config.scale * s, last_norm",
         ("tests/test_apollo_fira.py", "-k", "limiter"),
         "APOLLO's norm-growth limiter computed but not applied"),
+    # dtypes and wrappers (optax's rules).
+    Mutant(
+        "bias-correction-float64-under-x64", "subspax/_core.py",
+        "return (1 - decay**steps).astype(jnp.float32)",
+        "return 1 - decay**steps",
+        (TABLE, "-k", "x64"),
+        "Adam's bias correction in float64 under jax_enable_x64 (the "
+        "row-block loops' float32 carries become float64)"),
+    Mutant(
+        "prox-state-by-value", "subspax/_core.py",
+        "return self.prox is not None",
+        "return self.prox is not None and not _policies._is_zero(self.prox)",
+        (TABLE, "-k", "keeps_the_state_fields and rso"),
+        "RSO's displacement exists or not by prox's value, which "
+        "inject_hyperparams traces"),
+    # Stochastic rounding's random bits.
+    Mutant(
+        "rounding-layers-share-key", "subspax/_rounding.py",
+        "keys = jax.vmap(lambda l: jax.random.fold_in(k, l))(",
+        "keys = jax.vmap(lambda l: jax.random.fold_in(k, 0 * l))(",
+        (ROUNDING, "-k", "uncorrelated"),
+        "every layer of a stack rounds with the same random bits"),
+    Mutant(
+        "rounding-index-ignores-row-length", "subspax/_rounding.py",
+        "stride = stride * shape[axis] % 2**32",
+        "stride = stride % 2**32",
+        (ROUNDING, "-k", "uncorrelated"),
+        "element (i, j) hashes i + j: anti-diagonals share their bits"),
+    Mutant(
+        "rounding-bits-unmixed", "subspax/_rounding.py",
+        "return _fmix32(_fmix32(index * np.uint32(0x9E3779B9) + seed[0]) ^ "
+        "seed[1])",
+        "return (index * np.uint32(0x9E3779B9) + seed[0]) ^ seed[1]",
+        (ROUNDING, "-k", "uncorrelated or variance"),
+        "the random bits are a Weyl sequence of the index, not a hash"),
+    # The trainer's options.
+    Mutant(
+        "decay-mask-inverted", "train/optimizers.py",
+        "lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)",
+        "lambda params: jax.tree.map(lambda p: p.ndim < 2, params)",
+        (OPTIONS, "-k", "weight_decay and adamw"),
+        "opt.decay_matrices_only decays the norms and spares the kernels"),
+    Mutant(
+        "schedule-horizon-after-warmup", "train/optimizers.py",
+        "decay_steps=steps, end_value=peak * opt_cfg.min_lr_ratio)",
+        "decay_steps=steps - warmup_steps(opt_cfg, steps),\n"
+        "      end_value=peak * opt_cfg.min_lr_ratio)",
+        (OPTIONS, "-k", "schedule"),
+        "the cosine reaches its end warmup steps before the run does"),
+    Mutant(
+        "trainer-eps-ignored", "train/optimizers.py",
+        "adam = dict(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, "
+        "mu_dtype=mu_dtype)",
+        "adam = dict(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=1e-8, mu_dtype=mu_dtype)",
+        (OPTIONS, "-k", "adam_b1 and (adamw or grass)"),
+        "opt.eps never reaches Adam"),
+    Mutant(
+        "method-option-ignored", "train/optimizers.py",
+        "return {key: section.get(key, option.default)",
+        "return {key: option.default",
+        (OPTIONS, "-k", "method_option"),
+        "the options of opt.<name> are replaced by the method's defaults"),
+    Mutant(
+        "rope-theta-ignored", "train/model.py",
+        "freq_H2 = theta ** (", "freq_H2 = 10_000.0 ** (",
+        (OPTIONS, "-k", "rotary or rope"),
+        "model.rope_theta ignored: RoPE always uses base 10000"),
+    Mutant(
+        "norm-eps-ignored", "train/model.py",
+        "cfg.d_model, epsilon=cfg.norm_eps, dtype=jnp.float32,",
+        "cfg.d_model, epsilon=1e-6, dtype=jnp.float32,",
+        (OPTIONS, "-k", "rms_norm or rope"),
+        "model.norm_eps ignored"),
     # The layout: side and stacked leaves.
     Mutant(
         "side-projects-larger", "subspax/_layout.py",
@@ -200,9 +275,8 @@ MUTANTS = [
         "side auto projects the larger dimension"),
     Mutant(
         "stack-shares-keys", "subspax/_keys.py",
-        "return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(num))",
-        "return jax.vmap(lambda i: jax.random.fold_in(key, 0 * i))("
-        "jnp.arange(num))",
+        "return jax.vmap(lambda i: jax.random.fold_in(key, i))(",
+        "return jax.vmap(lambda i: jax.random.fold_in(key, 0 * i))(",
         (MATH, "-k", "stacked"),
         "every matrix of a stack gets the same key (the same random subspace)"),
     # The layer modes.

@@ -21,11 +21,21 @@ a stacked model's step one layer at a time, and :func:`clip_by_global_norm`
 clips gradients without a second copy of them. The math, section by section, is
 in ``docs/algorithms.md``.
 
+The update of a projected parameter is written over its gradient. Jit it with
+the gradients donated, as a train step does (``donate_argnums=(0, 1)``): XLA
+then writes each update into its gradient's buffer. A gradient the caller
+keeps (not donated) is copied first, which raises the update's peak memory
+(docs/algorithms.md section 8.2).
+
 Examples:
-  >>> import jax.numpy as jnp, optax, subspax
+  >>> import jax, jax.numpy as jnp, optax, subspax
   >>> tx = optax.chain(subspax.clip_by_global_norm(1.0),
   ...                  subspax.subtrack(1e-3, rank=4, update_interval=10))
-  >>> state = tx.init({'w': jnp.zeros((16, 32))})
+  >>> params = {'w': jnp.zeros((16, 32))}
+  >>> state = tx.init(params)
+  >>> update = jax.jit(tx.update, donate_argnums=(0, 1))  # grads and state
+  >>> updates, state = update({'w': jnp.ones((16, 32))}, state, params)
+  >>> params = optax.apply_updates(params, updates)
 """
 
 from subspax._apollo import apollo

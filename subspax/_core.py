@@ -78,7 +78,7 @@ class ProjectedState:
       ``MaskedNode`` when recovery is off.
     displacement: RSO's proximal state ``B``, the reduced displacement of the
       parameter since the last refresh, ``(*B, r, D)`` float32 (zero after
-      every refresh); ``MaskedNode`` when ``prox`` is 0.
+      every refresh); ``MaskedNode`` when ``prox`` is None.
     layout: Static: how the parameter maps to canonical matrices.
 
   The core's loop over the stacked matrices works on one matrix at a time
@@ -180,15 +180,20 @@ class _Config:
   output: str = "back"
   scale_type: str = "channel"
   limiter: str = "corrected"
-  prox: Any = 0.0
+  prox: Any = None
   prox_learning_rate: Any = 1.0
   quantize_moments: str = "off"
   basis_dtype: Any = jnp.float32
 
   @property
   def uses_prox(self) -> bool:
-    """Whether RSO's proximal term (and its displacement state) is on."""
-    return not _policies._is_zero(self.prox)  # pylint: disable=protected-access
+    """Whether RSO's proximal term (and its displacement state) is on.
+
+    Decided by ``prox is not None``, never by its value: under
+    ``optax.inject_hyperparams`` a number becomes a traced array, and the
+    state must have the same fields with and without the wrapper.
+    """
+    return self.prox is not None
 
   @property
   def stores_basis(self) -> bool:
@@ -229,12 +234,18 @@ def scale_by_subspace_adam(
     output: _types.Output = "back",
     scale_type: _types.ScaleType = "channel",
     limiter: _types.Limiter = "corrected",
-    prox: float = 0.0,
+    prox: Optional[float] = None,
     prox_learning_rate: optax.ScalarOrSchedule = 1.0,
     quantize_moments: _types.QuantizeMoments = "off",
     basis_dtype: _types.MomentDType = None,
 ) -> optax.GradientTransformation:
   """Adam with moments in a reduced subspace chosen by ``policy``.
+
+  The update of a projected parameter is written over its gradient, one
+  matrix and one row block at a time. Jit the update with the gradients
+  donated (``jax.jit(tx.update, donate_argnums=(0, 1))``, as a train step
+  does) so that XLA writes into the gradient's buffer; a gradient that is
+  not donated is copied first (docs/algorithms.md section 8.2).
 
   Examples:
     >>> import jax.numpy as jnp, optax, subspax
@@ -290,7 +301,9 @@ def scale_by_subspace_adam(
     prox: RSO's proximal coefficient ``1 / eta_k`` (docs/algorithms.md section 5.5): adds
       ``prox * B`` to the reduced gradient, ``B`` the reduced displacement of
       the parameter since the last refresh (an extra ``r x D`` state, reset at
-      every refresh). 0 turns it off.
+      every refresh). ``None`` (default) turns it off and keeps no ``B``;
+      any number, 0 included, keeps ``B`` (so that the state's fields do not
+      depend on a value that ``optax.inject_hyperparams`` may trace).
     prox_learning_rate: The learning rate (float or schedule) chained after
       this transformation, used only to accumulate ``B``: the step moves the
       parameter by ``-prox_learning_rate(t) * scale * back(N)``. The method
@@ -349,10 +362,11 @@ def scale_by_subspace_adam(
     raise ValueError(
         f"store_basis=False needs a basis that depends on the key alone "
         f"(grassjump, rso); {type(policy).__name__} depends on the gradient.")
-  _validation.non_negative("prox", prox)
-  if not _policies._is_zero(prox) and (recovery or output != "back"):  # pylint: disable=protected-access
-    raise ValueError("prox > 0 tracks the reduced displacement only; it needs "
-                     'recovery=False and output="back" (or set prox=0).')
+  if prox is not None:
+    _validation.non_negative("prox", prox)
+    if recovery or output != "back":
+      raise ValueError("prox tracks the reduced displacement only; it needs "
+                       'recovery=False and output="back" (or prox=None).')
 
   config = _Config(
       policy=policy, rank=rank, update_interval=update_interval, b1=b1, b2=b2,
@@ -688,8 +702,8 @@ def _adam_step(config: _Config, reduced: jax.Array, state: ProjectedState, *,
   else:
     age = optax.safe_int32_increment(age)
     steps = age[:, None] if age.ndim else age
-  mu_hat = mu / (1 - config.b1**steps)
-  nu_hat = nu / (1 - config.b2**steps)
+  mu_hat = mu / _bias_correction(config.b1, steps)
+  nu_hat = nu / _bias_correction(config.b2, steps)
   normalized = mu_hat / (jnp.sqrt(nu_hat) + config.eps)
   moments = (_quantized.store(mu, state.mu, cast=False),
              _quantized.store(nu, state.nu, cast=False))
@@ -705,6 +719,17 @@ def _adam_step(config: _Config, reduced: jax.Array, state: ProjectedState, *,
     state = state.replace(displacement=state.displacement
                            - lr * config.scale * normalized)
   return normalized, steps, state
+
+
+def _bias_correction(decay, steps: jax.Array) -> jax.Array:
+  """Adam's ``1 - decay**steps``, float32 whatever the dtype of ``decay``.
+
+  Under ``jax_enable_x64`` a Python float raised to an int32 power is
+  float64, which would make every quantity downstream float64: the reduced
+  direction, the recovery scales, and the float32 accumulators of the
+  row-block loops (:mod:`subspax._blocks`), whose carry must keep its type.
+  """
+  return (1 - decay**steps).astype(jnp.float32)
 
 
 def _transition(moments: str, old, new, mu, nu, age):
@@ -790,7 +815,8 @@ def _limit_growth(config: _Config, norm, last_norm, steps):
     return jnp.ones_like(norm), last_norm
   if config.limiter == "uncorrected":
     # The authors limit mu / (sqrt(nu) + eps) before Adam's bias correction.
-    norm = norm * (1 - config.b1**steps) / jnp.sqrt(1 - config.b2**steps)
+    norm = norm * _bias_correction(config.b1, steps) / jnp.sqrt(
+        _bias_correction(config.b2, steps))
   limit = config.recovery_limit * last_norm
   too_big = (last_norm > 0) & (norm > limit)
   factor = jnp.where(too_big, limit / jnp.where(norm > 0, norm, 1.0), 1.0)

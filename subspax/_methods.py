@@ -620,7 +620,8 @@ def grassjump(
 def scale_by_rso(
     rank: int = 128, update_interval: int = 200, *, key: _core.KeyLike = 0,
     orthonormal: bool = True, store_basis: bool = True, scale: float = 1.0,
-    prox: float = 0.0, prox_learning_rate: optax.ScalarOrSchedule = 1.0,
+    prox: Optional[float] = None,
+    prox_learning_rate: optax.ScalarOrSchedule = 1.0,
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     side: _types.Side = "auto", projected: _layout.Projected = None,
     mu_dtype: _types.MomentDType = None, nu_dtype: _types.MomentDType = None,
@@ -654,8 +655,10 @@ def scale_by_rso(
     prox: The proximal coefficient ``1 / eta_k`` of the subproblem
       ``f(W + S B) + ||B||_F^2 / (2 eta_k)``: adds ``prox * B`` to the
       reduced gradient, ``B`` the parameter's reduced displacement since the
-      last refresh (an extra ``r x D`` state). 0 (default) turns it off; the
-      same value as the trainer's ``opt.prox`` gives the same steps.
+      last refresh (an extra ``r x D`` state). ``None`` (default) turns it
+      off and keeps no ``B``; a number, 0 included, keeps ``B``, so that the
+      state has the same fields under ``optax.inject_hyperparams``. The same
+      value as the trainer's ``opt.rso.prox`` gives the same steps.
     prox_learning_rate: The learning rate chained after this transformation,
       needed to accumulate ``B`` (:func:`subspax.rso` passes its own).
       Weight decay is not part of ``B``.
@@ -695,7 +698,7 @@ def rso(
     update_interval: int = 200, weight_decay: Any = 0.0,
     mask: Optional[Any] = None, *, key: _core.KeyLike = 0,
     orthonormal: bool = True, store_basis: bool = True, scale: float = 1.0,
-    prox: float = 0.0,
+    prox: Optional[float] = None,
     prox_learning_rate: Optional[optax.ScalarOrSchedule] = None,
     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
     side: _types.Side = "auto", projected: _layout.Projected = None,
@@ -729,7 +732,7 @@ def rso(
     orthonormal: A Haar-random orthonormal basis, or a Gaussian one.
     store_basis: Store the basis, or regenerate it from the key.
     scale: Back-projection scale ``alpha``.
-    prox: The proximal coefficient ``1 / eta_k`` (0: off); see
+    prox: The proximal coefficient ``1 / eta_k`` (None: off); see
       :func:`scale_by_rso`.
     prox_learning_rate: The learning rate that moves the reduced
       displacement ``B``; ``None`` (default) uses ``learning_rate``.

@@ -226,6 +226,27 @@ def test_damaged_checkpoints_fall_back_to_the_newest_good_one(finished, tmp_path
   assert os.listdir(tmp_path / "bad" / "checkpoints") == ["5"]
 
 
+def test_steps_note_describes_the_checkpoint_that_restores(finished, tmp_path):
+  """With the newest checkpoint (5) damaged and a longer run asked for, the
+  note on the changed schedule speaks of step 4, the one restored, after the
+  warning."""
+  args = _copy(finished, tmp_path)
+  _damage(tmp_path / "run" / "checkpoints" / "5", "truncated array file")
+  status, out = run(tmp_path, *args, "--config.steps=7")
+  assert status == 0, out
+  lines = out.splitlines()
+  warning = [i for i, line in enumerate(lines)
+             if line.startswith("warning: the checkpoint at step 5 is damaged")]
+  notes = [i for i, line in enumerate(lines)
+           if line.startswith("note: steps changed")]
+  assert len(warning) == 1 and len(notes) == 1, out
+  assert warning[0] < notes[0], out
+  assert lines[notes[0]].startswith(
+      "note: steps changed from 5 to 7 since the checkpoint at step 4: "), out
+  assert "so step 5 trains at lr " in lines[notes[0]], out
+  assert "resumed from step 4 in run" in out
+
+
 def test_restarts_of_a_finished_run(finished, tmp_path):
   args = _copy(finished, tmp_path)
   before = losses(tmp_path / "run")
@@ -247,6 +268,45 @@ def test_restarts_of_a_finished_run(finished, tmp_path):
   assert "note: steps changed from 5 to 7 since the checkpoint at step 5" in out
   after = losses(tmp_path / "run")
   assert after[:5] == before and [s for s, *_ in after] == list(range(1, 8))
+
+
+def _export(cwd, *args):
+  """Runs `python -m train.export ARGS` in `cwd`; returns (exit status, output)."""
+  done = subprocess.run([sys.executable, "-m", "train.export", *map(str, args)],
+                        cwd=cwd, env=ENV, capture_output=True, text=True,
+                        timeout=TIMEOUT, check=False)
+  return done.returncode, done.stdout + done.stderr
+
+
+def test_export_is_readable_refuses_a_full_out_and_overwrites_on_request(
+    finished, tmp_path):
+  _copy(finished, tmp_path)
+  umask = os.umask(0o022)
+  try:
+    status, out = _export(tmp_path, "--workdir=run", "--out=hf")
+    assert status == 0, out
+    files = sorted(os.listdir(tmp_path / "hf"))
+    assert "model.safetensors" in files and "config.json" in files, files
+    modes = {f: oct(os.stat(tmp_path / "hf" / f).st_mode & 0o777) for f in files}
+    assert set(modes.values()) == {"0o644"}, modes
+    assert oct(os.stat(tmp_path / "hf").st_mode & 0o777) == "0o755"
+    assert sorted(os.listdir(tmp_path)) == ["hf", "run"]  # no staging left
+    written = {f: (tmp_path / "hf" / f).read_bytes() for f in files}
+
+    status, out = _export(tmp_path, "--workdir=run", "--out=hf", "--step=4")
+    assert_one_line_error(status, out, "--out='hf' is not empty",
+                          "--overwrite")
+    assert {f: (tmp_path / "hf" / f).read_bytes() for f in files} == written
+
+    status, out = _export(tmp_path, "--workdir=run", "--out=hf", "--step=4",
+                          "--overwrite")
+    assert status == 0 and "step 4 of run" in out, out
+    assert sorted(os.listdir(tmp_path / "hf")) == files
+    assert ((tmp_path / "hf" / "model.safetensors").read_bytes()
+            != written["model.safetensors"])
+    assert sorted(os.listdir(tmp_path)) == ["hf", "run"]
+  finally:
+    os.umask(umask)
 
 
 # ---------------------------------------------------------------- preemption

@@ -242,7 +242,7 @@ def test_rso_prox_pulls_back_and_restarts_at_a_refresh():
 def test_rso_prox_is_validated():
   with pytest.raises(ValueError, match="prox must be >= 0"):
     subspax.rso(1e-3, prox=-1.0)
-  with pytest.raises(ValueError, match="prox > 0 .* recovery=False"):
+  with pytest.raises(ValueError, match="prox tracks .* recovery=False"):
     subspax.scale_by_subspace_adam(subspax.RandomSubspace(), 4, prox=1.0,
                                    recovery=True)
 

@@ -177,6 +177,31 @@ def test_profile_steps_field():
       metrics_lib.parse_profile_steps(bad)
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_an_interrupted_export_leaves_out_as_it_was(tmp_path, existing):
+  """A write that fails half-way leaves no `out` (or the old one, intact
+  with --overwrite) and no staging directory."""
+  out = tmp_path / "hf"
+  if existing:
+    out.mkdir()
+    (out / "config.json").write_text("old")
+
+  def crash(directory):
+    (tmp_path / "seen").write_text(directory)
+    with open(os.path.join(directory, "model.safetensors"), "wb") as f:
+      f.write(b"half")
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    export.write_atomically(str(out), crash, overwrite=True)
+  assert not os.path.exists((tmp_path / "seen").read_text())
+  assert sorted(os.listdir(tmp_path)) == (["hf", "seen"] if existing
+                                          else ["seen"])
+  if existing:
+    assert os.listdir(out) == ["config.json"]
+    assert (out / "config.json").read_text() == "old"
+
+
 def _cli(module, *args):
   result = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO,
                           capture_output=True, text=True, check=False)

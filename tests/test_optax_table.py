@@ -35,6 +35,53 @@ def test_updates_keep_param_dtype_and_state_is_float32(name, dtype):
   chex.assert_tree_all_finite(updates)
 
 
+def _dtypes(tree):
+  return jax.tree.map(lambda x: x.dtype, tree)
+
+
+@pytest.mark.parametrize("name", CORE)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32",
+                                   "float64"])
+def test_every_param_dtype_round_trips_also_under_x64(name, dtype):
+  """optax's rule, on every dtype (float64 with ``jax_enable_x64``, where a
+  Python float to an int32 power is float64): updates come back in the
+  parameter's dtype and the state's dtypes do not change across steps and
+  refreshes (the row-block loops' carries keep their float32 type). Dtypes
+  are fixed when the update is traced: ``jax.eval_shape`` checks them
+  without compiling."""
+  with jax.enable_x64(True):
+    params = helpers.random_params(jax.random.key(9), jnp.dtype(dtype))
+    tx = helpers.make_tx(name, update_interval=2)
+    state = jax.eval_shape(tx.init, params)
+    for _ in range(2):  # a refresh step, then the step after
+      updates, new_state = jax.eval_shape(tx.update, params, state, params)
+      assert _dtypes(updates) == _dtypes(params)
+      assert _dtypes(new_state) == _dtypes(state)
+      state = new_state
+
+
+@pytest.mark.parametrize("name,extra", [(name, {}) for name in ALL] + [
+    ("rso", {"prox": 0.0}), ("rso", {"prox": 1.0})])
+def test_inject_hyperparams_keeps_the_state_fields(name, extra):
+  """A hyperparameter that ``optax.inject_hyperparams`` turns into a traced
+  array must not change which state fields exist (every numeric default of
+  the signature is injected too). The values: tests/test_optax_battery.py."""
+  factory, kwargs = helpers.METHODS[name]
+  kwargs = dict(kwargs, learning_rate=1e-2, rank=4, update_interval=2,
+                **extra)
+  plain = factory(**kwargs)
+  injected = optax.inject_hyperparams(
+      factory, static_args=("rank", "update_interval"))(**kwargs)
+  params = helpers.random_params(jax.random.key(10))
+  plain_state = jax.eval_shape(plain.init, params)
+  injected_state = jax.eval_shape(injected.init, params)
+  chex.assert_trees_all_equal_structs(injected_state.inner_state, plain_state)
+  _, plain_state = jax.eval_shape(plain.update, params, plain_state, params)
+  _, injected_state = jax.eval_shape(injected.update, params, injected_state,
+                                     params)
+  chex.assert_trees_all_equal_structs(injected_state.inner_state, plain_state)
+
+
 @pytest.mark.parametrize("name", CORE)
 def test_state_types_survive_lax_cond(name):
   params = helpers.random_params(jax.random.key(3))

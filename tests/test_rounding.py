@@ -187,3 +187,58 @@ def test_rounding_allocates_no_buffer_of_random_bits():
 
   memory = jax.jit(step, donate_argnums=0).lower(p, p).compile().memory_analysis()
   assert memory.temp_size_in_bytes < 4096  # the leaf is 1 MiB
+
+
+# --- Independence of the random bits ------------------------------------------
+HALF = 1.0 + 2.0**-8  # halfway between the bfloat16 neighbours 1 and 1 + 2^-7
+ULP = 2.0**-7
+
+
+def _decisions(rounded):
+  """+-1 per element: rounded up (to 1 + 2^-7) or down (to 1)."""
+  return np.where(np.asarray(rounded, np.float32) > HALF, 1.0, -1.0)
+
+
+def _correlation(a, b):
+  a, b = a.ravel(), b.ravel()
+  return float(np.mean((a - a.mean()) * (b - b.mean())) / (a.std() * b.std()))
+
+
+def test_rounding_decisions_are_uncorrelated_across_elements_and_layers():
+  """At p = 1/2, the decisions of neighbours along rows, columns, both
+  diagonals, at power-of-two strides and in adjacent layers of a stack are
+  uncorrelated (each estimate within 5 standard errors, 5 / sqrt(n), of 0)."""
+  layers, rows, cols = 4, 256, 256
+  x = jnp.full((layers, rows, cols), HALF - 1.0)
+  new = subspax.apply_updates({"w": jnp.ones((layers, rows, cols),
+                                             jnp.bfloat16)},
+                              {"w": x}, key=jax.random.key(11), stacked=True)
+  d = _decisions(new["w"])
+  assert abs(d.mean()) < 5 / np.sqrt(d.size)  # unbiased
+  pairs = {
+      "row neighbours": (d[:, :, :-1], d[:, :, 1:]),
+      "column neighbours": (d[:, :-1, :], d[:, 1:, :]),
+      "diagonal": (d[:, :-1, :-1], d[:, 1:, 1:]),
+      "anti-diagonal": (d[:, :-1, 1:], d[:, 1:, :-1]),
+      "adjacent layers": (d[:-1], d[1:]),
+  }
+  for stride in (2, 16, 64, 128):
+    pairs[f"stride {stride} along rows"] = (d[:, :, :-stride], d[:, :, stride:])
+    pairs[f"stride {stride} along columns"] = (d[:, :-stride], d[:, stride:])
+  for name, (a, b) in pairs.items():
+    assert abs(_correlation(a, b)) < 5 / np.sqrt(a.size), name
+
+
+def test_rounding_error_of_a_sum_has_the_variance_of_independent_roundings():
+  """The error of ``sum(round(x)) - sum(x)`` over a 64 x 64 matrix, over 2000
+  keys, has variance ``n p (1 - p) ulp^2`` (independent roundings), within
+  5 standard errors of a variance estimate (``sqrt(2 / keys)`` relative)."""
+  keys, n = 2000, 64 * 64
+  x = jnp.full((64, 64), HALF)
+  sums = jax.jit(jax.vmap(lambda k: jnp.sum(subspax.stochastic_round(
+      x, jnp.bfloat16, k).astype(jnp.float32) - x)))(
+          jax.random.split(jax.random.key(12), keys))
+  errors = np.asarray(sums, np.float64) / ULP
+  expected = n * 0.25
+  assert abs(errors.mean()) < 5 * np.sqrt(expected / keys)
+  assert abs(errors.var() / expected - 1) < 5 * np.sqrt(2 / keys)

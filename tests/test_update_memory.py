@@ -124,3 +124,21 @@ def test_row_blocks_ignore_non_finite_rows_they_do_not_select():
   assert _blocks.num_blocks(256) > 1
   np.testing.assert_array_equal(matrix.project(),
                                 np.stack([np.full(8, 2.0), np.full(8, 3.0)]))
+
+
+@pytest.mark.parametrize("method", ["subtrack", "grass"])
+def test_bench_measures_the_update_with_and_without_donated_gradients(method):
+  """bench.update_memory compiles both ways: gradients and state donated (a
+  train step), and the state only (the caller keeps the gradients, which the
+  in-place update then copies: at most one copy of them more)."""
+  from bench import update_memory  # pylint: disable=g-import-not-at-top
+  tree = {f"w{i}": jax.ShapeDtypeStruct((64, 96), jnp.float32)
+          for i in range(4)}
+  grads = 4 * 64 * 96 * 4
+  tx = subspax.METHODS[method](1e-3, 8, 200)
+  assert update_memory.DONATIONS == {"grads+state": (0, 1), "state": (1,)}
+  donated = update_memory.measure(tx, tree, update_memory.DONATIONS[
+      "grads+state"])
+  kept = update_memory.measure(tx, tree, update_memory.DONATIONS["state"])
+  assert donated["peak"] <= kept["peak"] <= donated["peak"] + grads, (
+      donated, kept)

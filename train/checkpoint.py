@@ -65,9 +65,13 @@ class Checkpointer:
     """The newest complete checkpoint's step, or None."""
     return self._manager.latest_step()
 
-  def saved_config(self) -> tuple[int, dict] | None:
-    """(step, config) of the newest step that stored a readable config, or None."""
-    for step in sorted(self._manager.all_steps(), reverse=True):
+  def saved_config(self, step: int | None = None) -> tuple[int, dict] | None:
+    """(step, config) of the newest step that stored a readable config, or None.
+
+    With `step`, that step's config only (None if it stored none).
+    """
+    steps = [step] if step is not None else self._manager.all_steps()
+    for step in sorted(steps, reverse=True):
       try:
         with open(os.path.join(self._directory, str(step), "config", "metadata")) as f:
           config = json.load(f)

@@ -8,9 +8,11 @@ compares it with its own:
   or the data order (`RESUME_FIXED`) must be equal, or the restart is refused
   with every differing field listed; of the `opt.<method>` sections only the
   one of `opt.name` counts (the others are not read);
-* a changed `steps` is allowed and explained: the learning-rate schedule
-  (warmup and cosine) is recomputed for the new length, so the remaining steps
-  follow a different schedule than the trained ones did;
+* a changed `steps` is allowed and explained (`steps_note`, for the
+  checkpoint that restores, which may be older than the newest one when that
+  one is damaged): the learning-rate schedule (warmup and cosine) is
+  recomputed for the new length, so the remaining steps follow a different
+  schedule than the trained ones did;
 * every other field (logging, evaluation, checkpointing, the mesh, cache
   directories) may change freely.
 
@@ -18,6 +20,8 @@ Example:
 
   cfg = resume.adapt(cfg)  # prints a note per adapted field
   resume.check_config(checkpointer.saved_config(), cfg)
+  ...  # restore the newest checkpoint that reads back, at step `start`
+  print(resume.steps_note(checkpointer.saved_config(start), cfg) or "")
 """
 
 import json
@@ -64,6 +68,9 @@ def check_config(saved: tuple[int, dict] | None,
                  cfg: ml_collections.ConfigDict) -> None:
   """Refuses a restart whose config does not fit the workdir's checkpoints.
 
+  A changed `steps` is not refused; `steps_note` explains it once the
+  checkpoint that actually restores is known.
+
   Args:
     saved: (step, config dict) from `Checkpointer.saved_config`, or None (no
       checkpoint, or one saved without a config: nothing to compare).
@@ -86,15 +93,37 @@ def check_config(saved: tuple[int, dict] | None,
         f"the checkpoints in this workdir were trained with another config "
         f"({listed}); restore those values to resume from step {step}, or pass a "
         "new --workdir to start a new run")
+
+
+def steps_note(restored: tuple[int, dict] | None,
+               cfg: ml_collections.ConfigDict) -> str | None:
+  """The note on a changed `steps` for the checkpoint the run resumes from.
+
+  Example:
+    note = steps_note(checkpointer.saved_config(start), cfg)
+
+  Args:
+    restored: (step, config dict) of the checkpoint that was restored
+      (`Checkpointer.saved_config(step)`), or None.
+    cfg: This run's config.
+
+  Returns:
+    One line saying how the learning-rate schedule changes from that step on,
+    or None when `steps` is unchanged (or the checkpoint stored no config).
+  """
+  if restored is None:
+    return None
+  step, old = restored
   old_steps = old.get("steps")
-  if isinstance(old_steps, int) and old_steps > 0 and old_steps != cfg.steps:
-    lr_new = float(optimizers.schedule(cfg.opt, cfg.steps)(step))
-    lr_old = float(optimizers.schedule(cfg.opt, old_steps)(step))
-    print(f"note: steps changed from {old_steps} to {cfg.steps} since the "
+  if not (isinstance(old_steps, int) and old_steps > 0 and old_steps != cfg.steps):
+    return None
+  lr_new = float(optimizers.schedule(cfg.opt, cfg.steps)(step))
+  lr_old = float(optimizers.schedule(cfg.opt, old_steps)(step))
+  return (f"note: steps changed from {old_steps} to {cfg.steps} since the "
           f"checkpoint at step {step}: the learning-rate schedule (warmup, cosine "
           f"decay) now spans {cfg.steps} steps, so step {step + 1} trains at lr "
           f"{lr_new:.3g} instead of {lr_old:.3g}; steps 1-{step} keep the "
-          f"{old_steps}-step schedule they were trained with", flush=True)
+          f"{old_steps}-step schedule they were trained with")
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> dict[str, Any]:

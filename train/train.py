@@ -413,6 +413,9 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
       state = initial_state(cfg, programs, shardings)
     else:
       start, state = restored
+      note = resume.steps_note(checkpointer.saved_config(start), cfg)
+      if note and jax.process_index() == 0:
+        print(note, flush=True)
       print(f"resumed from step {start} in {workdir}", flush=True)
     if start >= end:  # nothing to train: no compile, no progress bar
       checkpointer.close()
