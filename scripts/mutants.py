@@ -141,6 +141,12 @@ MUTANTS = [
         (MATH, "-k", "only_at_refresh"),
         "the subspace refreshed at every step instead of every T steps"),
     Mutant(
+        "trainer-refreshes-every-step", "train/train.py",
+        "return (step - 1) % update_interval == 0",
+        "return True",
+        ("tests/test_train.py", "-k", "ordinary_and_refresh_programs"),
+        "the trainer runs the refresh step's program at every step"),
+    Mutant(
         "recovery-residual-leaks-alpha", "subspax/_blocks.py",
         "return g - self._back(reduced, start)",
         "return g - 0.25 * self._back(reduced, start)",

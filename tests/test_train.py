@@ -326,7 +326,8 @@ def test_ordinary_and_refresh_programs_equal_the_one_program(layerwise):
   one = jax.jit(one)
   a = b = jax.jit(programs.init)()
   for step, batch in enumerate(batches, start=1):
-    a, _ = (refresh if (step - 1) % cfg.opt.update_interval == 0 else ordinary)(a, batch)
+    a, _ = (refresh if train.is_refresh_step(step, cfg.opt.update_interval)
+            else ordinary)(a, batch)
     b, _ = one(b, batch)
   counts = [x for x in jax.tree.leaves(a.opt_state) if x.dtype == jnp.int32 and not x.ndim]
   assert counts and all(int(c) == int(a.step) for c in counts)

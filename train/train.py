@@ -293,6 +293,18 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
                   train_step, refresh, refresh_step)
 
 
+def is_refresh_step(step: int, update_interval: int) -> bool:
+  """Whether train step `step` (1-based) refreshes the subspaces: the host's
+  copy of the optimizer's rule (`count % update_interval == 0`, where the
+  optimizer's count is `step - 1`), which picks the refresh step's program.
+
+  Examples:
+    >>> [s for s in range(1, 8) if is_refresh_step(s, 3)]
+    [1, 4, 7]
+  """
+  return (step - 1) % update_interval == 0
+
+
 def initial_state(cfg: ml_collections.ConfigDict, programs: Programs,
                   shardings: TrainState) -> TrainState:
   """The step-0 state, placed with `shardings`: a random init, or the weights
@@ -452,7 +464,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
     for step in range(start + 1, end + 1):
       profiler.before(step)
       batch = to_global(next(data.train_iter))
-      refreshing = (step - 1) % cfg.opt.update_interval == 0
+      refreshing = is_refresh_step(step, cfg.opt.update_interval)
       if refresh is not None and refreshing:
         state = refresh(state, batch)
       state, step_metrics = (compiled_refresh if compiled_refresh is not None
