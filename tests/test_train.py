@@ -247,7 +247,10 @@ def test_two_processes_train_together(corpus, tmp_path, corpus_kind):
     (dict(mesh__data=3), ValueError, "does not divide the 8 available devices"),
     (dict(mesh__data=4, batch_size=6), ValueError,
      r"batch_size=6 is not divisible by the data axes"),
-    (dict(opt__rank=32), ValueError, "smallest projected dimension 32"),
+    (dict(opt__rank=32), ValueError, "smaller side of one of the blocks' kernels "
+     "at least, the largest being 32"),
+    (dict(opt__rank=32, opt__projected="attn"), ValueError,
+     "smallest projected dimension 32 .* or leave it out of opt.projected"),
     (dict(model__attention="flash"), ValueError,
      "model.attention must be one of xla, blockwise, got 'flash'"),
     (dict(model__attention_block=0), ValueError,

@@ -114,6 +114,8 @@ def check_and_mesh(cfg: ml_collections.ConfigDict,
                    ) -> tuple[jax.sharding.Mesh, dict[str, tuple[str, ...]]]:
   """Validates a config (all but its data) and builds its mesh.
 
+  Prints `optimizers.rank_note` when the rank leaves kernels to plain Adam.
+
   Args:
     cfg: The full config.
     devices: The devices to lay the mesh over (`sharding.make_mesh`).
@@ -126,8 +128,11 @@ def check_and_mesh(cfg: ml_collections.ConfigDict,
   """
   validate(cfg)
   reparam.validate(cfg.opt)
-  optimizers.validate(cfg.opt, model_lib.LlamaConfig.from_config(cfg.model, 1),
-                      cfg.steps)
+  model_cfg = model_lib.LlamaConfig.from_config(cfg.model, 1)
+  optimizers.validate(cfg.opt, model_cfg, cfg.steps)
+  note = optimizers.rank_note(cfg.opt, model_cfg)
+  if note:
+    print(note, flush=True)
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   rules = sharding_lib.parse_rules(cfg.mesh.rules)
   sharding_lib.check_batch(cfg.batch_size, mesh)
