@@ -64,6 +64,7 @@ def test_bad_block_size_and_kind_are_refused():
     attention.attend(q, k, v, kind="flash")
 
 
+@pytest.mark.slow
 def test_model_with_blockwise_attention_equals_xla():
   """A scanned, rematerialised GQA model: the same logits and gradients."""
   base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
