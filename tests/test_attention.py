@@ -33,7 +33,8 @@ def _value_and_grads(kind, block, q, k, v, w):
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)],
                          ids=["f32", "bf16"])
 @pytest.mark.parametrize("seq_len, block, heads", [
-    (37, 8, (4, 2)), (32, 16, (4, 4)), (11, 64, (6, 2))])
+    (37, 8, (4, 2)), (32, 16, (4, 4)), (11, 64, (6, 2))],
+    ids=["gqa-partial-last-block", "mha-whole-blocks", "gqa-one-short-block"])
 def test_blockwise_equals_xla_in_values_and_gradients(seq_len, block, heads, dtype,
                                                       tol):
   q, k, v, w = _qkv_and_cotangent(seq_len, *heads, dtype)
