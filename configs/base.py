@@ -226,6 +226,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.model.param_dtype = "float32"  # master weight dtype
   cfg.model.scan = True  # nnx.scan over stacked (L, ...) layers instead of a loop
   cfg.model.remat = False  # nnx.remat each block (recompute activations in backward)
+  # Causal attention (train/attention.py): "xla" (jax.nn.dot_product_attention; L x L
+  # scores) | "blockwise" (online softmax in blocks, memory linear in seq_len; set
+  # it for long sequences)
+  cfg.model.attention = "xla"
+  cfg.model.attention_block = 512  # "blockwise": positions per block (a block's scores are the largest temporary)
 
   cfg.mesh = ml_collections.ConfigDict()
   cfg.mesh.data = -1  # data-parallel axis size; -1: all devices left over

@@ -105,6 +105,10 @@ def test_small_corpus_short_run_relative_paths(tmp_path):
     (["--config.opt.layerwise=True", "--config.opt.name=optax_galore"],
      ["does not support opt.name='optax_galore'"]),
     (["--config.grad_accum=3"], ["batch_size=8 must be a multiple of grad_accum=3"]),
+    # A rank above every kernel's smaller side projects nothing.
+    (["--config.opt.rank=32", "--config.model.n_kv_heads=2"],
+     ["opt.rank=32 must be positive and smaller than the smaller side of one of "
+      "the blocks' kernels at least, the largest being 32"]),
     (["--config.opt.projected=atn"],
      ["opt.projected='atn' selects no matrix of the model; its matrices are "
       "blocks.attn.k.kernel, blocks.attn.o.kernel"]),
@@ -156,6 +160,27 @@ def test_eight_bit_moments_train_and_resume_bit_for_bit(corpus, tmp_path):
   assert losses(tmp_path / "run") == before and len(before) == 3
   with open(tmp_path / "run" / "checkpoints" / "3" / "config" / "metadata") as f:
     assert json.load(f)["opt"]["subtrack"]["quantize_moments"] == "quantile"
+
+
+def test_a_rank_above_the_gqa_kernels_leaves_them_to_adam_with_one_note(tmp_path):
+  """Grouped queries (k and v kernels 32 x 16) at rank 16: k and v get plain
+  Adam, said once, and the optimizer state is that of projecting the other
+  kernels by name."""
+  gqa = ["--config.model.n_kv_heads=2", "--config.opt.rank=16", "--dry_run"]
+  status, out = run(tmp_path, "--config", "configs/test.py", "--workdir=gqa", *gqa)
+  assert status == 0, out
+  notes = [line for line in out.splitlines() if "plain Adam" in line]
+  assert notes == [
+      "note: opt.rank=16 is not smaller than the smaller side of attn.k (32 x 16), "
+      "attn.v (32 x 16): they get plain Adam, the other kernels a rank-16 subspace "
+      "(an opt.rank below 16 projects them too)"], out
+  status, out = run(tmp_path, "--config", "configs/test.py", "--workdir=named", *gqa,
+                    "--config.opt.projected=attn.q,attn.o,mlp")
+  assert status == 0, out
+  assert "plain Adam" not in out
+  by_rank, by_name = (json.loads((tmp_path / w / "memory.json").read_text())
+                      for w in ("gqa", "named"))
+  assert by_rank["state_bytes"] == by_name["state_bytes"]
 
 
 def test_verbose_shows_the_traceback(tmp_path):

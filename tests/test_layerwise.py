@@ -132,6 +132,17 @@ def test_layerwise_step_equals_the_ordinary_step(name, subspace_layers):
                layerwise, ordinary)
 
 
+def test_layerwise_step_equals_the_ordinary_step_with_blockwise_attention():
+  """The layer-wise backward scan recomputes each block's blockwise attention:
+  several blocks of 6 positions (16 = 6 + 6 + 4), grouped queries."""
+  cfg = _small_config("adamw", model__attention="blockwise",
+                      model__attention_block=6, model__n_kv_heads=2)
+  ordinary = _run_steps(cfg, 2)
+  cfg.opt.layerwise = True
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOLERANCE),
+               _run_steps(cfg, 2), ordinary)
+
+
 def test_layerwise_step_equals_the_ordinary_step_on_a_mesh():
   assert jax.device_count() == 8
   cfg = _small_config("galore", mesh__data=2, mesh__fsdp=2, mesh__tensor=2)

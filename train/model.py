@@ -1,7 +1,8 @@
 """A LLaMA decoder in Flax NNX.
 
 RMSNorm, rotary position embeddings, causal multi-head (optionally grouped-query)
-attention through `jax.nn.dot_product_attention`, a SwiGLU MLP and an untied LM
+attention (`model.attention`: XLA's `jax.nn.dot_product_attention` or the
+blockwise one of train/attention.py, linear in memory), a SwiGLU MLP and an untied LM
 head. Every linear kernel is a plain 2-D (in, out) matrix; with `scan=True` the
 blocks are stacked, so each kernel becomes an (L, in, out) array whose leading axis
 the subspace optimizers treat as a batch axis (one subspace per layer).
@@ -21,6 +22,8 @@ import jax.numpy as jnp
 import subspax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+
+from train import attention
 
 REPARAM_KINDS = ("", "rows", "dense")
 
@@ -43,6 +46,8 @@ class LlamaConfig:
   param_dtype: str = "float32"
   scan: bool = False
   remat: bool = False
+  attention: str = "blockwise"  # train/attention.py: "blockwise" or "xla"
+  attention_block: int = 512  # positions per block of "blockwise"
   reparam: str = ""  # "": plain kernels; "rows" (GRASS) / "dense" (RSO) deltas
   reparam_rank: int = 0  # rank r of the reduced deltas
   reparam_side: str = "auto"  # projected side of the reparametrised kernels
@@ -78,6 +83,8 @@ class LlamaConfig:
         param_dtype=model_cfg.param_dtype,
         scan=model_cfg.scan,
         remat=model_cfg.remat,
+        attention=model_cfg.get("attention", cls.attention),
+        attention_block=model_cfg.get("attention_block", cls.attention_block),
         **reparam,
     )
 
@@ -244,8 +251,8 @@ class Attention(nnx.Module):
     v_BxLxKxH = self.v(x_BxLxD).reshape(b, seq_len, cfg.n_kv_heads, cfg.head_dim)
     q_BxLxNxH = rotary(q_BxLxNxH, cfg.rope_theta)
     k_BxLxKxH = rotary(k_BxLxKxH, cfg.rope_theta)
-    out_BxLxNxH = jax.nn.dot_product_attention(
-        q_BxLxNxH, k_BxLxKxH, v_BxLxKxH, is_causal=True)
+    out_BxLxNxH = attention.attend(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
+                                   kind=cfg.attention, block_size=cfg.attention_block)
     return self.o(out_BxLxNxH.reshape(b, seq_len, cfg.n_heads * cfg.head_dim))
 
   def decode(self, x_BxLxD: jax.Array, cache: "KVCache", start: jax.Array

@@ -84,8 +84,10 @@ def is_projected(path: tuple, param: Any, rank: int) -> bool:
   As in the papers' code, only the blocks' weight matrices are projected
   (subspax's default rule on their shapes: rank below both sides, aspect
   ratio at most 8); the embedding and the LM head always get plain Adam, even
-  where their shape would pass (LLaMA-7B's 32000 x 4096 does). `opt.projected`
-  replaces this rule (`projected`).
+  where their shape would pass (LLaMA-7B's 32000 x 4096 does). A kernel whose
+  smaller side is not above the rank (grouped-query k and v at a large rank)
+  gets plain Adam too (`adam_kernels`). `opt.projected` replaces this rule
+  (`projected`).
 
   Example:
     is_projected((jax.tree_util.DictKey("head"),), head_kernel, 64)  # False
@@ -208,7 +210,9 @@ def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int) -> None
 
   Raises:
     UserError: unknown name, a learning rate or schedule field out of range,
-      a rank no smaller than the smallest projected dimension, or an option in
+      a rank that projects no kernel (or, with `opt.projected` or
+      `opt.subspace_layers`, one not below a projected kernel's smaller side;
+      the default rule leaves narrower kernels to Adam: `rank_note`), or an option in
       `opt.<name>` that is unknown, of the wrong type, not one of its choices
       or not accepted by the method; a bad `opt.stochastic_rounding`,
       `opt.mu_dtype` or `opt.nu_dtype` (train/precision.py).
@@ -218,13 +222,7 @@ def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int) -> None
                 lambda: _check_projected(opt_cfg, model_cfg),
                 lambda: precision.validate(opt_cfg, model_cfg.param_dtype))
   if opt_cfg.name != "adamw":
-    dims = _projected_dims(opt_cfg, model_cfg)
-    where, (d_in, d_out) = min(dims.items(), key=lambda kv: min(kv[1]))
-    if not 0 < opt_cfg.rank < min(d_in, d_out):
-      raise errors.UserError(
-          f"opt.rank={opt_cfg.rank} must be positive and smaller than the model's "
-          f"smallest projected dimension {min(d_in, d_out)} ({where} kernel is "
-          f"({d_in}, {d_out})); lower opt.rank or widen the model")
+    _check_rank(opt_cfg, model_cfg)
   if opt_cfg.name == "optax_galore" and model_cfg.scan:
     raise errors.UserError(
         "opt.name='optax_galore' cannot project scanned (L, in, out) kernels per "
@@ -233,6 +231,79 @@ def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int) -> None
     build(opt_cfg, steps, seed=0)
   except (TypeError, ValueError) as e:  # the method's own checks of its options
     raise errors.UserError(f"opt.{opt_cfg.name}: {e}") from e
+
+
+def _routes_by_rank(opt_cfg: Any) -> bool:
+  """Whether the default rule routes the blocks' kernels (`is_projected`):
+  not with `opt.projected` (the user's choice) or `opt.subspace_layers`
+  (every kernel is a subspace layer)."""
+  return not (opt_cfg.get("projected") or opt_cfg.get("subspace_layers"))
+
+
+def _check_rank(opt_cfg: Any, model_cfg: model_lib.LlamaConfig) -> None:
+  """Rejects a rank that projects nothing (default rule) or that is not below
+  a kernel that `opt.projected` or `opt.subspace_layers` projects."""
+  dims = _projected_dims(opt_cfg, model_cfg)
+  by_rank = _routes_by_rank(opt_cfg)
+  # The default rule leaves a kernel whose smaller side is not above the rank
+  # to plain Adam (`rank_note`); it must project one kernel at least.
+  pick = max if by_rank else min
+  where, (d_in, d_out) = pick(dims.items(), key=lambda kv: min(kv[1]))
+  if 0 < opt_cfg.rank < min(d_in, d_out):
+    return
+  if by_rank:
+    raise errors.UserError(
+        f"opt.rank={opt_cfg.rank} must be positive and smaller than the smaller "
+        f"side of one of the blocks' kernels at least, the largest being "
+        f"{min(d_in, d_out)} ({where} kernel is ({d_in}, {d_out})); lower opt.rank "
+        "or widen the model")
+  fix = ("leave it out of opt.projected" if opt_cfg.get("projected")
+         else "set opt.subspace_layers=False")
+  raise errors.UserError(
+      f"opt.rank={opt_cfg.rank} must be positive and smaller than the model's "
+      f"smallest projected dimension {min(d_in, d_out)} ({where} kernel is "
+      f"({d_in}, {d_out})); lower opt.rank, widen the model or {fix}")
+
+
+def adam_kernels(opt_cfg: Any, model_cfg: model_lib.LlamaConfig
+                 ) -> dict[str, tuple[int, int]]:
+  """The blocks' kernels the default rule leaves to plain Adam for the rank.
+
+  A rank chosen for the large matrices can be no smaller than the smaller
+  side of a narrow kernel: grouped-query attention's k and v kernels are
+  (D, K x H), e.g. LLaMA-2-70B's 8192 x 1024 at rank 1024. `is_projected`
+  gives such a kernel plain Adam (a projection would save nothing) and
+  projects the others at the rank; `rank_note` says so.
+
+  Example:
+    adam_kernels(cfg.opt, model_cfg)  # {'attn.k': (8192, 1024), 'attn.v': ...}
+
+  Args:
+    opt_cfg: The `opt` ConfigDict.
+    model_cfg: The model.
+
+  Returns:
+    kernel name -> (in, out) of each such kernel; {} for adamw, with
+    `opt.projected` or `opt.subspace_layers` (which `validate` checks instead).
+  """
+  if opt_cfg.name == "adamw" or not _routes_by_rank(opt_cfg):
+    return {}
+  rank = method_rank(opt_cfg.name, opt_cfg.rank)
+  return {name: dims for name, dims in model_cfg.projected_dims().items()
+          if rank >= min(dims)}
+
+
+def rank_note(opt_cfg: Any, model_cfg: model_lib.LlamaConfig) -> str | None:
+  """A one-line note naming the kernels `adam_kernels` leaves to plain Adam."""
+  left = adam_kernels(opt_cfg, model_cfg)
+  if not left:
+    return None
+  rank = method_rank(opt_cfg.name, opt_cfg.rank)
+  names = ", ".join(f"{name} ({d_in} x {d_out})" for name, (d_in, d_out) in left.items())
+  below = min(min(dims) for dims in left.values())
+  return (f"note: opt.rank={rank} is not smaller than the smaller side of {names}: "
+          f"they get plain Adam, the other kernels a rank-{rank} subspace (an "
+          f"opt.rank below {below} projects them too)")
 
 
 def _check_projected(opt_cfg: Any, model_cfg: model_lib.LlamaConfig) -> None:

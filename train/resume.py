@@ -35,7 +35,8 @@ from train import optimizers
 # Fields a restart may not change (a dotted prefix covers a whole section).
 RESUME_FIXED = ("seed", "batch_size", "seq_len", "model.", "opt.", "data.")
 # Fields under those prefixes that may change anyway.
-RESUME_FREE = ("model.remat", "opt.layerwise", "data.dir", "data.tfds_data_dir")
+RESUME_FREE = ("model.remat", "model.attention", "model.attention_block",
+               "opt.layerwise", "data.dir", "data.tfds_data_dir")
 
 
 def adapt(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

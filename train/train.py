@@ -21,6 +21,7 @@ import optax
 import subspax
 from flax import nnx
 
+from train import attention
 from train import checkpoint as checkpoint_lib
 from train import data as data_lib
 from train import errors
@@ -73,13 +74,25 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
           "keep_checkpoints", "grad_accum")),
       *(at_least(key, 0, "non-negative") for key in (
           "eval_every", "eval_batches", "stop_after")),
-      dtype("dtype"), dtype("param_dtype"),
+      dtype("dtype"), dtype("param_dtype"), lambda: _check_attention(cfg.model),
       lambda: reparam.validate(cfg.opt),
       lambda: layerwise.validate(cfg),
       lambda: _check_grad_accum(cfg), lambda: _check_clip_norm(cfg.opt),
       lambda: optimizers.validate(
           cfg.opt, model_lib.LlamaConfig.from_config(cfg.model, 1),
           cfg.steps if steps_ok else 1))
+
+
+def _check_attention(model_cfg: ml_collections.ConfigDict) -> None:
+  if model_cfg.attention not in attention.KINDS:
+    raise errors.UserError(
+        f"model.attention must be one of {', '.join(attention.KINDS)}, got "
+        f"{model_cfg.attention!r}; e.g. --config.model.attention=blockwise")
+  block = model_cfg.attention_block
+  if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+    raise errors.UserError(
+        f"model.attention_block must be a positive int, got {block!r}; e.g. "
+        "--config.model.attention_block=512")
 
 
 def _check_grad_accum(cfg: ml_collections.ConfigDict) -> None:
@@ -101,6 +114,8 @@ def check_and_mesh(cfg: ml_collections.ConfigDict,
                    ) -> tuple[jax.sharding.Mesh, dict[str, tuple[str, ...]]]:
   """Validates a config (all but its data) and builds its mesh.
 
+  Prints `optimizers.rank_note` when the rank leaves kernels to plain Adam.
+
   Args:
     cfg: The full config.
     devices: The devices to lay the mesh over (`sharding.make_mesh`).
@@ -112,6 +127,10 @@ def check_and_mesh(cfg: ml_collections.ConfigDict,
     ValueError: naming the field, its value and the fix.
   """
   validate(cfg)  # the opt section too (reparam.validate, optimizers.validate)
+  note = optimizers.rank_note(
+      cfg.opt, model_lib.LlamaConfig.from_config(cfg.model, 1))
+  if note:
+    print(note, flush=True)
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   rules = sharding_lib.parse_rules(cfg.mesh.rules)
   sharding_lib.check_batch(cfg.batch_size, mesh)
