@@ -97,23 +97,6 @@ def test_single_matrix_json_records_its_call(tmp_path):
   assert call["args"]["m"] == 8 and call["batch"] is None
 
 
-def test_refresh_target_reports_policy_and_whole_update_ratios():
-  seconds = lambda *xs: {"all": list(xs)}
-  result = {"results": [{
-      "shape": [64, 32], "rank": 4, "svd_over_geodesic": {"median": 20.0},
-      "vs_adamw": {},
-      "seconds": {"galore/refresh": seconds(9.0, 8.0, 30.0),
-                  "subtrack/refresh": seconds(1.0, 1.0, 2.0)}}]}
-  (case,) = readme.refresh_ratios(result)
-  assert case == {"case": "64x32 r4", "policy": 20.0, "update": 9.0}
-  with mock.patch.object(readme, "load", lambda out, name: (
-      result if name == "refresh" else None)):
-    text = readme.targets("unused")
-  assert "the policies alone" in text and "64x32 r4 20.0x" in text
-  assert "whole `tx.update` at a refresh step" in text
-  assert "64x32 r4 9.0x" in text
-
-
 def test_committed_results_record_their_calls():
   for name in ("convergence", "convergence_long", "single_matrix", "precision"):
     with open(os.path.join(_common.RESULTS, f"{name}.json")) as f:
