@@ -20,6 +20,7 @@ import pytest
 import safetensors.numpy
 
 from train import errors
+from train import export
 from train import checkpoint as checkpoint_lib
 from train import hf
 from train import metrics as metrics_lib
