@@ -176,7 +176,6 @@ def _private_uses(path: str) -> list[str]:
 # Still to be made public or removed; each case fails (xfail strict) until then.
 PENDING_PRIVATE = {
     os.path.join("bench", "reparam.py"),  # subspax._blocks.num_blocks
-    os.path.join("subspax", "_core.py"),  # _policies._is_zero
     os.path.join("subspax", "reparam.py"),  # _core._key_data
     os.path.join("subspax", "testing.py"),  # _core._transition
 }
