@@ -7,7 +7,7 @@
 # Arguments are pytest's: with any, only what they name runs.
 set -euo pipefail
 source "$(dirname "$0")/_venv.sh"
-ensure_venv test "subspax, jax_plugins.xla_cuda12, chex, flax, orbax.checkpoint, grain, tensorflow_datasets, sentencepiece, ml_collections, safetensors, tokenizers, tensorboardX, pytest, xdist, hypothesis"
+ensure_venv test,gpu-compile "subspax, jax_plugins.xla_cuda12, chex, flax, orbax.checkpoint, grain, tensorflow_datasets, sentencepiece, ml_collections, safetensors, tokenizers, tensorboardX, pytest, xdist, hypothesis"
 if [ $# -eq 0 ]; then
   set -- subspax tests
 fi

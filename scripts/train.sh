@@ -9,4 +9,6 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 # ensure_venv works in the repository root: a subshell keeps the caller's directory.
 (source "${root}/scripts/_venv.sh"
  ensure_venv train "subspax, flax, orbax.checkpoint, grain, tensorflow_datasets, sentencepiece, ml_collections, safetensors, tokenizers, tensorboardX, tqdm, matplotlib")
+# The CPU backend (also where the test extra's CUDA compiler plugin is installed).
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 PYTHONPATH="${root}${PYTHONPATH:+:${PYTHONPATH}}" exec "${root}/.venv/bin/python" -m train "$@"
