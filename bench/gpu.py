@@ -158,7 +158,7 @@ def measure_case(preset: str, case: str, steps: int, warmup: int) -> dict:
 
 def _compiled_steps(programs, state, batch) -> list:
   """The compiled train step, and the refresh step where there is one."""
-  steps = [programs.train_step, programs.refresh_step]
+  steps = [programs.ordinary_step or programs.train_step, programs.refresh_step]
   return [jax.jit(s, donate_argnums=0).lower(state, batch).compile()
           for s in steps if s is not None]
 

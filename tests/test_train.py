@@ -314,23 +314,11 @@ def test_ordinary_and_refresh_programs_equal_the_one_program(layerwise):
   cfg = helpers.make_config({}, opt__name="subtrack", opt__update_interval=2,
                             opt__layerwise=layerwise, mesh__data=1)
   programs = train.build_programs(cfg, cfg.data.vocab_size)
-  assert programs.refresh_step is not None
-  make = train.make_train_step if not layerwise else None
-  if layerwise:
-    from train import layerwise as layerwise_lib  # pylint: disable=g-import-not-at-top
-    from train import precision  # pylint: disable=g-import-not-at-top
-    one = layerwise_lib.make_train_step(
-        programs.graphdef, programs.tx, programs.lr, programs.param_shapes,
-        precision.updater(cfg), train.TrainState)
-  else:
-    one = make(programs.graphdef, programs.tx, programs.lr, cfg.grad_accum,
-               overwritten=optimizers.overwrites_gradient(
-                   programs.tx, model_lib.trainable(programs.graphdef,
-                                                    programs.param_shapes)))
+  assert programs.refresh_step is not None and programs.ordinary_step is not None
   batches = jax.random.randint(jax.random.key(0), (3, cfg.batch_size, cfg.seq_len + 1),
                                0, cfg.data.vocab_size, jnp.int32)
-  ordinary, refresh = jax.jit(programs.train_step), jax.jit(programs.refresh_step)
-  one = jax.jit(one)
+  ordinary, refresh = jax.jit(programs.ordinary_step), jax.jit(programs.refresh_step)
+  one = jax.jit(programs.train_step)
   a = b = jax.jit(programs.init)()
   for step, batch in enumerate(batches, start=1):
     a, _ = (refresh if train.is_refresh_step(step, cfg.opt.update_interval)

@@ -245,12 +245,14 @@ class Programs(NamedTuple):
   tx: optax.GradientTransformation  # acts on model.trainable(graphdef, params)
   lr: optax.Schedule
   init: Callable[[], TrainState]  # the initial state (jit it)
-  train_step: Callable  # (state, batch) -> (state, metrics)
+  train_step: Callable  # (state, batch) -> (state, metrics), any step (a subspax
+      # method decides inside whether it refreshes)
   refresh: Callable | None  # reparam modes: (state, batch) -> state, run before
                             # every step whose `state.step % update_interval == 0`
-  refresh_step: Callable | None  # subspax methods: the train step of the steps
-      # whose `state.step % update_interval == 0` (`train_step` is then the
-      # ordinary step, compiled with no refresh and no conditional)
+  ordinary_step: Callable | None  # subspax methods: `train_step` for the steps
+      # that do not refresh, compiled with no refresh and no conditional
+  refresh_step: Callable | None  # subspax methods: `train_step` for the steps
+      # that refresh (`is_refresh_step`); the trainer runs these two
 
 
 def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
@@ -306,10 +308,10 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
   # programs and neither decides at run time (a conditional per matrix, each
   # a host synchronisation on a GPU).
   two_programs = cfg.opt.name in subspax.METHODS and not model_cfg.reparam
-  train_step = step_function(False if two_programs else None)
-  refresh_step = step_function(True) if two_programs else None
   return Programs(model_cfg, graphdef, param_shapes, param_names, tx, lr, init,
-                  train_step, refresh, refresh_step)
+                  step_function(None), refresh,
+                  step_function(False) if two_programs else None,
+                  step_function(True) if two_programs else None)
 
 
 def is_refresh_step(step: int, update_interval: int) -> bool:
@@ -371,7 +373,7 @@ def jit_programs(programs: Programs, shardings: TrainState, mesh: jax.sharding.M
   jit_step = lambda step: jax.jit(
       step, in_shardings=(shardings, batch_sharding),
       out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=0)
-  train_step = jit_step(programs.train_step)
+  train_step = jit_step(programs.ordinary_step or programs.train_step)
   refresh_step = (None if programs.refresh_step is None
                   else jit_step(programs.refresh_step))
   refresh = None
