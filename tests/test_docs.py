@@ -47,6 +47,9 @@ def blocks(text: str) -> list[tuple[str, str, str | None]]:
 
 def _env() -> dict[str, str]:
   env = dict(os.environ, JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1")
+  # A block's bare ``python`` is the interpreter that runs the tests.
+  env["PATH"] = os.pathsep.join(
+      p for p in (os.path.dirname(sys.executable), env.get("PATH")) if p)
   env["PYTHONPATH"] = os.pathsep.join(
       p for p in (ROOT, env.get("PYTHONPATH")) if p)
   return env
