@@ -117,8 +117,15 @@ VARIANTS = {
                        "opt.mu_dtype": "bfloat16", "opt.nu_dtype": "bfloat16",
                        "opt.basis_dtype": "bfloat16"},
 }
-# The one-device presets, dry-run as they are (`--presets`).
-PRESETS = ("llama_7b_24gb", "llama_13b_40gb")
+# The memory-saving presets, dry-run as they are (`--presets`); a preset with
+# an N-device mesh (llama_70b_8x80gb: fsdp 8) compiles for N of the target.
+PRESETS = ("llama_7b_24gb", "llama_7b_2k_24gb", "llama_13b_40gb",
+           "llama_70b_8x80gb")
+# AdamW in the shapes, batch and mesh of a preset: what it would need without
+# subspax (float32 weights and moments, one gradient of the whole model).
+ADAMW_OF_PRESET = {"opt.name": "adamw", "opt.layerwise": False,
+                   "opt.subspace_layers": False, "model.param_dtype": "float32",
+                   "opt.mu_dtype": "float32", "opt.nu_dtype": "float32"}
 
 
 def compile_case(size: str, scan: bool, name: str, args,
@@ -288,44 +295,76 @@ def what_fits(budgets_gib: list[float], methods: list[str], args,
           "largest": largest}
 
 
-def one_device_presets(names: list[str], partial: _common.Partial,
-                       target: str = "") -> dict:
-  """The dry runs of the one-device presets, as configured (their own batch).
+def preset_devices(cfg) -> int:
+  """How many devices a preset's mesh names (a `-1` axis takes what is left:
+  counted as 1)."""
+  return int(np.prod([max(int(cfg.mesh[a]), 1) for a in ("data", "fsdp", "tensor")]))
+
+
+def dry_run_presets(names: list[str], partial: _common.Partial,
+                    target: str = "") -> dict:
+  """The dry runs of the memory-saving presets as configured (their own
+  batch and mesh), each beside AdamW in its shapes (`ADAMW_OF_PRESET`).
+
+  A preset whose mesh names N > 1 devices compiles for N of `target`
+  (`h100` -> `h100x8`); it needs a GPU target and is skipped otherwise.
 
   Returns:
     {preset: {'step': compiled sizes, 'refresh': compiled sizes or None,
-    'state_bytes', 'param_bytes', 'params', 'batch', 'seq', 'method',
-    'rank'}}.
+    'adamw': AdamW's compiled sizes, 'devices', 'state_bytes',
+    'param_bytes', 'params', 'batch', 'seq', 'method', 'rank'}}; sizes
+    per device.
   """
   out = {}
   for name in names:
-    def run(name=name):
-      cfg = importlib.import_module(f"configs.{name}").get_config()
-      record = dry_run.dry_run(cfg, target)
+    cfg = importlib.import_module(f"configs.{name}").get_config()
+    devices = preset_devices(cfg)
+    preset_target = target
+    if devices > 1:
+      if not targets.parse(target).is_gpu:
+        print(f"{name}: skipped, its mesh needs {devices} devices (use --target)",
+              flush=True)
+        continue
+      preset_target = f"{target}x{devices}"
+
+    def run(cfg=cfg, preset_target=preset_target, devices=devices):
+      record = dry_run.dry_run(cfg, preset_target)
+      adamw = cfg.copy_and_resolve_references()
+      for key, value in ADAMW_OF_PRESET.items():
+        section, field = key.split(".")
+        adamw[section][field] = value
       return {"step": dry_run.program_sizes(record),
               "refresh": dry_run.program_sizes(record, "refresh_"),
+              "adamw": dry_run.program_sizes(dry_run.dry_run(adamw, preset_target)),
+              "devices": devices,
               "state_bytes": record["state_bytes"],
               "param_bytes": record["param_bytes"], "params": record["params"],
               "batch": cfg.batch_size, "seq": cfg.seq_len, "method": cfg.opt.name,
               "rank": cfg.opt.rank, "compile_s": record["compile_s"]}
     out[name] = partial.get_or_run(f"preset|{name}", run)
-    print(f"{name}: peak {out[name]['step']['peak'] / 2**30:.2f} GiB", flush=True)
+    print(f"{name}: peak {out[name]['step']['peak'] / 2**30:.2f} GiB per device",
+          flush=True)
   return out
 
 
 def presets_table(presets: dict) -> str:
-  """Markdown: each one-device preset's dry-run memory, in GiB."""
+  """Markdown: each preset's dry-run memory (GiB; temporaries and peaks per
+  device, weights and state over all devices), and AdamW's peak in the same
+  shapes, batch and mesh."""
   gib = lambda b: f"{b / 2**30:.2f}"
   rows = []
   for name, p in presets.items():
-    step, refresh = p["step"], p["refresh"]
+    step, refresh, adamw = p["step"], p["refresh"], p.get("adamw")
     rows.append([f"`configs/{name}.py`", f"{p['method']} r{p['rank']}",
-                 f"{p['params'] / 1e9:.1f}B", gib(p["param_bytes"]),
+                 f"{p['params'] / 1e9:.1f}B", str(p.get("devices", 1)),
+                 f"{p['batch']} x {p['seq']}", gib(p["param_bytes"]),
                  gib(p["state_bytes"]), gib(step["temp"]), gib(step["peak"]),
-                 gib(refresh["peak"]) if refresh else "-"])
+                 gib(refresh["peak"]) if refresh else "-",
+                 gib(adamw["peak"]) if adamw else "-"])
   return _common.markdown_table(
-      ["preset", "method", "params", "weights", "optimizer state",
-       "step temp", "step peak", "refresh peak"], rows)
+      ["preset", "method", "params", "devices", "batch", "weights",
+       "optimizer state", "step temp", "step peak", "refresh peak",
+       "AdamW peak"], rows)
 
 
 def merge(earlier: dict, results: list[dict], fits: dict | None, args) -> tuple:
@@ -394,8 +433,8 @@ def main() -> None:
                       help=f"comma-separated variants of the fits table: "
                            f"{', '.join(VARIANTS)}")
   parser.add_argument("--presets", default=",".join(PRESETS),
-                      help="comma-separated one-device presets to dry-run as "
-                           "they are ('' skips them)")
+                      help="comma-separated presets to dry-run as they are, "
+                           "each beside AdamW in its shapes ('' skips them)")
   parser.add_argument("--target", default="",
                       help="compile for this target (train/targets.py): '' the "
                            "machine's devices, or deviceless for a GPU, e.g. "
@@ -420,8 +459,8 @@ def main() -> None:
                          args.fit_methods.split(",") if args.fit_methods
                          else methods)], args, partial,
                      tuple(v for v in args.fit_variants.split(",") if v))
-  presets = one_device_presets([p for p in args.presets.split(",") if p], partial,
-                                args.target)
+  presets = dry_run_presets([p for p in args.presets.split(",") if p], partial,
+                            args.target)
   merged_from = _common.load_json(os.path.join(args.out, f"{name}.json")) \
       if args.merge else None
   if merged_from:
@@ -434,10 +473,11 @@ def main() -> None:
        "results": results}, merged_from, record)
   if fits:
     payload["fits"] = fits
-  if presets:
-    payload["presets"] = presets
-  elif merged_from and merged_from.get("presets"):
-    payload["presets"] = merged_from["presets"]
+  earlier_presets = (merged_from or {}).get("presets") or {}
+  if presets or earlier_presets:
+    payload["presets"] = {name: presets.get(name) or earlier_presets[name]
+                          for name in (*PRESETS, *earlier_presets, *presets)
+                          if name in presets or name in earlier_presets}
   if args.compare:
     earlier = _common.load_json(args.compare)
     cases = partial.cases

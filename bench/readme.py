@@ -8,7 +8,9 @@ measured here) and writes
   compiler and machine its figures come from (read from the JSON records) and
   the commands that produced it;
 * in `README.md`, the text between the markers `<!-- bench:summary -->` and
-  `<!-- /bench:summary -->`: the same summary table.
+  `<!-- /bench:summary -->`: the same summary table; between
+  `<!-- bench:presets -->` and `<!-- /bench:presets -->`: the memory-saving
+  presets' peaks beside AdamW's, compiled for H100s.
 
 So every figure the documentation shows comes from the result files, and the
 README and the results page cannot disagree.
@@ -30,7 +32,7 @@ from bench import _common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBSPAX = tuple(subspax.METHODS)
-MARKER = "summary"
+MARKERS = ("summary", "presets")
 
 
 class Section(NamedTuple):
@@ -63,10 +65,12 @@ SECTIONS = (
             "Per method and device-memory budget, the largest preset whose "
             "compiled train step fits, on the H100 compiler "
             "(`memory_h100.json`)."),
-    Section("memory_h100_presets", "The one-device presets on an H100",
-            "The dry runs of `configs/llama_7b_24gb.py` (batch 16 x 256) and "
-            "`configs/llama_13b_40gb.py` (batch 1 x 256) as configured, "
-            "compiled for an H100 (GiB)."),
+    Section("memory_h100_presets", "The memory-saving presets on H100s",
+            "The dry runs of the presets as configured (their own batch and "
+            "mesh; `llama_70b_8x80gb` on eight H100s, the others on one), "
+            "compiled for H100s, beside AdamW in the same shapes, batch and "
+            "mesh (float32 weights and moments). GiB; temporaries and peaks "
+            "per device, weights and optimizer state over all devices."),
     Section("memory", "Memory of the train step, 60M to 7B, CPU compiler",
             "The same train steps compiled by XLA's CPU compiler, in both "
             "layouts. Compare methods within one table: the scanned and "
@@ -368,20 +372,51 @@ def results_page(out: str) -> str:
   ])
 
 
-def splice(readme: str, block: str) -> str:
-  """``readme`` with the text between the summary markers replaced."""
-  start, end = f"<!-- bench:{MARKER} -->", f"<!-- /bench:{MARKER} -->"
-  pattern = re.escape(start) + r"\n.*?" + re.escape(end)
-  if not re.search(pattern, readme, flags=re.S):
-    raise ValueError(f"the README has no {start} ... {end} markers")
-  return re.sub(pattern, lambda _: f"{start}\n{block}\n{end}", readme,
-                flags=re.S)
+def presets_summary(out: str) -> str:
+  """The README's table of the memory-saving presets (`memory_h100.json`):
+  per device, the larger peak of the ordinary and the refresh step, beside
+  AdamW in the same shapes, batch and mesh."""
+  record = load(out, "memory_h100") or {}
+  presets = record.get("presets") or {}
+  if not presets:
+    return "(no presets measured: run `python -m bench.memory --target h100`)"
+  gib = lambda b: f"{b / 2**30:.1f} GiB"
+  rows = []
+  for name, p in presets.items():
+    peak = max(p["step"]["peak"], (p["refresh"] or {}).get("peak", 0))
+    devices = p.get("devices", 1)
+    rows.append([f"[`{name}`](configs/{name}.py)", f"{p['params'] / 1e9:.1f}B",
+                 f"{p['method']} r{p['rank']}", f"{p['batch']} x {p['seq']}",
+                 f"{devices} x H100" if devices > 1 else "1 x H100",
+                 gib(peak), gib(p["adamw"]["peak"]) if p.get("adamw") else "-"])
+  return "\n".join([
+      _common.markdown_table(["preset", "model", "method", "batch x seq",
+                              "devices", "peak per device", "AdamW's peak"],
+                             rows),
+      "",
+      "Peak: the larger of the ordinary and the refresh step's compiled peaks, "
+      "as estimated by the XLA GPU compiler for H100 80 GB (compiled without "
+      "the device); AdamW: float32 weights and moments in the same shapes, "
+      "batch and mesh ([presets](docs/results.md#the-memory-saving-presets-on-h100s))."])
+
+
+def splice(readme: str, blocks: dict[str, str]) -> str:
+  """``readme`` with the text between each pair of markers replaced."""
+  for marker, block in blocks.items():
+    start, end = f"<!-- bench:{marker} -->", f"<!-- /bench:{marker} -->"
+    pattern = re.escape(start) + r"\n.*?" + re.escape(end)
+    if not re.search(pattern, readme, flags=re.S):
+      raise ValueError(f"the README has no {start} ... {end} markers")
+    readme = re.sub(pattern, lambda _, b=block, s=start, e=end: f"{s}\n{b}\n{e}",
+                    readme, flags=re.S)
+  return readme
 
 
 def render(out: str, readme_text: str) -> tuple[str, str]:
   """(docs/results.md, README.md) as the result files in ``out`` give them."""
   page = results_page(out).replace("](docs/results.md#", "](#")
-  return page, splice(readme_text, summary(out))
+  return page, splice(readme_text, {"summary": summary(out),
+                                    "presets": presets_summary(out)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

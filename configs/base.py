@@ -226,10 +226,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.model.param_dtype = "float32"  # master weight dtype
   cfg.model.scan = True  # nnx.scan over stacked (L, ...) layers instead of a loop
   cfg.model.remat = False  # nnx.remat each block (recompute activations in backward)
-  # Causal attention (train/attention.py): "xla" (jax.nn.dot_product_attention; L x L
-  # scores) | "blockwise" (online softmax in blocks, memory linear in seq_len; set
-  # it for long sequences)
-  cfg.model.attention = "xla"
+  # Causal attention (train/attention.py): "auto" ("blockwise" when seq_len exceeds one
+  # block, else "xla") | "xla" (jax.nn.dot_product_attention; L x L scores) |
+  # "blockwise" (online softmax in blocks, memory linear in seq_len)
+  cfg.model.attention = "auto"
   cfg.model.attention_block = 512  # "blockwise": positions per block (a block's scores are the largest temporary)
 
   cfg.mesh = ml_collections.ConfigDict()

@@ -45,25 +45,35 @@ def _reduced_shardings(state: _core.ProjectedState,
   """Shardings of a ProjectedState from its parameter's NamedSharding.
 
   The kept dimension ``D`` keeps the parameter's mesh axes, the projected
-  dimension ``d`` of the basis keeps its own, batch axes (layers) keep theirs,
-  and the rank axis is replicated. 8-bit moments' codes shard like ``mu``,
-  their block scales along their block axis with the same mesh axes when
-  those divide it (blocks run along ``D``), replicated otherwise.
+  dimension ``d`` of the basis keeps its own, batch axes (layers) keep theirs.
+  The rank axis of the ``(r, D)`` moments takes the mesh axes of ``d`` (the
+  dimension the projection removed) when they divide ``r``, and is
+  replicated otherwise: under FSDP the moments are split over the same
+  devices as their parameter, not copied to each (ZeRO's sharded optimizer
+  state). 8-bit moments' codes shard like ``mu``, their block scales along
+  their block axis with the same mesh axes when those divide it (blocks run
+  along ``D``), replicated otherwise.
   """
   batch, d_axis, big_d_axis = state.layout.reduced_specs(sharding.spec)
 
   def named(*entries):
     return NamedSharding(sharding.mesh, PartitionSpec(*batch, *entries))
 
+  def ways(entry):
+    axes = entry if isinstance(entry, tuple) else (entry,)
+    return int(np.prod([sharding.mesh.shape[a] for a in axes if a]))
+
+  def rank_axis(x):
+    """``d``'s mesh axes for the rank axis (second to last) of ``x``."""
+    return d_axis if x.shape[-2] % ways(d_axis) == 0 else None
+
   def moment_sharding(x):
     if not isinstance(x, _quantized.QuantizedArray):
-      return named(None, big_d_axis)
+      return named(rank_axis(x), big_d_axis)
     blocks = x.scales.shape[-1]
-    axes = big_d_axis if isinstance(big_d_axis, tuple) else (big_d_axis,)
-    ways = int(np.prod([sharding.mesh.shape[a] for a in axes if a]))
-    block_axis = big_d_axis if blocks % ways == 0 else None
-    return dataclasses.replace(x, codes=named(None, big_d_axis),
-                               scales=named(None, block_axis))
+    block_axis = big_d_axis if blocks % ways(big_d_axis) == 0 else None
+    return dataclasses.replace(x, codes=named(rank_axis(x.codes), big_d_axis),
+                               scales=named(rank_axis(x.scales), block_axis))
 
   def basis_sharding(x):
     return named(d_axis, None) if x.ndim == len(batch) + 2 else named(None)
@@ -75,7 +85,7 @@ def _reduced_shardings(state: _core.ProjectedState,
       age=jax.tree.map(lambda x: named(*(None,) * (x.ndim - len(batch))),
                        state.age),
       last_norm=jax.tree.map(lambda x: named(), state.last_norm),
-      displacement=jax.tree.map(lambda x: named(None, big_d_axis),
+      displacement=jax.tree.map(lambda x: named(rank_axis(x), big_d_axis),
                                 state.displacement),
       layout=state.layout)
 

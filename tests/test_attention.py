@@ -61,7 +61,7 @@ def test_bad_block_size_and_kind_are_refused():
   q, k, v, _ = _qkv_and_cotangent(8, 4, 2, jnp.float32)
   with pytest.raises(ValueError, match="block_size must be a positive int, got 0"):
     attention.blockwise_attention(q, k, v, 0)
-  with pytest.raises(ValueError, match="kind must be one of xla, blockwise"):
+  with pytest.raises(ValueError, match="kind must be one of auto, xla, blockwise"):
     attention.attend(q, k, v, kind="flash")
 
 
@@ -72,7 +72,7 @@ def test_model_with_blockwise_attention_equals_xla():
               head_dim=8, d_ff=64, scan=True, remat=True)
   tokens = jax.random.randint(jax.random.key(0), (2, 21), 0, 64)
   results = []
-  for kind in attention.KINDS:
+  for kind in ("xla", "blockwise"):
     cfg = model_lib.LlamaConfig(**base, attention=kind, attention_block=8)
     graphdef, _, _ = model_lib.abstract_model(cfg)
     params = jax.jit(lambda: model_lib.init_params(cfg, 0))()
@@ -112,3 +112,11 @@ def test_temporaries_of_each_attention_per_compiler(target, layerwise):
   overrides = dict(opt__layerwise=layerwise)
   assert _growth(target, model__attention="blockwise", **overrides) <= LINEAR
   assert _growth(target, model__attention="xla", **overrides) > QUADRATIC
+
+
+def test_auto_is_blockwise_beyond_one_block_and_xla_within_it():
+  q, k, v, _ = _qkv_and_cotangent(8, 4, 2, jnp.float32)
+  for block, kind in ((8, "xla"), (3, "blockwise")):
+    np.testing.assert_array_equal(
+        attention.attend(q, k, v, kind="auto", block_size=block),
+        attention.attend(q, k, v, kind=kind, block_size=block))

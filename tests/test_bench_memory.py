@@ -97,3 +97,29 @@ def test_readme_renders_the_fits_table(compiles, tmp_path):
   assert "| subtrack | 1B (15.0) | 7B (70.0) |" in lines
   assert "| subtrack | - | - | - | 15.0 | 70.0 | 130.0 |" in lines
   assert readme.fits_table(str(tmp_path / "none")) is None
+
+
+def test_presets_compile_for_their_own_mesh_beside_adamw(monkeypatch, tmp_path):
+  calls = []
+
+  def fake_dry_run(cfg, target):
+    calls.append((cfg.opt.name, cfg.opt.layerwise, cfg.model.param_dtype, target))
+    sizes = {"peak_bytes": GIB, "argument_bytes": 0, "temp_bytes": GIB,
+             "output_bytes": 0, "alias_bytes": 0}
+    return {**sizes, "state_bytes": 1, "param_bytes": 2, "params": 3,
+            "compile_s": 0.0}
+
+  monkeypatch.setattr(memory.dry_run, "dry_run", fake_dry_run)
+  partial = _common.Partial(str(tmp_path), "memory")
+  out = memory.dry_run_presets(["llama_7b_24gb", "llama_70b_8x80gb"], partial, "h100")
+  assert calls == [("subtrack", True, "bfloat16", "h100"),
+                   ("adamw", False, "float32", "h100"),
+                   ("subtrack", True, "bfloat16", "h100x8"),
+                   ("adamw", False, "float32", "h100x8")]
+  assert [out[n]["devices"] for n in out] == [1, 8]
+  assert "| `configs/llama_70b_8x80gb.py` | subtrack r2048 | 0.0B | 8 | 8 x 4096 |" \
+      in memory.presets_table(out)
+  # Without a GPU target the 8-device preset is skipped, not compiled for one CPU.
+  calls.clear()
+  assert list(memory.dry_run_presets(["llama_70b_8x80gb"], partial, "")) == []
+  assert calls == []

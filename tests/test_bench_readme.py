@@ -1,5 +1,6 @@
 """bench.readme: the results page and the README's summary come from bench/results."""
 
+import json
 import os
 
 import pytest
@@ -24,13 +25,25 @@ def test_eval_loss_ratios_of_a_sweep_and_of_a_long_run():
   assert readme.eval_loss_ratios(None, "subtrack", sweep=True) == []
 
 
-def test_splice_replaces_only_the_summary_between_its_markers():
+def test_splice_replaces_only_the_text_between_each_pair_of_markers():
   text = ("a\n<!-- bench:summary -->\nold\n<!-- /bench:summary -->\n"
           "<!-- bench:gpu -->\nkept\n<!-- /bench:gpu -->\n")
-  out = readme.splice(text, "new table")
+  out = readme.splice(text, {"summary": "new table"})
   assert "new table" in out and "old" not in out and "kept" in out
   with pytest.raises(ValueError, match="no <!-- bench:summary -->"):
-    readme.splice("no markers\n", "new table")
+    readme.splice("no markers\n", {"summary": "new table"})
+
+
+def test_the_presets_table_shows_each_peak_per_device_beside_adamw(tmp_path):
+  sizes = lambda gib: {"peak": gib * 2**30, "temp": 0}
+  presets = {"llama_70b_8x80gb": {
+      "step": sizes(36.5), "refresh": sizes(36.9), "adamw": sizes(147.5),
+      "devices": 8, "params": 69e9, "method": "subtrack", "rank": 2048,
+      "batch": 8, "seq": 4096}}
+  (tmp_path / "memory_h100.json").write_text(json.dumps({"presets": presets}))
+  table = readme.presets_summary(str(tmp_path))
+  assert ("| [`llama_70b_8x80gb`](configs/llama_70b_8x80gb.py) | 69.0B | "
+          "subtrack r2048 | 8 x 4096 | 8 x H100 | 36.9 GiB | 147.5 GiB |") in table
 
 
 @pytest.mark.parametrize("record,expected", [

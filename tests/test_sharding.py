@@ -145,3 +145,26 @@ def test_eight_bit_moments_shard_with_their_blocks(name):
           stored(moment), value_ref, rtol=0.06,
           atol=1e-3 * np.max(np.abs(value_ref)))
   chex.assert_trees_all_close(u, u_ref, rtol=0.07, atol=1e-4)  # one level
+
+
+@pytest.mark.parametrize("rank, split", [(4, True), (6, False)])
+def test_moments_split_their_rank_over_the_projected_dimensions_axes(rank, split):
+  """FSDP shards a kernel along the dimension the projection removes: its
+  (r, D) moments then split r over those devices (where they divide it)
+  rather than each holding a copy, and the run is the unsharded one."""
+  mesh = _mesh(AxisType.Auto)
+  params = {k: v for k, v in _params().items() if k in ("wide", "tall")}
+  specs = {"wide": P("model", None), "tall": P(None, "model")}  # d on 'model'
+  shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+  grads = jax.tree.map(lambda p: jnp.sin(3.0 * p), params)
+  tx = helpers.make_tx("subtrack", rank=rank, update_interval=2)
+  u_ref, state_ref, _ = _run(tx, params, grads, 3)
+  u, state, _ = _run(tx, params, grads, 3, shardings)
+  for key in params:
+    mu = _matrices(state)[key].mu
+    assert mu.shape == (rank, 64)
+    assert mu.sharding.spec[0] == ("model" if split else None), mu.sharding
+    assert mu.addressable_shards[0].data.shape == ((rank // 4 if split else rank), 64)
+  chex.assert_trees_all_close(u, u_ref, rtol=1e-5, atol=2e-5)
+  chex.assert_trees_all_close(jax.device_get(state), state_ref, rtol=1e-4,
+                              atol=1e-5)

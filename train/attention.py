@@ -2,6 +2,10 @@
 
 `model.attention` picks the implementation (`attend`):
 
+* "auto" (the default): "blockwise" where a sequence is longer than one block
+  (`model.attention_block`), "xla" otherwise. At such lengths the L x L
+  scores are no larger than one block's, and XLA's fused attention is the
+  faster of the two on the CPU.
 * "xla": `jax.nn.dot_product_attention(is_causal=True)`, which without an
   `implementation` is XLA's attention on every platform (jax 0.10): it builds
   the B x N x L x L scores, and their gradient, at once.
@@ -31,12 +35,12 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Kind = Literal["xla", "blockwise"]
-KINDS: tuple[str, ...] = ("xla", "blockwise")
+Kind = Literal["auto", "xla", "blockwise"]
+KINDS: tuple[str, ...] = ("auto", "xla", "blockwise")
 
 
 def attend(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array, *,
-           kind: Kind = "xla", block_size: int = 512) -> jax.Array:
+           kind: Kind = "auto", block_size: int = 512) -> jax.Array:
   """Causal attention by the implementation `kind` (`model.attention`).
 
   Examples:
@@ -50,13 +54,16 @@ def attend(q_BxLxNxH: jax.Array, k_BxLxKxH: jax.Array, v_BxLxKxH: jax.Array, *,
     k_BxLxKxH: Keys (rotated), (B, L, K, H); N a multiple of K (grouped
       queries: query head n reads key/value head n // (N / K)).
     v_BxLxKxH: Values, (B, L, K, H).
-    kind: "xla" (`jax.nn.dot_product_attention`) or "blockwise"
-      (`blockwise_attention`).
+    kind: "xla" (`jax.nn.dot_product_attention`), "blockwise"
+      (`blockwise_attention`), or "auto": "blockwise" when L > `block_size`,
+      "xla" otherwise.
     block_size: The block length of "blockwise" (ignored by "xla").
 
   Returns:
     The attention output, (B, L, N, H), in the queries' dtype.
   """
+  if kind == "auto":
+    kind = "blockwise" if q_BxLxNxH.shape[1] > block_size else "xla"
   if kind == "xla":
     return jax.nn.dot_product_attention(q_BxLxNxH, k_BxLxKxH, v_BxLxKxH,
                                         is_causal=True)

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from train import attention
+from train import sharding
 
 REPARAM_KINDS = ("", "rows", "dense")
 
@@ -46,7 +47,7 @@ class LlamaConfig:
   param_dtype: str = "float32"
   scan: bool = False
   remat: bool = False
-  attention: str = "blockwise"  # train/attention.py: "blockwise" or "xla"
+  attention: str = "auto"  # train/attention.py: "auto", "blockwise" or "xla"
   attention_block: int = 512  # positions per block of "blockwise"
   reparam: str = ""  # "": plain kernels; "rows" (GRASS) / "dense" (RSO) deltas
   reparam_rank: int = 0  # rank r of the reduced deltas
@@ -304,6 +305,7 @@ class Block(nnx.Module):
     self.mlp = Mlp(cfg, rngs=rngs)
 
   def __call__(self, x_BxLxD: jax.Array) -> jax.Array:
+    x_BxLxD = sharding.split_batch(x_BxLxD)
     x_BxLxD = x_BxLxD + self.attn(self.attn_norm(x_BxLxD).astype(self.dtype))
     return x_BxLxD + self.mlp(self.mlp_norm(x_BxLxD).astype(self.dtype))
 

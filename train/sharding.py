@@ -210,6 +210,34 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, None))
 
 
+def split_batch(x: jax.Array) -> jax.Array:
+  """Keeps an activation split along its batch (first) axis over the data axes.
+
+  Without it, XLA's sharding propagation may give a block's activations the
+  parameters' layout (d_model over `fsdp`) and compute the whole batch on
+  every device. A no-op outside a mesh context (`jax.set_mesh`), on a mesh
+  without data axes, or where the batch does not divide.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> split_batch(jnp.ones((2, 3))).shape  # no mesh in context: unchanged
+    (2, 3)
+
+  Args:
+    x: An activation whose first axis is the batch.
+
+  Returns:
+    `x`, constrained to `P(('data', 'fsdp'), None, ...)` where that applies.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  axes = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(axes, *(None,) * (x.ndim - 1)))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   """A sharding that keeps a full copy on every device."""
   return NamedSharding(mesh, P())
