@@ -168,3 +168,19 @@ def test_moments_split_their_rank_over_the_projected_dimensions_axes(rank, split
   chex.assert_trees_all_close(u, u_ref, rtol=1e-5, atol=2e-5)
   chex.assert_trees_all_close(jax.device_get(state), state_ref, rtol=1e-4,
                               atol=1e-5)
+
+
+def test_split_batch_places_activations_along_the_data_axes():
+  from train import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
+  if jax.device_count() < 8:
+    pytest.skip("needs 8 devices (XLA_FLAGS set in conftest.py)")
+  mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"),
+                       axis_types=(AxisType.Auto,) * 3)
+  split = jax.jit(lambda x: sharding_lib.split_batch(2.0 * x))
+  with jax.set_mesh(mesh):
+    out = split(jnp.ones((8, 3, 16)))
+    assert out.sharding.spec[0] == ("data", "fsdp")
+    assert out.addressable_shards[0].data.shape == (1, 3, 16)
+    # A batch the data axes do not divide is left to XLA.
+    assert split(jnp.ones((6, 3, 16))).shape == (6, 3, 16)
+  np.testing.assert_array_equal(split(jnp.ones((6, 3))), 2.0)  # no mesh: as is
