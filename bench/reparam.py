@@ -139,8 +139,8 @@ def measure(preset: str, time_repeats: int) -> dict:
   results, cases = {}, {}
   for label, (name, subspace_layers) in CASES.items():
     cfg = config(preset, name, subspace_layers)
-    train_lib.validate(cfg)
-    programs = train_lib.build_programs(cfg, cfg.data.vocab_size)
+    programs = train_lib.build_programs(cfg, cfg.data.vocab_size,
+                                        train_lib.validate(cfg))
     cases[label] = (cfg, programs)
     state = jax.eval_shape(programs.init)
     batch = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len + 1), jnp.int32)
