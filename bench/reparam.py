@@ -43,7 +43,6 @@ import argparse
 import jax
 import jax.numpy as jnp
 import subspax
-from subspax import _blocks as subspax_blocks
 
 from bench import _common
 from train import model as model_lib
@@ -97,7 +96,7 @@ def predicted_flops(cfg, programs) -> dict[str, float]:
     # dh S^T; the plain transformation's S^T G and S N are gone.
     delta_products = (forward + 2) * reduced - full
     basis_products = 2 * (forward + 1) * tokens * rank * d
-    block_rows = m // subspax_blocks.num_blocks(m)  # blocks of stored rows
+    block_rows = m // subspax.num_row_blocks(m)  # blocks of stored rows
     optimizer_products = 4 * block_rows * n * rank
     out["dense_change"] += in_loop * (delta_products + basis_products
                                       - optimizer_products)

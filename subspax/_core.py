@@ -101,6 +101,10 @@ class ProjectedState:
   displacement: Any
   layout: _layout.MatrixLayout
 
+  # subspax.layerwise's protocol: the update skips (returns unchanged) a
+  # parameter whose update is MaskedNode, and still counts its leaf index.
+  skips_masked_updates = True
+
   def replace(self, **changes) -> ProjectedState:
     """A copy with the given fields changed."""
     return dataclasses.replace(self, **changes)
@@ -204,13 +208,6 @@ class _Config:
     """Whether a norm-growth limiter needs the last term's norm."""
     return self.limiter != "off" and (
         self.recovery or self.output == "scaled_gradient")
-
-
-def _key_data(key: KeyLike) -> jax.Array:
-  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(
-      key.dtype, jax.dtypes.prng_key):
-    return jax.random.key_data(key)
-  return jax.random.key_data(jax.random.key(key))
 
 
 def scale_by_subspace_adam(
@@ -403,7 +400,7 @@ def _scale_by_projected_adam(config: _Config, route, side: str,
         lambda path, p: _init_matrices(config, _layout.make_layout(
             p.shape, route(path, p), config.rank, side)), params)
     return SubspaceAdamState(
-        count=jnp.zeros([], jnp.int32), key=_key_data(key), matrices=matrices)
+        count=jnp.zeros([], jnp.int32), key=_keys.key_data(key), matrices=matrices)
 
   def update_fn(updates, state, params=None, *, layer=None, refresh=None,
                 **extra_args):
@@ -741,12 +738,39 @@ def _transition(moments: str, old, new, mu, nu, age):
     return zeros(mu), zeros(nu), zeros(age)
   if moments == "overlap":
     return _carry_rows(old, new, mu, nu, age)
+  return (*rotate(old, new, mu, nu), age)
+
+
+def rotate(old, new, mu, nu):
+  """``moments="rotate"`` (LDAdam): the moments in the coordinates of ``new``.
+
+  ``C = new^T old`` maps reduced coordinates ``old -> new``; ``mu' = C mu``
+  and ``nu' = |C^2 (nu - mu^2) + mu'^2|`` (docs/algorithms.md section 3).
+  A rotation from a basis to itself leaves the moments as they are.
+
+  Examples:
+    >>> import jax.numpy as jnp, subspax
+    >>> from subspax import _core
+    >>> basis = subspax.DenseBasis(jnp.eye(4)[:, :2])
+    >>> mu, nu = jnp.ones((2, 3)), jnp.full((2, 3), 2.0)
+    >>> [float(x.sum()) for x in _core.rotate(basis, basis, mu, nu)]
+    [6.0, 12.0]
+
+  Args:
+    old: The basis the moments are in (``DenseBasis``).
+    new: The basis they move to.
+    mu: First moment, ``(r, D)`` (or its ``QuantizedArray``).
+    nu: Second moment, ``(r, D)`` (or its ``QuantizedArray``).
+
+  Returns:
+    ``(mu', nu')``, stored as ``mu`` and ``nu`` are.
+  """
   c = new.gram(old)  # (r, r): reduced coordinates old -> new
   mu32, nu32 = _quantized.load(mu), _quantized.load(nu)
   new_mu = c @ mu32
   new_nu = jnp.abs(jnp.square(c) @ (nu32 - jnp.square(mu32))
                    + jnp.square(new_mu))
-  return _quantized.store(new_mu, mu), _quantized.store(new_nu, nu), age
+  return _quantized.store(new_mu, mu), _quantized.store(new_nu, nu)
 
 
 def _carry_rows(old, new, mu, nu, age):

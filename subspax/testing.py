@@ -130,9 +130,7 @@ def _rotated_moments(policy, d, big_d, r, key):
   mu = jax.random.normal(jax.random.fold_in(key, 1), (r, big_d))
   nu = jnp.square(mu) + jax.random.uniform(jax.random.fold_in(key, 2),
                                            (r, big_d))
-  new_mu, new_nu, _ = _core._transition(  # pylint: disable=protected-access
-      "rotate", basis, basis, mu, nu, None)
-  return (new_mu, new_nu), (mu, nu)
+  return _core.rotate(basis, basis, mu, nu), (mu, nu)
 
 
 def _check_rotated(moments) -> None:

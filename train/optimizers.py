@@ -443,7 +443,7 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
   elif opt_cfg.name == "optax_galore":  # its projector keeps the params' dtype
     return optax.contrib.galore(
         lr, rank=opt_cfg.rank, update_proj_gap=opt_cfg.update_interval,
-        base_optimizer=precision.with_moment_dtype(
+        base_optimizer=subspax.with_moment_dtype(
             optax.scale_by_adam(**adam), nu_dtype),
         weight_decay=opt_cfg.weight_decay, mask=mask,
         weight_dimension_numbers=_galore_dims(opt_cfg), **kwargs)
@@ -459,4 +459,4 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
                  **adam, **kwargs)
   # optax keeps nu (and subspax the nu of what it does not project) in the
   # parameters' dtype: opt.nu_dtype instead.
-  return precision.with_moment_dtype(tx, nu_dtype)
+  return subspax.with_moment_dtype(tx, nu_dtype)
