@@ -49,9 +49,7 @@ from subspax._bases import DenseBasis
 from subspax._blocks import num_row_blocks
 from subspax._clipping import clip_by_global_norm
 from subspax._bases import RowBasis
-from subspax._core import ProjectedState
 from subspax._core import scale_by_subspace_adam
-from subspax._core import SubspaceAdamState
 from subspax._layout import default_is_projected
 from subspax._moment_dtype import with_moment_dtype
 from subspax._layout import MatrixLayout
@@ -81,6 +79,8 @@ from subspax._quantized import QuantizedArray
 from subspax._registry import METHODS
 from subspax._rounding import apply_updates
 from subspax._rounding import stochastic_round
+from subspax._state_types import ProjectedState
+from subspax._state_types import SubspaceAdamState
 from subspax._state import overwritten
 from subspax._state import state_bytes
 from subspax._state import state_shardings
