@@ -102,8 +102,7 @@ def peak_tflops(device: jax.Device, override: float) -> float | None:
 
 
 def _programs(cfg):
-  train_lib.validate(cfg)
-  return train_lib.build_programs(cfg, cfg.data.vocab_size)
+  return train_lib.build_programs(cfg, cfg.data.vocab_size, train_lib.validate(cfg))
 
 
 def _batch(cfg, seed: int = 0) -> jax.Array:

@@ -43,7 +43,6 @@ import argparse
 import jax
 import jax.numpy as jnp
 import subspax
-from subspax import _blocks as subspax_blocks
 
 from bench import _common
 from train import model as model_lib
@@ -97,7 +96,7 @@ def predicted_flops(cfg, programs) -> dict[str, float]:
     # dh S^T; the plain transformation's S^T G and S N are gone.
     delta_products = (forward + 2) * reduced - full
     basis_products = 2 * (forward + 1) * tokens * rank * d
-    block_rows = m // subspax_blocks.num_blocks(m)  # blocks of stored rows
+    block_rows = m // subspax.num_row_blocks(m)  # blocks of stored rows
     optimizer_products = 4 * block_rows * n * rank
     out["dense_change"] += in_loop * (delta_products + basis_products
                                       - optimizer_products)
@@ -139,8 +138,8 @@ def measure(preset: str, time_repeats: int) -> dict:
   results, cases = {}, {}
   for label, (name, subspace_layers) in CASES.items():
     cfg = config(preset, name, subspace_layers)
-    train_lib.validate(cfg)
-    programs = train_lib.build_programs(cfg, cfg.data.vocab_size)
+    programs = train_lib.build_programs(cfg, cfg.data.vocab_size,
+                                        train_lib.validate(cfg))
     cases[label] = (cfg, programs)
     state = jax.eval_shape(programs.init)
     batch = jax.ShapeDtypeStruct((cfg.batch_size, cfg.seq_len + 1), jnp.int32)

@@ -75,7 +75,7 @@ OPTIONS = "tests/test_options.py"
 MUTANTS = [
     # The five mutants of the audit that first motivated tests/test_math.py.
     Mutant(
-        "rotate-nu-drops-mean", "subspax/_core.py",
+        "rotate-nu-drops-mean", "subspax/_transitions.py",
         "new_nu = jnp.abs(jnp.square(c) @ (nu32 - jnp.square(mu32))\n"
         "                   + jnp.square(new_mu))",
         "new_nu = jnp.square(c) @ nu32",
@@ -94,48 +94,48 @@ MUTANTS = [
         (MATH, "-k", "rotates and subtrack"),
         'SubTrack++ with moments="keep" instead of "rotate"'),
     Mutant(
-        "projected-update-times-zero", "subspax/_core.py",
+        "projected-update-times-zero", "subspax/_matrix_loop.py",
         "  return layout.from_matrices(stack, g.dtype), new_state",
         "  return layout.from_matrices(0 * stack, g.dtype), new_state",
         (MATH, "-k", "only_projected"),
         "every projected update multiplied by 0"),
     Mutant(
-        "limiter-not-applied", "subspax/_core.py",
+        "limiter-not-applied", "subspax/_recovery.py",
         "  return factor * phi, last_norm",
         "  return phi, last_norm",
         (MATH, "-k", "recovery_update"),
         "norm-growth limiter computed and stored but not applied"),
     Mutant(
-        "recovery-term-removed", "subspax/_core.py",
+        "recovery-term-removed", "subspax/_outputs.py",
         "stack = matrix.write_update(direction, phi, residual_of=reduced)",
         "stack = matrix.write_update(direction)",
         (MATH, "-k", "recovery_update"),
         "the recovery term left out of the update"),
     # The core.
     Mutant(
-        "adam-mu-not-bias-corrected", "subspax/_core.py",
+        "adam-mu-not-bias-corrected", "subspax/_reduced_adam.py",
         "mu_hat = mu / _bias_correction(config.b1, steps)", "mu_hat = mu",
         (MATH, "-k", "recovery_update"),
         "Adam's first-moment bias correction dropped"),
     Mutant(
-        "rotate-c-transposed", "subspax/_core.py",
+        "rotate-c-transposed", "subspax/_transitions.py",
         "new_mu = c @ mu32", "new_mu = c.T @ mu32",
         (MATH, "-k", "rotates"),
         "moments rotated by C^T = S_old^T S_new instead of C"),
     Mutant(
-        "rotate-against-new-basis", "subspax/_core.py",
+        "rotate-against-new-basis", "subspax/_transitions.py",
         "_transition(config.moments, old, new,",
         "_transition(config.moments, new, new,",
         (MATH, "-k", "rotates"),
         "rotation against the new basis (C = I: the moments never move)"),
     Mutant(
-        "reset-keeps-age", "subspax/_core.py",
+        "reset-keeps-age", "subspax/_transitions.py",
         "return zeros(mu), zeros(nu), zeros(age)",
         "return zeros(mu), zeros(nu), age",
         (MATH, "-k", "reset_restarts"),
         "moments reset without restarting their bias correction"),
     Mutant(
-        "refresh-every-step", "subspax/_core.py",
+        "refresh-every-step", "subspax/_matrix_loop.py",
         "refreshing = count % config.update_interval == 0",
         "refreshing = count >= 0",
         (MATH, "-k", "only_at_refresh"),
@@ -194,21 +194,21 @@ MUTANTS = [
         (PROPS, "-k", "grass_multinomial_with_replacement_is_unbiased"),
         "GRASS's unbiasing row scales left out of the projection"),
     Mutant(
-        "apollo-limiter-not-applied", "subspax/_core.py",
+        "apollo-limiter-not-applied", "subspax/_outputs.py",
         "return config.scale * factor * s, last_norm",
         "return config.scale * s, last_norm",
         ("tests/test_apollo_fira.py", "-k", "limiter"),
         "APOLLO's norm-growth limiter computed but not applied"),
     # dtypes and wrappers (optax's rules).
     Mutant(
-        "bias-correction-float64-under-x64", "subspax/_core.py",
+        "bias-correction-float64-under-x64", "subspax/_reduced_adam.py",
         "return (1 - decay**steps).astype(jnp.float32)",
         "return 1 - decay**steps",
         (TABLE, "-k", "x64"),
         "Adam's bias correction in float64 under jax_enable_x64 (the "
         "row-block loops' float32 carries become float64)"),
     Mutant(
-        "prox-state-by-value", "subspax/_core.py",
+        "prox-state-by-value", "subspax/_core_config.py",
         "return self.prox is not None",
         "return self.prox is not None and not _policies._is_zero(self.prox)",
         (TABLE, "-k", "keeps_the_state_fields and rso"),

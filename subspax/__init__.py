@@ -16,7 +16,8 @@ method's name to its factory; :func:`state_bytes` and
 :func:`projected_by_name` selects the projected parameters by name; :func:`quantize` and
 :func:`dequantize` read the 8-bit moments of ``quantize_moments``.
 :func:`apply_updates` adds updates to bfloat16 weights with unbiased
-stochastic rounding (:func:`stochastic_round`), :func:`layerwise` takes
+stochastic rounding (:func:`stochastic_round`), :func:`with_moment_dtype`
+keeps any transformation's moments out of the weights' dtype, :func:`layerwise` takes
 a stacked model's step one layer at a time, and :func:`clip_by_global_norm`
 clips gradients without a second copy of them. The math, section by section, is
 in ``docs/algorithms.md``.
@@ -45,12 +46,12 @@ from subspax._apollo import scale_by_apollo
 from subspax._apollo import scale_by_apollo_mini
 from subspax._apollo import scale_by_fira
 from subspax._bases import DenseBasis
+from subspax._blocks import num_row_blocks
 from subspax._clipping import clip_by_global_norm
 from subspax._bases import RowBasis
-from subspax._core import ProjectedState
 from subspax._core import scale_by_subspace_adam
-from subspax._core import SubspaceAdamState
 from subspax._layout import default_is_projected
+from subspax._moment_dtype import with_moment_dtype
 from subspax._layout import MatrixLayout
 from subspax._layout import MatrixSpec
 from subspax._layout import path_name
@@ -78,6 +79,8 @@ from subspax._quantized import QuantizedArray
 from subspax._registry import METHODS
 from subspax._rounding import apply_updates
 from subspax._rounding import stochastic_round
+from subspax._state_types import ProjectedState
+from subspax._state_types import SubspaceAdamState
 from subspax._state import overwritten
 from subspax._state import state_bytes
 from subspax._state import state_shardings
@@ -114,6 +117,7 @@ __all__ = (
     "grass",
     "grassjump",
     "grasswalk",
+    "num_row_blocks",
     "path_name",
     "projected_by_name",
     "quantize",
@@ -135,4 +139,5 @@ __all__ = (
     "state_shardings",
     "stochastic_round",
     "subtrack",
+    "with_moment_dtype",
 )

@@ -37,12 +37,27 @@ MAX_BLOCKS = 8
 MIN_BLOCK_ROWS = 64
 
 
-def num_blocks(rows: int) -> int:
-  """How many equal row blocks a matrix of ``rows`` rows is split into.
+def num_row_blocks(rows: int) -> int:
+  """How many equal row blocks the core splits a matrix of ``rows`` rows into.
 
-  The smallest divisor of ``rows`` that gives blocks of at most
-  ``rows / MAX_BLOCKS`` rows (and at least ``MIN_BLOCK_ROWS``); one block when
-  no divisor up to ``8 * MAX_BLOCKS`` fits (a prime number of rows).
+  A projected matrix's update is computed one block of its stored rows at a
+  time, so its workspace is one block (``rows / num_row_blocks(rows)`` rows),
+  not the matrix: the smallest divisor of ``rows`` that gives blocks of at
+  most ``rows / MAX_BLOCKS`` rows (and at least ``MIN_BLOCK_ROWS``); one
+  block when no divisor up to ``8 * MAX_BLOCKS`` fits (a prime number of
+  rows).
+
+  Examples:
+    >>> import subspax
+    >>> subspax.num_row_blocks(4096), subspax.num_row_blocks(64)
+    (8, 1)
+
+  Args:
+    rows: The rows of the matrix as stored (``m`` of an ``(m, n)`` matrix,
+      whichever side is projected).
+
+  Returns:
+    The number of row blocks, a divisor of ``rows``.
   """
   want = max(1, min(MAX_BLOCKS, rows // MIN_BLOCK_ROWS))
   for k in range(want, 8 * MAX_BLOCKS + 1):
@@ -90,7 +105,7 @@ class StackedMatrix:
     return self.cols if self.right else self.rows
 
   def _block_rows(self) -> int:
-    return self.rows // num_blocks(self.rows)
+    return self.rows // num_row_blocks(self.rows)
 
   def _read(self, start, stack=None) -> jax.Array:
     """Row block ``[start, start + block)`` of the matrix, float32."""

@@ -15,6 +15,14 @@ Parameters the policy does not project (1-D, embeddings, LM heads, masked out)
 get plain :func:`optax.scale_by_adam` inside the same transformation, via
 :func:`optax.partition`.
 
+This module checks the options and assembles the transformation: routing,
+initial state, and the order in which parameters are updated. The parts, one
+concern each: :mod:`subspax._state_types` (the states),
+:mod:`subspax._core_config` (the checked options), :mod:`subspax._matrix_loop`
+(every matrix of a parameter in turn), :mod:`subspax._transitions` (a refresh
+and the moments carried over), :mod:`subspax._reduced_adam` (step 2),
+:mod:`subspax._outputs` and :mod:`subspax._recovery` (step 3).
+
 References:
   Zhao et al., GaLore, https://arxiv.org/abs/2403.03507;
   Robert et al., LDAdam (moment rotation), https://arxiv.org/abs/2410.16103;
@@ -24,20 +32,21 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import typing
-from typing import Any, NamedTuple, Optional, Union
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from subspax import _blocks
+from subspax import _core_config
 from subspax import _keys
 from subspax import _layout
+from subspax import _matrix_loop
 from subspax import _policies
 from subspax import _quantized
+from subspax import _state_types
 from subspax import _types
 from subspax import _validation
 from subspax import ordering
@@ -50,167 +59,6 @@ QUANTIZE_MOMENTS = typing.get_args(_types.QuantizeMoments)
 MaskedNode = optax.MaskedNode
 
 KeyLike = Union[int, jax.Array]
-
-
-@functools.partial(
-    jax.tree_util.register_dataclass,
-    data_fields=["basis", "mu", "nu", "age", "last_norm", "displacement"],
-    meta_fields=["layout"])
-@dataclasses.dataclass(frozen=True)
-class ProjectedState:
-  """Optimizer state of one projected parameter (all its stacked matrices).
-
-  Shapes use the canonical layout of :class:`~subspax.MatrixLayout`: ``*B`` is
-  the parameter's batch shape, ``d`` the projected and ``D`` the kept side.
-
-  Attributes:
-    basis: The subspace, a ``DenseBasis`` (``s``: ``(*B, d, r)``, float32) or
-      a ``RowBasis`` (``index``, ``scale``: ``(*B, r)``); ``MaskedNode`` when
-      the basis is regenerated from the key (``store_basis=False``).
-    mu: First moment, ``(*B, r, D)``, ``mu_dtype`` (float32 by default), or
-      a signed ``QuantizedArray`` with ``quantize_moments`` on.
-    nu: Second moment, ``(*B, r, D)``, ``nu_dtype`` (float32 by default), or
-      an unsigned ``QuantizedArray`` (of ``sqrt(nu)``, rounded up).
-    age: Steps accumulated in the moments since their last reset, int32:
-      ``(*B,)`` for ``moments="reset"``, ``(*B, r)`` per row for
-      ``"overlap"``; ``MaskedNode`` otherwise (the global count is used).
-    last_norm: ``||Lambda||_F`` of the last recovery term, ``(*B,)`` float32;
-      ``MaskedNode`` when recovery is off.
-    displacement: RSO's proximal state ``B``, the reduced displacement of the
-      parameter since the last refresh, ``(*B, r, D)`` float32 (zero after
-      every refresh); ``MaskedNode`` when ``prox`` is None.
-    layout: Static: how the parameter maps to canonical matrices.
-
-  The core's loop over the stacked matrices works on one matrix at a time
-  through the same record: the fields sliced to that matrix (no ``*B``), the
-  layout unchanged.
-
-  Examples:
-    >>> import jax.numpy as jnp, subspax
-    >>> state = subspax.scale_by_galore(rank=2).init({'w': jnp.zeros((8, 16))})
-    >>> leaf = state.inner_states['subspace'].inner_state.matrices['w']
-    >>> leaf.basis.s.shape, leaf.mu.shape, leaf.layout.side
-    ((8, 2), (2, 16), 'left')
-  """
-
-  basis: Any
-  mu: jax.Array
-  nu: jax.Array
-  age: Any
-  last_norm: Any
-  displacement: Any
-  layout: _layout.MatrixLayout
-
-  def replace(self, **changes) -> ProjectedState:
-    """A copy with the given fields changed."""
-    return dataclasses.replace(self, **changes)
-
-
-class SubspaceAdamState(NamedTuple):
-  """State of the projected part of :func:`scale_by_subspace_adam`.
-
-  One step count and one key serve every projected parameter; each one's
-  basis and moments are a :class:`ProjectedState` in ``matrices``.
-
-  Examples:
-    >>> import jax.numpy as jnp, subspax
-    >>> state = subspax.scale_by_grass(rank=2).init({'w': jnp.zeros((8, 16))})
-    >>> inner = state.inner_states['subspace'].inner_state
-    >>> int(inner.count), inner.key.shape, type(inner.matrices['w']).__name__
-    (0, (2,), 'ProjectedState')
-
-  Attributes:
-    count: Steps taken, shape ``()``, int32.
-    key: Raw PRNG key data, shape ``(2,)``, uint32 (checkpointable).
-    matrices: A ``ProjectedState`` per projected leaf, ``MaskedNode`` for the
-      others.
-  """
-
-  count: jax.Array
-  key: jax.Array
-  matrices: optax.Params
-
-
-def _register_flax_serialization() -> None:
-  """Lets ``flax.serialization`` (msgpack, state dicts) save ProjectedState.
-
-  Only the array fields are saved; the static ``layout`` comes from the
-  target state on restore, as for any pytree's structure. Skipped when flax
-  is not installed (subspax does not depend on it).
-  """
-  try:
-    from flax import serialization  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return
-  fields = [f.name for f in dataclasses.fields(ProjectedState)
-            if f.name != "layout"]
-
-  def to_state_dict(state):
-    return {f: serialization.to_state_dict(getattr(state, f)) for f in fields}
-
-  def from_state_dict(target, state_dict):
-    return dataclasses.replace(target, **{
-        f: serialization.from_state_dict(getattr(target, f), state_dict[f],
-                                         name=f) for f in fields})
-
-  serialization.register_serialization_state(ProjectedState, to_state_dict,
-                                             from_state_dict)
-
-
-_register_flax_serialization()
-
-
-@dataclasses.dataclass(frozen=True)
-class _Config:
-  """The static and numeric settings of one core transformation."""
-
-  policy: _policies.SubspacePolicy
-  rank: int
-  update_interval: int
-  b1: Any
-  b2: Any
-  eps: Any
-  scale: Any
-  moments: str
-  recovery: bool
-  recovery_limit: Any
-  store_basis: bool
-  mu_dtype: Any
-  nu_dtype: Any
-  output: str = "back"
-  scale_type: str = "channel"
-  limiter: str = "corrected"
-  prox: Any = None
-  prox_learning_rate: Any = 1.0
-  quantize_moments: str = "off"
-  basis_dtype: Any = jnp.float32
-
-  @property
-  def uses_prox(self) -> bool:
-    """Whether RSO's proximal term (and its displacement state) is on.
-
-    Decided by ``prox is not None``, never by its value: under
-    ``optax.inject_hyperparams`` a number becomes a traced array, and the
-    state must have the same fields with and without the wrapper.
-    """
-    return self.prox is not None
-
-  @property
-  def stores_basis(self) -> bool:
-    return self.store_basis or not self.policy.key_only
-
-  @property
-  def tracks_norm(self) -> bool:
-    """Whether a norm-growth limiter needs the last term's norm."""
-    return self.limiter != "off" and (
-        self.recovery or self.output == "scaled_gradient")
-
-
-def _key_data(key: KeyLike) -> jax.Array:
-  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(
-      key.dtype, jax.dtypes.prng_key):
-    return jax.random.key_data(key)
-  return jax.random.key_data(jax.random.key(key))
 
 
 def scale_by_subspace_adam(
@@ -368,7 +216,7 @@ def scale_by_subspace_adam(
       raise ValueError("prox tracks the reduced displacement only; it needs "
                        'recovery=False and output="back" (or prox=None).')
 
-  config = _Config(
+  config = _core_config.Config(
       policy=policy, rank=rank, update_interval=update_interval, b1=b1, b2=b2,
       eps=eps, scale=scale, moments=moments, recovery=recovery,
       recovery_limit=recovery_limit, store_basis=store_basis,
@@ -394,7 +242,7 @@ def scale_by_subspace_adam(
       labels)
 
 
-def _scale_by_projected_adam(config: _Config, route, side: str,
+def _scale_by_projected_adam(config: _core_config.Config, route, side: str,
                              key: KeyLike) -> optax.GradientTransformation:
   """The projected half of :func:`scale_by_subspace_adam` (all leaves routed)."""
 
@@ -402,8 +250,8 @@ def _scale_by_projected_adam(config: _Config, route, side: str,
     matrices = jax.tree_util.tree_map_with_path(
         lambda path, p: _init_matrices(config, _layout.make_layout(
             p.shape, route(path, p), config.rank, side)), params)
-    return SubspaceAdamState(
-        count=jnp.zeros([], jnp.int32), key=_key_data(key), matrices=matrices)
+    return _state_types.SubspaceAdamState(
+        count=jnp.zeros([], jnp.int32), key=_keys.key_data(key), matrices=matrices)
 
   def update_fn(updates, state, params=None, *, layer=None, refresh=None,
                 **extra_args):
@@ -429,11 +277,11 @@ def _scale_by_projected_adam(config: _Config, route, side: str,
       raise ValueError("The updates do not have the structure of the state's "
                        "parameters.")
     update_parameter = _sharding_agnostic(
-        functools.partial(_update_parameter, config, layer=layer,
+        functools.partial(_matrix_loop.update_parameter, config, layer=layer,
                           refresh=refresh))
     new_updates, new_states, count, index = [], [], state.count, 0
     for g, leaf_state in zip(flat, leaf_states):
-      if isinstance(leaf_state, ProjectedState):
+      if isinstance(leaf_state, _state_types.ProjectedState):
         if not _is_masked(g):
           g, leaf_state = update_parameter(
               g, leaf_state, count, _keys.parameter_key(base_key, index))
@@ -448,7 +296,7 @@ def _scale_by_projected_adam(config: _Config, route, side: str,
       new_states.append(leaf_state)
     new_matrices = jax.tree.structure(
         state.matrices, is_leaf=_is_leaf_state).unflatten(new_states)
-    return treedef.unflatten(new_updates), SubspaceAdamState(
+    return treedef.unflatten(new_updates), _state_types.SubspaceAdamState(
         count=optax.safe_int32_increment(state.count), key=state.key,
         matrices=new_matrices)
 
@@ -460,7 +308,7 @@ def _is_masked(x) -> bool:
 
 
 def _is_leaf_state(x) -> bool:
-  return isinstance(x, (ProjectedState, MaskedNode))
+  return isinstance(x, (_state_types.ProjectedState, MaskedNode))
 
 
 def _sharding_agnostic(update_parameter):
@@ -490,8 +338,8 @@ def _stored_dtype(dtype, basis_dtype):
   return basis_dtype if jnp.issubdtype(dtype, jnp.floating) else dtype
 
 
-def _init_matrices(config: _Config, layout: _layout.MatrixLayout
-                   ) -> ProjectedState:
+def _init_matrices(config: _core_config.Config, layout: _layout.MatrixLayout
+                   ) -> _state_types.ProjectedState:
   """Zero state of one projected parameter."""
   r, d, big_d = layout.rank, layout.d, layout.D
 
@@ -513,7 +361,7 @@ def _init_matrices(config: _Config, layout: _layout.MatrixLayout
     age = batched_zeros((), jnp.int32)
   elif config.moments == "overlap":
     age = batched_zeros((r,), jnp.int32)
-  return ProjectedState(
+  return _state_types.ProjectedState(
       basis=basis,
       mu=moment_zeros(config.mu_dtype, signed=True),
       nu=moment_zeros(config.nu_dtype, signed=False),
@@ -525,316 +373,3 @@ def _init_matrices(config: _Config, layout: _layout.MatrixLayout
       layout=layout)
 
 
-def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
-                      count: jax.Array, key: jax.Array, *,
-                      layer: Optional[jax.Array] = None,
-                      refresh: Optional[bool] = None):
-  """Updates every matrix of one projected parameter.
-
-  Memory: nothing full-size is added beyond the output. The matrices are
-  updated one at a time in a loop whose carry is the gradient itself
-  (overwritten with the update, so XLA can write it into a donated buffer),
-  and each matrix is read and written in row blocks (:mod:`subspax._blocks`).
-  A refresh step refreshes each matrix in the same loop, just before its
-  update (a ``lax.cond`` per matrix): its workspace is one matrix's too, the
-  gradient is read only through the loop (a cond that took the whole gradient
-  as an operand makes XLA copy it before the in-place loop), and CPU LAPACK
-  calls are not batched (batched ones can deadlock jaxlib 0.10's CPU runtime
-  with many devices).
-
-  ``layer``: ``g`` and ``state`` are the slice ``[layer:layer + 1]`` of a
-  stacked parameter (the keys are those of its matrices in the stack).
-  ``refresh``: whether this step refreshes, if known when tracing (else
-  decided from ``count`` by a conditional per matrix).
-  """
-  layout = state.layout
-  nb = len(layout.batch_shape)
-  num = layout.num_matrices
-  right = layout.side == "right"
-  flat_fields = jax.tree.map(lambda a: a.reshape((num,) + a.shape[nb:]),
-                             state)
-  # One layer of a stack (`layer` given): its matrices' keys in the stack.
-  keys = _keys.matrix_keys(key, num, 0 if layer is None else layer * num)
-  stack = layout.to_matrices(g, dtype=g.dtype)  # (num, m, n), a view
-
-  refreshing = count % config.update_interval == 0
-
-  def update_one(i, carry):
-    stack, fields = carry
-    fields_i = _materialized(jax.tree.map(lambda a: a[i], fields), count,
-                             num, always=config.quantize_moments != "off")
-    # A basis stored in a narrower dtype is used in float32 (written back
-    # in its own dtype by `_write_index`).
-    fields_i = fields_i.replace(basis=jax.tree.map(
-        lambda a: a.astype(jnp.float32) if jnp.issubdtype(
-            a.dtype, jnp.floating) else a, fields_i.basis))
-
-    def refresh_matrix(fields_i):
-      # Made canonical (transposed for side "right") one matrix at a time:
-      # the buffers of both branches of a cond are allocated on every step.
-      canonical = stack[i].astype(jnp.float32)
-      canonical = canonical.T if right else canonical
-      return _refresh_matrix(config, canonical, fields_i, keys[i],
-                             count=count, right=right)
-
-    if refresh is None:
-      fields_i = jax.lax.cond(refreshing, refresh_matrix, lambda f: f, fields_i)
-    elif refresh:
-      fields_i = refresh_matrix(fields_i)
-    if config.stores_basis:
-      basis = fields_i.basis
-    else:
-      basis = config.policy.sample(_epoch_key(config, keys[i], count),
-                                   layout.d, layout.rank)
-    matrix = _blocks.StackedMatrix(stack, i, basis, layout.rank, right,
-                                   zero=ordering.allocate_late(count))
-    stack, new_state = _update_matrix(config, matrix, fields_i, count=count)
-    return stack, _write_index(fields, new_state, i)
-
-  stack, new_fields = jax.lax.fori_loop(0, num, update_one,
-                                        (stack, flat_fields))
-  new_state = jax.tree.map(lambda a, old: a.reshape(old.shape), new_fields,
-                           state)
-  return layout.from_matrices(stack, g.dtype), new_state
-
-
-def _write_index(stacked, values, i):
-  """Writes ``values`` (a per-matrix tree) at index ``i`` of ``stacked``."""
-  return jax.tree.map(
-      lambda a, x: jax.lax.dynamic_update_index_in_dim(a, x.astype(a.dtype), i,
-                                                       0), stacked, values)
-
-
-def _materialized(tree, count: jax.Array, num: int, always: bool = False):
-  """``tree`` (a matrix's state, sliced out of the stacked state), read first.
-
-  The matrix loop writes each matrix's new state back into the stacked state
-  in place; unless its old slices are read first (`ordering.read_first`), XLA
-  fuses some reads into computations that run after the write and copies
-  every whole stack. A single matrix (``num == 1``, the loop is removed) needs
-  no such thing, unless ``always``: 8-bit moments are decoded by table
-  lookups that XLA would otherwise hoist, for every parameter, to the start
-  of the update (the read is ordered after ``count``, which comes after the
-  previous parameter).
-  """
-  if num == 1 and not always:
-    return tree
-  return ordering.read_first(tree, count)
-
-
-def _update_matrix(config: _Config, matrix: _blocks.StackedMatrix,
-                   state: ProjectedState, *, count: jax.Array):
-  """One reduced-space Adam step on one matrix, written over its gradient.
-
-  Returns:
-    ``(stack, state)``: the stack with this matrix's gradient replaced by its
-    update, and the matrix's new state (``basis`` untouched).
-  """
-  reduced = matrix.project()
-  normalized, steps, state = _adam_step(config, reduced, state, count=count)
-  if config.output == "scaled_gradient":
-    kept, last_norm = _scaled_gradient(config, matrix, reduced, normalized,
-                                       state.last_norm, steps)
-    return matrix.write_update(None, kept), state.replace(last_norm=last_norm)
-  direction = config.scale * normalized
-  if not config.recovery:
-    return matrix.write_update(direction), state
-  phi, last_norm = _recovery_scales(config, matrix, reduced, normalized,
-                                    state.last_norm, steps)
-  stack = matrix.write_update(direction, phi, residual_of=reduced)
-  return stack, state.replace(last_norm=last_norm)
-
-
-def _epoch_key(config: _Config, key: jax.Array, count: jax.Array,
-               offset: int = 0) -> jax.Array:
-  """The key of the subspace in use at step ``count`` (``offset`` epochs on)."""
-  return _keys.epoch_key(key, count, config.update_interval, offset)
-
-
-def _refresh_matrix(config: _Config, g: jax.Array, state: ProjectedState,
-                    key: jax.Array, *, count: jax.Array,
-                    right: bool = False) -> ProjectedState:
-  """New basis for one canonical matrix, and the moment policy applied.
-
-  ``right`` tells that ``g`` is the transpose of the matrix as stored (for
-  policies whose result depends on it, see ``refresh_oriented``). RSO's
-  displacement restarts from zero.
-  """
-  policy = config.policy
-  r, d = state.mu.shape[0], g.shape[0]
-  epoch_key = _epoch_key(config, key, count)
-  if config.stores_basis:
-    old = state.basis
-    new = policy.next_basis(old, g, epoch_key, r, first=count == 0,
-                            right=right)
-    stored = new
-  else:
-    old = policy.sample(_epoch_key(config, key, count, offset=-1), d, r)
-    new = policy.sample(epoch_key, d, r)
-    stored = state.basis
-  mu, nu, age = _transition(config.moments, old, new, state.mu, state.nu,
-                            state.age)
-  displacement = jax.tree.map(jnp.zeros_like, state.displacement)
-  return state.replace(basis=stored, mu=mu, nu=nu, age=age,
-                       displacement=displacement)
-
-
-def _adam_step(config: _Config, reduced: jax.Array, state: ProjectedState, *,
-               count: jax.Array):
-  """Adam on one matrix's reduced gradient ``R`` (canonical ``(r, D)``).
-
-  With RSO's proximal term, Adam sees ``R + prox * B`` and the displacement
-  ``B`` moves by ``-lr(t) * scale * N`` (the parameter's own move).
-
-  Returns:
-    ``(N, steps, state)``: the normalized direction
-    ``mu_hat / (sqrt(nu_hat) + eps)``, Adam's step count of the moments
-    (per row for ``moments="overlap"``), and the state with the new moments.
-  """
-  if config.uses_prox:
-    reduced = reduced + config.prox * state.displacement
-  mu = config.b1 * _quantized.load(state.mu) + (1 - config.b1) * reduced
-  nu = config.b2 * _quantized.load(state.nu) + (1 - config.b2) * jnp.square(
-      reduced)
-  age = state.age
-  if isinstance(age, MaskedNode):
-    steps = optax.safe_int32_increment(count)
-  else:
-    age = optax.safe_int32_increment(age)
-    steps = age[:, None] if age.ndim else age
-  mu_hat = mu / _bias_correction(config.b1, steps)
-  nu_hat = nu / _bias_correction(config.b2, steps)
-  normalized = mu_hat / (jnp.sqrt(nu_hat) + config.eps)
-  moments = (_quantized.store(mu, state.mu, cast=False),
-             _quantized.store(nu, state.nu, cast=False))
-  if config.quantize_moments != "off":
-    # Quantized whole, here: the parameter chain (``ordering.run_after``) reads one code,
-    # which XLA could otherwise compute alone and leave the rest, with this
-    # matrix's float32 moments, to the end of the update.
-    moments = _materialized(moments, count, 1, always=True)
-  state = state.replace(mu=moments[0], nu=moments[1], age=age)
-  if config.uses_prox:
-    lr = config.prox_learning_rate
-    lr = lr(count) if callable(lr) else lr
-    state = state.replace(displacement=state.displacement
-                           - lr * config.scale * normalized)
-  return normalized, steps, state
-
-
-def _bias_correction(decay, steps: jax.Array) -> jax.Array:
-  """Adam's ``1 - decay**steps``, float32 whatever the dtype of ``decay``.
-
-  Under ``jax_enable_x64`` a Python float raised to an int32 power is
-  float64, which would make every quantity downstream float64: the reduced
-  direction, the recovery scales, and the float32 accumulators of the
-  row-block loops (:mod:`subspax._blocks`), whose carry must keep its type.
-  """
-  return (1 - decay**steps).astype(jnp.float32)
-
-
-def _transition(moments: str, old, new, mu, nu, age):
-  """Applies the moment policy at a basis change ``old -> new``."""
-  if moments == "keep":
-    return mu, nu, age
-  if moments == "reset":
-    zeros = functools.partial(jax.tree.map, jnp.zeros_like)
-    return zeros(mu), zeros(nu), zeros(age)
-  if moments == "overlap":
-    return _carry_rows(old, new, mu, nu, age)
-  c = new.gram(old)  # (r, r): reduced coordinates old -> new
-  mu32, nu32 = _quantized.load(mu), _quantized.load(nu)
-  new_mu = c @ mu32
-  new_nu = jnp.abs(jnp.square(c) @ (nu32 - jnp.square(mu32))
-                   + jnp.square(new_mu))
-  return _quantized.store(new_mu, mu), _quantized.store(new_nu, nu), age
-
-
-def _carry_rows(old, new, mu, nu, age):
-  """``moments="overlap"``: each new slot takes one old slot of its row.
-
-  A kept row changes scale from ``rho_old`` to ``rho_new``, so its ``mu`` is
-  multiplied by ``rho_new / rho_old`` and its ``nu`` by the square. It is a
-  gather (never a sum of slots, never ``0 * NaN`` from other rows); slots
-  with no old row, or whose carried moments are not finite, start at zero.
-  """
-  source, ratio, found = new.overlap(old)
-  new_mu = _quantized.load(mu)[source] * ratio[:, None]
-  new_nu = _quantized.load(nu)[source] * jnp.square(ratio)[:, None]
-  keep = found & jnp.all(jnp.isfinite(new_mu) & jnp.isfinite(new_nu), axis=1)
-  new_mu = jnp.where(keep[:, None], new_mu, 0.0)
-  new_nu = jnp.where(keep[:, None], new_nu, 0.0)
-  new_age = jnp.where(keep, age[source], 0)
-  return (_quantized.store(new_mu, mu), _quantized.store(new_nu, nu),
-          new_age)
-
-
-def _recovery_scales(config: _Config, matrix, reduced, normalized,
-                     last_norm, steps):
-  """Fira recovery scaling with the norm-growth limiter.
-
-  ``Lambda = (G - back(R)) diag(phi)``, ``phi_j = ||N_j|| / (||R_j|| + 1e-8)``,
-  limited so that ``||Lambda||`` grows by at most ``recovery_limit`` per step.
-  ``||Lambda||_F`` is computed from the residual itself, one row block at a
-  time (no full-size buffer, no cancellation).
-
-  Returns:
-    ``(f phi, ||f Lambda||)``: the limited scales and the new ``last_norm``.
-  """
-  phi = _kept_scales(config, reduced, normalized)
-  norm = jnp.sqrt(matrix.residual_sq_norm(reduced, phi))
-  factor, last_norm = _limit_growth(config, norm, last_norm, steps)
-  return factor * phi, last_norm
-
-
-def _kept_scales(config: _Config, reduced, normalized) -> jax.Array:
-  """``s_j = ||N_j|| / (||R_j|| + 1e-8)`` per kept column, ``(D,)``.
-
-  ``scale_type="tensor"`` uses one ratio of Frobenius norms for every column.
-  """
-  if config.scale_type == "tensor":
-    ratio = jnp.linalg.norm(normalized) / (jnp.linalg.norm(reduced) + 1e-8)
-    return jnp.full(reduced.shape[-1:], ratio)
-  return jnp.linalg.norm(normalized, axis=0) / (
-      jnp.linalg.norm(reduced, axis=0) + 1e-8)
-
-
-def _limit_growth(config: _Config, norm, last_norm, steps):
-  """The norm-growth limiter: ``norm`` may grow ``recovery_limit``x per step.
-
-  Args:
-    config: ``limiter`` selects the convention (see
-      :func:`scale_by_subspace_adam`).
-    norm: Frobenius norm of this step's (bias-corrected) term.
-    last_norm: The value this returned at the previous step (0 at first).
-    steps: Adam's step count ``t`` of the moments (for ``"uncorrected"``).
-
-  Returns:
-    ``(factor, new_last_norm)``: multiply the term by ``factor``.
-  """
-  if config.limiter == "off":
-    return jnp.ones_like(norm), last_norm
-  if config.limiter == "uncorrected":
-    # The authors limit mu / (sqrt(nu) + eps) before Adam's bias correction.
-    norm = norm * _bias_correction(config.b1, steps) / jnp.sqrt(
-        _bias_correction(config.b2, steps))
-  limit = config.recovery_limit * last_norm
-  too_big = (last_norm > 0) & (norm > limit)
-  factor = jnp.where(too_big, limit / jnp.where(norm > 0, norm, 1.0), 1.0)
-  return factor, norm * factor
-
-
-def _scaled_gradient(config: _Config, matrix, reduced, normalized, last_norm,
-                     steps):
-  """APOLLO's update ``scale * f * G diag(s)`` of one matrix.
-
-  ``s`` (:func:`_kept_scales`) scales the kept side of ``G``; ``f`` is the
-  norm-growth limiter's factor for ``||G diag(s)||_F``, computed from the
-  kept side's norms, so no ``m x n`` buffer besides the output.
-
-  Returns:
-    ``(scale * f * s, new_last_norm)``.
-  """
-  s = _kept_scales(config, reduced, normalized)
-  norm = jnp.sqrt(jnp.sum(jnp.square(s) * matrix.kept_sq_norms()))
-  factor, last_norm = _limit_growth(config, norm, last_norm, steps)
-  return config.scale * factor * s, last_norm

@@ -27,6 +27,27 @@ import jax
 import jax.numpy as jnp
 
 
+def key_data(key: int | jax.Array) -> jax.Array:
+  """The raw data of a base key, as a transformation's state stores it.
+
+  Examples:
+    >>> import jax
+    >>> from subspax import _keys
+    >>> (_keys.key_data(0) == _keys.key_data(jax.random.key(0))).all()
+    Array(True, dtype=bool)
+
+  Args:
+    key: A typed ``jax.random.key`` or an int seed.
+
+  Returns:
+    ``jax.random.key_data`` of the key: ``(2,)`` uint32 for the default PRNG.
+  """
+  if isinstance(key, jax.Array) and jax.dtypes.issubdtype(
+      key.dtype, jax.dtypes.prng_key):
+    return jax.random.key_data(key)
+  return jax.random.key_data(jax.random.key(key))
+
+
 def parameter_key(base_key: jax.Array, leaf_index: int | jax.Array
                   ) -> jax.Array:
   """The key of the projected parameter with this leaf index."""

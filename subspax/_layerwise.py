@@ -22,6 +22,14 @@ written at the layer's index; everything else (step counts, keys: the
 draw the keys they have in the stack, and they keep every projected
 parameter's leaf index when part of the tree is masked.
 
+The one thing :func:`layerwise` asks of a transformation's state (a protocol,
+not a type): a per-parameter node whose class sets
+``skips_masked_updates = True`` is passed whole to every call, also where the
+call holds ``MaskedNode`` for its parameter, and the transformation returns it
+unchanged there while still counting the parameter (subspax's
+``ProjectedState``: a parameter's keys follow its place among the projected
+ones). Every other state of a parameter outside the call is ``MaskedNode``.
+
 What cannot be done layer by layer is anything that reads the whole
 gradient before updating: clipping by the global norm
 (``optax.clip_by_global_norm``), or accumulating gradients over micro-batches
@@ -44,7 +52,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from subspax import _core
 from subspax import ordering
 
 MaskedNode = optax.MaskedNode
@@ -188,8 +195,13 @@ def _is_masked(x) -> bool:
   return isinstance(x, MaskedNode)
 
 
+def _passed_whole(x) -> bool:
+  """Whether a state node asks to be passed whole (the protocol above)."""
+  return getattr(type(x), "skips_masked_updates", False) is True
+
+
 def _is_node(x) -> bool:
-  return isinstance(x, (MaskedNode, _core.ProjectedState))
+  return isinstance(x, MaskedNode) or _passed_whole(x)
 
 
 def _leaves(tree: Any, is_leaf=_is_masked) -> dict[str, Any]:
@@ -203,8 +215,8 @@ def _gather(template: Any, state: Any, per_layer: set[str], layer) -> Any:
 
   Per-layer leaves are sliced at ``layer`` (kept as an axis of 1), global
   ones are passed as they are, and those of parameters outside the call are
-  ``MaskedNode``, except a subspax ``ProjectedState``, which is passed whole
-  (the transformation skips it and keeps its leaf index).
+  ``MaskedNode``, except a node that sets ``skips_masked_updates``, which is
+  passed whole (the transformation skips it and keeps its leaf index).
   """
   leaves, nodes = _leaves(state), _leaves(state, _is_node)
   flat, treedef = jax.tree_util.tree_flatten_with_path(template,
@@ -214,8 +226,7 @@ def _gather(template: Any, state: Any, per_layer: set[str], layer) -> Any:
     key = jax.tree_util.keystr(path)
     if _is_masked(leaf):
       node = nodes.get(key)
-      picked.append(node if isinstance(node, _core.ProjectedState)
-                    else MaskedNode())
+      picked.append(node if _passed_whole(node) else MaskedNode())
     elif not hasattr(leaves.get(key), "shape"):
       raise ValueError(
           f"The transformation's state at {key} differs when the parameters "

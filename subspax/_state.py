@@ -10,8 +10,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from subspax import _core
 from subspax import _quantized
+from subspax import _state_types
 
 
 def state_bytes(state: Any) -> int:
@@ -37,11 +37,11 @@ def state_bytes(state: Any) -> int:
 
 
 def _is_projected(x) -> bool:
-  return isinstance(x, _core.ProjectedState)
+  return isinstance(x, _state_types.ProjectedState)
 
 
-def _reduced_shardings(state: _core.ProjectedState,
-                       sharding: NamedSharding) -> _core.ProjectedState:
+def _reduced_shardings(state: _state_types.ProjectedState,
+                       sharding: NamedSharding) -> _state_types.ProjectedState:
   """Shardings of a ProjectedState from its parameter's NamedSharding.
 
   The kept dimension ``D`` keeps the parameter's mesh axes, the projected
@@ -78,7 +78,7 @@ def _reduced_shardings(state: _core.ProjectedState,
   def basis_sharding(x):
     return named(d_axis, None) if x.ndim == len(batch) + 2 else named(None)
 
-  return _core.ProjectedState(
+  return _state_types.ProjectedState(
       basis=jax.tree.map(basis_sharding, state.basis),
       mu=moment_sharding(state.mu),
       nu=moment_sharding(state.nu),
@@ -189,11 +189,11 @@ def overwritten(tx: optax.GradientTransformation, params: Any) -> Any:
   structure = jax.tree.structure(params)
   found = jax.tree.map(lambda _: False, params)
   for node in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, _core.SubspaceAdamState)):
-    if not isinstance(node, _core.SubspaceAdamState):
+      state, is_leaf=lambda x: isinstance(x, _state_types.SubspaceAdamState)):
+    if not isinstance(node, _state_types.SubspaceAdamState):
       continue
     matrices = jax.tree.leaves(node.matrices, is_leaf=lambda x: isinstance(
-        x, (_core.ProjectedState, optax.MaskedNode)))
+        x, (_state_types.ProjectedState, optax.MaskedNode)))
     if len(matrices) != structure.num_leaves:
       continue  # a state of another tree (e.g. a masked part of params)
     found = jax.tree.map(lambda f, m: f or _is_projected(m), found,

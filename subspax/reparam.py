@@ -57,7 +57,6 @@ import jax.numpy as jnp
 import optax
 
 from subspax import _bases
-from subspax import _core
 from subspax import _keys
 from subspax import _layout
 from subspax import _policies
@@ -353,7 +352,7 @@ def refresh_bases(layers: Any, policy: _policies.SubspacePolicy,
   if grads is None and not policy.key_only:
     raise ValueError(f"grads=None needs a policy that depends on the key alone; "
                      f"{type(policy).__name__} needs the kernels' gradients.")
-  key = jax.random.wrap_key_data(_core._key_data(key))  # pylint: disable=protected-access
+  key = jax.random.wrap_key_data(_keys.key_data(key))
   flat, treedef = jax.tree.flatten(layers, is_leaf=_is_layer)
   flat_grads = ([None] * len(flat) if grads is None
                 else treedef.flatten_up_to(grads))

@@ -44,6 +44,8 @@ from subspax import _bases
 from subspax import _core
 from subspax import _linalg
 from subspax import _policies
+from subspax import _state_types
+from subspax import _transitions
 
 MakeTransformation = Callable[..., optax.GradientTransformation]
 
@@ -130,9 +132,7 @@ def _rotated_moments(policy, d, big_d, r, key):
   mu = jax.random.normal(jax.random.fold_in(key, 1), (r, big_d))
   nu = jnp.square(mu) + jax.random.uniform(jax.random.fold_in(key, 2),
                                            (r, big_d))
-  new_mu, new_nu, _ = _core._transition(  # pylint: disable=protected-access
-      "rotate", basis, basis, mu, nu, None)
-  return (new_mu, new_nu), (mu, nu)
+  return _transitions.rotate(basis, basis, mu, nu), (mu, nu)
 
 
 def _check_rotated(moments) -> None:
@@ -283,8 +283,8 @@ def _grads(i: int, params, scale: float = 1.0):
 
 def _bases_of(state):
   return [x.basis for x in jax.tree.leaves(
-      state, is_leaf=lambda x: isinstance(x, _core.ProjectedState))
-          if isinstance(x, _core.ProjectedState)]
+      state, is_leaf=lambda x: isinstance(x, _state_types.ProjectedState))
+          if isinstance(x, _state_types.ProjectedState)]
 
 
 def assert_finite_basis_under_non_finite_gradients(

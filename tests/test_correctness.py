@@ -20,7 +20,7 @@ from flax import serialization
 
 import helpers
 import subspax
-from subspax import _core
+from subspax import _transitions
 from subspax import _linalg
 
 
@@ -56,7 +56,7 @@ def test_overlap_scales_kept_rows_by_the_scale_ratio_from_one_slot():
   mu = jnp.array([[1.0, -2.0], [3.0, 4.0], [1.0, -2.0]])
   nu = jnp.array([[4.0, 8.0], [12.0, 16.0], [4.0, 8.0]])
   age = jnp.array([5, 6, 5])
-  new_mu, new_nu, new_age = _core._transition("overlap", old, new, mu, nu,
+  new_mu, new_nu, new_age = _transitions._transition("overlap", old, new, mu, nu,
                                               age)
   np.testing.assert_allclose(new_mu, [[0.5, -1.0], [0.0, 0.0], [1.5, 2.0]])
   np.testing.assert_allclose(new_nu, [[1.0, 2.0], [0.0, 0.0], [3.0, 4.0]])
@@ -96,7 +96,7 @@ def test_overlap_never_spreads_a_non_finite_moment():
   new = subspax.RowBasis(jnp.array([1, 2, 5]), jnp.ones(3))
   mu = jnp.array([[jnp.nan, 1.0], [2.0, 3.0], [jnp.inf, 5.0]])
   nu = jnp.abs(mu) + 1.0
-  new_mu, new_nu, new_age = _core._transition("overlap", old, new, mu, nu,
+  new_mu, new_nu, new_age = _transitions._transition("overlap", old, new, mu, nu,
                                               jnp.array([3, 3, 3]))
   # Row 1 is kept; row 2's moments are not finite and row 5 is new: reset.
   np.testing.assert_allclose(new_mu, [[2.0, 3.0], [0.0, 0.0], [0.0, 0.0]])

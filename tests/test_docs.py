@@ -176,19 +176,8 @@ def _private_uses(path: str) -> list[str]:
   return sorted(set(uses))
 
 
-# Still to be made public or removed; each case fails (xfail strict) until then.
-PENDING_PRIVATE = {
-    os.path.join("bench", "reparam.py"),  # subspax._blocks.num_blocks
-    os.path.join("subspax", "reparam.py"),  # _core._key_data
-    os.path.join("subspax", "testing.py"),  # _core._transition
-}
-
-
-@pytest.mark.parametrize("path", [
-    pytest.param(os.path.join(p, m), marks=pytest.mark.xfail(
-        strict=True, reason="private name pending"))
-    if os.path.join(p, m) in PENDING_PRIVATE else os.path.join(p, m)
-    for p in PACKAGES for m in _modules(p)])
+@pytest.mark.parametrize("path", [os.path.join(p, m) for p in PACKAGES
+                                  for m in _modules(p)])
 def test_modules_use_only_public_names_of_other_modules(path):
   assert _private_uses(path) == []
 

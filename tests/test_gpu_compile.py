@@ -92,8 +92,8 @@ def _ordinary_step_conditionals(**overrides) -> int:
   from train import train as train_lib  # pylint: disable=g-import-not-at-top
   from tests import helpers  # pylint: disable=g-import-not-at-top
   cfg = helpers.make_config({}, mesh__data=1, **overrides)
-  mesh, rules = train_lib.check_and_mesh(cfg, targets.devices(targets.parse("h100")))
-  programs = train_lib.build_programs(cfg, cfg.data.vocab_size)
+  mesh, rules, tx = train_lib.check_and_mesh(cfg, targets.devices(targets.parse("h100")))
+  programs = train_lib.build_programs(cfg, cfg.data.vocab_size, tx)
   shardings = train_lib.train_state_shardings(programs, mesh, rules)
   with jax.set_mesh(mesh):
     state = checkpoint_lib.abstract(jax.eval_shape(programs.init), shardings)

@@ -146,7 +146,7 @@ def test_layerwise_step_equals_the_ordinary_step_with_blockwise_attention():
 def test_layerwise_step_equals_the_ordinary_step_on_a_mesh():
   assert jax.device_count() == 8
   cfg = _small_config("galore", mesh__data=2, mesh__fsdp=2, mesh__tensor=2)
-  mesh, rules = train.check_and_mesh(cfg)
+  mesh, rules, _ = train.check_and_mesh(cfg)
   results = []
   for layerwise in (False, True):
     cfg.opt.layerwise = layerwise

@@ -16,7 +16,7 @@ import pytest
 
 import helpers
 import subspax
-from subspax import _core
+from subspax import _transitions
 from subspax import _layout
 from subspax import _linalg
 
@@ -88,11 +88,11 @@ def test_rotate_with_identity_is_identity_and_permutation_permutes():
   nu = jnp.square(mu) + jax.random.uniform(jax.random.key(7), (r, big_d))
   s = _linalg.haar_basis(jax.random.key(8), 12, r)
   same = subspax.DenseBasis(s)
-  new_mu, new_nu, _ = _core._transition("rotate", same, same, mu, nu, None)
+  new_mu, new_nu, _ = _transitions._transition("rotate", same, same, mu, nu, None)
   chex.assert_trees_all_close((new_mu, new_nu), (mu, nu), atol=1e-5)
   perm = jnp.array([3, 0, 4, 1, 2])
   permuted = subspax.DenseBasis(s[:, perm])
-  new_mu, new_nu, _ = _core._transition("rotate", same, permuted, mu, nu,
+  new_mu, new_nu, _ = _transitions._transition("rotate", same, permuted, mu, nu,
                                         None)
   chex.assert_trees_all_close((new_mu, new_nu), (mu[perm], nu[perm]),
                               atol=1e-5)
@@ -104,7 +104,7 @@ def test_overlap_keeps_shared_rows_with_their_ages():
   mu = jnp.arange(3.0)[:, None] + jnp.zeros((3, 2))
   nu = mu + 10.0
   age = jnp.array([5, 6, 9])
-  new_mu, new_nu, new_age = _core._transition("overlap", old, new, mu, nu, age)
+  new_mu, new_nu, new_age = _transitions._transition("overlap", old, new, mu, nu, age)
   np.testing.assert_allclose(new_mu[:, 0], [2.0, 0.0, 0.0])
   np.testing.assert_allclose(new_nu[:, 0], [12.0, 0.0, 10.0])
   np.testing.assert_array_equal(new_age, [9, 0, 5])

@@ -121,7 +121,7 @@ def test_row_blocks_ignore_non_finite_rows_they_do_not_select():
   basis = subspax.RowBasis(jnp.array([5, 200], jnp.int32),
                            jnp.array([2.0, 3.0], jnp.float32))
   matrix = _blocks.StackedMatrix(jnp.asarray(g), 0, basis, 2, right=False)
-  assert _blocks.num_blocks(256) > 1
+  assert _blocks.num_row_blocks(256) > 1
   np.testing.assert_array_equal(matrix.project(),
                                 np.stack([np.full(8, 2.0), np.full(8, 3.0)]))
 

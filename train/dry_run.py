@@ -86,10 +86,10 @@ def dry_run(cfg: ml_collections.ConfigDict, target: str = targets.LOCAL
   """
   parsed = targets.parse(target)
   cfg = hf.configure(cfg)  # init_from: the Hugging Face checkpoint's model
-  mesh, rules = train_lib.check_and_mesh(cfg, targets.devices(parsed))
+  mesh, rules, tx = train_lib.check_and_mesh(cfg, targets.devices(parsed))
   vocab = hf.vocab_size(cfg, vocab_size(cfg.data))
   start = time.perf_counter()
-  programs = train_lib.build_programs(cfg, vocab)
+  programs = train_lib.build_programs(cfg, vocab, tx)
   shardings = train_lib.train_state_shardings(programs, mesh, rules)
   with jax.set_mesh(mesh):
     state = checkpoint_lib.abstract(jax.eval_shape(programs.init), shardings)

@@ -15,6 +15,7 @@ Example:
 """
 
 from collections.abc import Callable
+from typing import Any
 
 EXIT_STATUS = 2  # what the CLI exits with on a UserError (as argparse does)
 
@@ -27,22 +28,26 @@ class MissingFileError(UserError, FileNotFoundError):
   """A file the user named does not exist."""
 
 
-def gather(*checks: Callable[[], object]) -> None:
+def gather(*checks: Callable[[], Any]) -> list[Any]:
   """Runs independent checks and reports every failure at once.
 
   Args:
     *checks: Callables that raise `ValueError` (or `UserError`) on bad input.
 
+  Returns:
+    What each check returned, in order (a check may build what it checks).
+
   Raises:
     UserError: the messages of all failed checks, joined by "; ".
 
   Example:
-    errors.gather(lambda: validate(cfg), lambda: optimizers.validate(cfg.opt))
+    *_, tx = errors.gather(lambda: validate(cfg),
+                           lambda: optimizers.validate(cfg.opt, model_cfg, steps))
   """
-  problems = []
+  problems, results = [], []
   for check in checks:
     try:
-      check()
+      results.append(check())
     except ValueError as e:
       problems.extend(getattr(e, "problems", None) or [_one_line(e)])
   if len(problems) == 1:
@@ -51,6 +56,7 @@ def gather(*checks: Callable[[], object]) -> None:
     error = UserError(f"{len(problems)} problems: " + "; ".join(problems))
     error.problems = problems  # a gather of gathers lists each problem once
     raise error
+  return results
 
 
 def _one_line(error: BaseException) -> str:

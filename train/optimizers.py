@@ -205,8 +205,25 @@ def _check_value(field: str, option: config_base.Option, value: Any) -> None:
         f"{field}={value!r} is not one of {', '.join(map(str, option.choices))}")
 
 
-def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int) -> None:
-  """Rejects a bad `opt` section before anything is computed.
+def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int,
+             seed: int = 0) -> optax.GradientTransformation:
+  """Rejects a bad `opt` section before anything is computed, and builds it.
+
+  The method's own checks of its options run in its factory, so the last
+  check is `build` itself: its result is returned for the run to use, which
+  then builds nothing again (`train.check_and_mesh`, `train.build_programs`).
+
+  Example:
+    tx = validate(cfg.opt, model_cfg, cfg.steps, cfg.seed)  # == build(...)
+
+  Args:
+    opt_cfg: The `opt` ConfigDict.
+    model_cfg: The model (its kernels' shapes; the vocabulary is not read).
+    steps: Total training steps (the schedule's horizon).
+    seed: Seed for the subspace optimizers' random bases.
+
+  Returns:
+    `build(opt_cfg, steps, seed)`.
 
   Raises:
     UserError: unknown name, a learning rate or schedule field out of range,
@@ -228,7 +245,7 @@ def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int) -> None
         "opt.name='optax_galore' cannot project scanned (L, in, out) kernels per "
         "layer; set model.scan=False or use opt.name='galore'")
   try:
-    build(opt_cfg, steps, seed=0)
+    return build(opt_cfg, steps, seed)
   except (TypeError, ValueError) as e:  # the method's own checks of its options
     raise errors.UserError(f"opt.{opt_cfg.name}: {e}") from e
 
@@ -406,7 +423,7 @@ def with_clipping(opt_cfg: Any, tx: optax.GradientTransformation,
 
 
 def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
-  """Builds the optimizer named by opt_cfg.name (call `validate` first).
+  """Builds the optimizer named by opt_cfg.name (`validate` checks and builds).
 
   Args:
     opt_cfg: The `opt` ConfigDict.
@@ -426,7 +443,7 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
   elif opt_cfg.name == "optax_galore":  # its projector keeps the params' dtype
     return optax.contrib.galore(
         lr, rank=opt_cfg.rank, update_proj_gap=opt_cfg.update_interval,
-        base_optimizer=precision.with_moment_dtype(
+        base_optimizer=subspax.with_moment_dtype(
             optax.scale_by_adam(**adam), nu_dtype),
         weight_decay=opt_cfg.weight_decay, mask=mask,
         weight_dimension_numbers=_galore_dims(opt_cfg), **kwargs)
@@ -442,4 +459,4 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
                  **adam, **kwargs)
   # optax keeps nu (and subspax the nu of what it does not project) in the
   # parameters' dtype: opt.nu_dtype instead.
-  return precision.with_moment_dtype(tx, nu_dtype)
+  return subspax.with_moment_dtype(tx, nu_dtype)

@@ -10,7 +10,7 @@
   methods take them for their reduced moments; the moments optax keeps in the
   parameters' dtype (adamw's and optax_galore's `nu`, the Adam of the
   parameters a subspax method does not project) are kept in `opt.nu_dtype`
-  by `with_moment_dtype`, so bfloat16 weights still get float32 moments.
+  by `subspax.with_moment_dtype`, so bfloat16 weights still get float32 moments.
 
 Example:
 
@@ -23,7 +23,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 import subspax
 
 from train import errors
@@ -80,35 +79,6 @@ def moment_dtypes(opt_cfg: Any) -> tuple[jnp.dtype, jnp.dtype]:
   """(mu dtype, nu dtype) of the `opt` section."""
   return (jnp.dtype(opt_cfg.get("mu_dtype", "float32")),
           jnp.dtype(opt_cfg.get("nu_dtype", "float32")))
-
-
-def with_moment_dtype(tx: optax.GradientTransformation, dtype: jnp.dtype
-                      ) -> optax.GradientTransformation:
-  """`tx` whose state follows `dtype` where it would follow the parameters'.
-
-  The state is initialised from the parameters cast to `dtype` (only their
-  shapes and dtypes are read, so nothing is allocated under jit), and every
-  update casts the new state back to the dtypes of the old one, so the state's
-  dtypes never change. State with a dtype of its own (float32 bases, a
-  `mu_dtype`, int counters) is untouched.
-  """
-  def cast(tree):
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-        tree)
-
-  def init(params):
-    return tx.init(cast(params))
-
-  tx = optax.with_extra_args_support(tx)
-
-  def update(updates, state, params=None, **extra_args):
-    updates, new_state = tx.update(updates, state, params, **extra_args)
-    return updates, jax.tree.map(
-        lambda new, old: new if new.dtype == old.dtype else new.astype(old.dtype),
-        new_state, state)
-
-  return optax.GradientTransformationExtraArgs(init, update)
 
 
 def rounding_key(seed: int, step: jax.Array) -> jax.Array:

@@ -136,7 +136,7 @@ def build_tx(opt_cfg: Any, steps: int,
   mu_dtype, nu_dtype = precision.moment_dtypes(opt_cfg)
   adam = dict(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, mu_dtype=mu_dtype)
   prox = _options(opt_cfg).get("prox") or 0.0  # None: off
-  return precision.with_moment_dtype(optax.chain(
+  return subspax.with_moment_dtype(optax.chain(
       optax.partition(
           {"delta": subspax.reparam.scale_by_delta_adam(**adam, prox=prox),
            "other": optax.scale_by_adam(**adam)}, labels),

@@ -47,8 +47,19 @@ class TrainState(NamedTuple):
   opt_state: optax.OptState  # the optimizer's state for the trainable params
 
 
-def validate(cfg: ml_collections.ConfigDict) -> None:
+def validate(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Checks the config's fields and its `opt` section, all in one pass.
+
+  The last check of the `opt` section builds the optimizer
+  (`optimizers.validate`); pass it on to `build_programs`, which then builds
+  none.
+
+  Example:
+    tx = validate(cfg)
+    programs = build_programs(cfg, vocab_size, tx)
+
+  Returns:
+    `optimizers.build(cfg.opt, cfg.steps, cfg.seed)`.
 
   Raises:
     UserError: naming each bad field, its value and the fix ("; "-separated
@@ -68,7 +79,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     return check
 
   steps_ok = isinstance(cfg.steps, int) and cfg.steps >= 1
-  errors.gather(
+  *_, tx = errors.gather(
       *(at_least(key, 1, "positive") for key in (
           "steps", "batch_size", "seq_len", "log_every", "checkpoint_every",
           "keep_checkpoints", "grad_accum")),
@@ -80,7 +91,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
       lambda: _check_grad_accum(cfg), lambda: _check_clip_norm(cfg.opt),
       lambda: optimizers.validate(
           cfg.opt, model_lib.LlamaConfig.from_config(cfg.model, 1),
-          cfg.steps if steps_ok else 1))
+          cfg.steps if steps_ok else 1, cfg.seed))
+  return tx
 
 
 def _check_attention(model_cfg: ml_collections.ConfigDict) -> None:
@@ -109,24 +121,38 @@ def _check_clip_norm(opt_cfg: ml_collections.ConfigDict) -> None:
         f"opt.clip_norm must be >= 0 (0 turns clipping off), got {opt_cfg.clip_norm!r}")
 
 
+class Checked(NamedTuple):
+  """What `check_and_mesh` makes of a config before any data is read."""
+
+  mesh: jax.sharding.Mesh
+  rules: dict[str, tuple[str, ...]]  # logical axis -> mesh axes
+  tx: optax.GradientTransformation  # the optimizer validation built
+
+
 def check_and_mesh(cfg: ml_collections.ConfigDict,
-                   devices: Sequence[jax.Device] | None = None,
-                   ) -> tuple[jax.sharding.Mesh, dict[str, tuple[str, ...]]]:
+                   devices: Sequence[jax.Device] | None = None) -> Checked:
   """Validates a config (all but its data) and builds its mesh.
 
   Prints `optimizers.rank_note` when the rank leaves kernels to plain Adam.
+  The one validation of a run (`train.run`, `--dry_run`, the benchmarks):
+  pass its `tx` to `build_programs`, so the optimizer is built once.
+
+  Example:
+    checked = check_and_mesh(cfg)
+    programs = build_programs(cfg, vocab_size, checked.tx)
 
   Args:
     cfg: The full config.
     devices: The devices to lay the mesh over (`sharding.make_mesh`).
 
   Returns:
-    The mesh and the parsed logical-axis rules (`sharding.parse_rules`).
+    The mesh, the parsed logical-axis rules (`sharding.parse_rules`) and the
+    optimizer (`validate`).
 
   Raises:
     ValueError: naming the field, its value and the fix.
   """
-  validate(cfg)  # the opt section too (reparam.validate, optimizers.validate)
+  tx = validate(cfg)  # the opt section too (reparam.validate, optimizers.validate)
   note = optimizers.rank_note(
       cfg.opt, model_lib.LlamaConfig.from_config(cfg.model, 1))
   if note:
@@ -134,7 +160,7 @@ def check_and_mesh(cfg: ml_collections.ConfigDict,
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   rules = sharding_lib.parse_rules(cfg.mesh.rules)
   sharding_lib.check_batch(cfg.batch_size, mesh)
-  return mesh, rules
+  return Checked(mesh, rules, tx)
 
 
 def loss_fn(params: dict, graphdef: nnx.GraphDef, batch_BxL1: jax.Array) -> jax.Array:
@@ -255,12 +281,16 @@ class Programs(NamedTuple):
       # that refresh (`is_refresh_step`); the trainer runs these two
 
 
-def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
+def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int,
+                   tx: optax.GradientTransformation | None = None) -> Programs:
   """Builds the model, optimizer and step functions of a validated config.
 
   Args:
     cfg: A full config (configs/base.py).
     vocab_size: The tokenizer's vocabulary size.
+    tx: The optimizer `validate` (or `check_and_mesh`) built for `cfg`; None
+      builds it here (`optimizers.build`). The subspace-layer modes build
+      their own (`reparam.build_tx`) and ignore it.
 
   Returns:
     The un-jitted programs; `run` places and compiles them on the mesh.
@@ -273,7 +303,8 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int) -> Programs:
                           reparam.delta_labels(graphdef, param_shapes))
     overwritten = None  # the deltas' plain Adam only reads its gradients
   else:
-    tx = optimizers.build(cfg.opt, cfg.steps, cfg.seed)
+    if tx is None:
+      tx = optimizers.build(cfg.opt, cfg.steps, cfg.seed)
     overwritten = optimizers.overwrites_gradient(
         tx, model_lib.trainable(graphdef, param_shapes))
   tx = optimizers.with_clipping(cfg.opt, tx, overwritten)
@@ -410,7 +441,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
   cfg = hf.configure(cfg)  # init_from: the checkpoint's model and tokenizer
   cfg = resume.adapt(cfg)  # e.g. optax_galore unrolls scanned layers (a note)
   # Everything that can be wrong with the input is checked first.
-  mesh, rules = check_and_mesh(cfg)
+  mesh, rules, tx = check_and_mesh(cfg)
   profiler = metrics_lib.Profiler(cfg.profile_steps, workdir)  # checks profile_steps
   if (jax.default_backend() == "cpu" and mesh.size > 1 and cfg.model.scan
       and cfg.opt.name != "adamw"):
@@ -422,7 +453,7 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> Result:
       seed=cfg.seed, process_index=jax.process_index(),
       process_count=jax.process_count(),
       min_over_processes=sharding_lib.min_over_processes)
-  programs = build_programs(cfg, hf.vocab_size(cfg, data.vocab_size))
+  programs = build_programs(cfg, hf.vocab_size(cfg, data.vocab_size), tx)
   shardings = train_state_shardings(programs, mesh, rules)
   # Checkpoints of another config are refused before anything is written.
   checkpointer = checkpoint_lib.Checkpointer(
