@@ -16,7 +16,8 @@ method's name to its factory; :func:`state_bytes` and
 :func:`projected_by_name` selects the projected parameters by name; :func:`quantize` and
 :func:`dequantize` read the 8-bit moments of ``quantize_moments``.
 :func:`apply_updates` adds updates to bfloat16 weights with unbiased
-stochastic rounding (:func:`stochastic_round`), :func:`layerwise` takes
+stochastic rounding (:func:`stochastic_round`), and to 8-bit weights
+(:func:`stochastic_quantize`), :func:`layerwise` takes
 a stacked model's step one layer at a time, and :func:`clip_by_global_norm`
 clips gradients without a second copy of them. The math, section by section, is
 in ``docs/algorithms.md``.
@@ -77,6 +78,7 @@ from subspax._quantized import quantize
 from subspax._quantized import QuantizedArray
 from subspax._registry import METHODS
 from subspax._rounding import apply_updates
+from subspax._rounding import stochastic_quantize
 from subspax._rounding import stochastic_round
 from subspax._state import overwritten
 from subspax._state import state_bytes
@@ -133,6 +135,7 @@ __all__ = (
     "overwritten",
     "reparam",
     "state_shardings",
+    "stochastic_quantize",
     "stochastic_round",
     "subtrack",
 )
