@@ -6,14 +6,18 @@ rounding (`subspax.stochastic_quantize`) keyed by (seed, step, layer).
 """
 
 import dataclasses
+import os
 
 import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import subspax
+from train import export
+from train import hf
 from train import model as model_lib
 from train import precision
 from train import train
@@ -174,3 +178,44 @@ def test_int8_resume_across_a_refresh_is_bit_exact(corpus, tmp_path):
                jax.device_get(straight.state))
   a, b = helpers.records(tmp_path / "straight"), helpers.records(tmp_path / "split")
   assert [a[s]["train/loss"] for s in a] == [b[s]["train/loss"] for s in a]
+  # train.export writes the dequantized (bfloat16) kernels.
+  out = export.export(str(tmp_path / "split"), str(tmp_path / "hf"))
+  tensors = {}
+  for f in os.listdir(out):
+    if f.endswith(".safetensors"):
+      tensors.update(safetensors.numpy.load_file(os.path.join(out, f)))
+  up = tensors["model.layers.1.mlp.up_proj.weight"]  # (out, in)
+  want = subspax.dequantize(jax.tree.map(lambda x: x[1], kernel)).astype(jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(up, np.float32),
+                                np.asarray(want, np.float32).T)
+
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures",
+                       "hf_llama")
+
+
+def test_import_quantizes_and_export_dequantizes_a_hf_checkpoint(tmp_path):
+  """`init_from` (read in float, `quantize_like`) then export (`as_float`,
+  as `checkpoint.restore_params` does) and import again: the first import
+  errs by at most half a level per block, the round trip by nothing."""
+  cfg = model_lib.LlamaConfig(**hf.model_fields(hf.read_config(FIXTURE)), scan=True,
+                              kernel_format="int8")
+  _, shapes, _ = model_lib.abstract_model(cfg)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  float_shapes = model_lib.as_float(shapes, cfg.param_dtype)
+  load = lambda d: hf.load_params(d, cfg, float_shapes,
+                                  jax.tree.map(lambda _: device, float_shapes))
+  weights = load(FIXTURE)
+  params = model_lib.quantize_like(weights, shapes)
+  kernel = params["blocks"]["attn"]["q"]["kernel"]
+  assert kernel.codes.dtype == jnp.int8
+  for q, w in ((kernel, weights["blocks"]["attn"]["q"]["kernel"]),
+               (params["blocks"]["mlp"]["down"]["kernel"],
+                weights["blocks"]["mlp"]["down"]["kernel"])):
+    gap = _block_scales(w) / 127
+    assert bool(jnp.all(jnp.abs(subspax.dequantize(q) - w) <= gap / 2 * (1 + 1e-5)))
+  np.testing.assert_array_equal(params["head"]["kernel"], weights["head"]["kernel"])
+  out = hf.save(str(tmp_path / "out"), model_lib.as_float(params, cfg.param_dtype), cfg,
+                base_config=hf.read_config(FIXTURE))
+  again = model_lib.quantize_like(load(out), shapes)
+  jax.tree.map(np.testing.assert_array_equal, again, params)
