@@ -87,20 +87,29 @@ def test_vocab_size_comes_from_the_config_or_the_tokenizer_file(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset, budget_gib", [("llama_7b_24gb", 22),
-                                                ("llama_13b_40gb", 38)])
+@pytest.mark.parametrize("preset, budget_gib", [
+    ("llama_7b_24gb", 22), ("llama_13b_40gb", 38), ("llama_7b_12gb", 11),
+    ("llama_13b_24gb", 22),
+    pytest.param("llama_7b_16gb", 14, marks=pytest.mark.xfail(
+        strict=True, reason="15.0 GiB (refresh step 15.5 GiB): the target "
+        "needs about 1.5 GiB more, docs/trainer.md 'int8 kernels'"))])
 def test_the_one_device_presets_fit_their_budget(preset, budget_gib):
-  """configs/llama_7b_24gb.py (batch 16 x 256) and llama_13b_40gb.py (1 x 256):
-  every program's peak, compiled for an H100 by XLA's GPU compiler, leaves
-  room for the runtime on a 24 GB / 40 GB card."""
+  """configs/llama_7b_24gb.py, llama_7b_12gb.py, llama_7b_16gb.py and
+  llama_13b_24gb.py (batch 16 x 256) and llama_13b_40gb.py (1 x 256): every
+  program's peak, compiled for an H100 by XLA's GPU compiler, leaves room for
+  the runtime on a card of the size in the name."""
   import importlib  # pylint: disable=g-import-not-at-top
-  record = dry_run.dry_run(
-      importlib.import_module(f"configs.{preset}").get_config(), "h100")
+  cfg = importlib.import_module(f"configs.{preset}").get_config()
+  record = dry_run.dry_run(cfg, "h100")
   assert record["device_kind"] == "NVIDIA H100 80GB HBM3"
   peaks = [record["peak_bytes"], record.get("refresh_peak_bytes", 0)]
   assert max(peaks) <= budget_gib * 2**30, [p / 2**30 for p in peaks]
-  # bfloat16 weights (plus, for GRASS's subspace layers, deltas and rows).
-  assert record["param_bytes"] < 2.25 * record["params"]
+  if cfg.model.kernel_format == "int8":
+    # int8 kernels (and 4 bytes per 256 of them), the rest bfloat16.
+    assert record["param_bytes"] < 1.1 * record["params"]
+  else:
+    # bfloat16 weights (plus, for GRASS's subspace layers, deltas and rows).
+    assert record["param_bytes"] < 2.25 * record["params"]
 
 
 @pytest.mark.slow

@@ -122,7 +122,9 @@ def test_the_int8_model_is_the_float_model_of_its_dequantized_weights():
       rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["subtrack", pytest.param("apollo_mini", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", [
+    "adamw", pytest.param("subtrack", marks=pytest.mark.slow),
+    pytest.param("apollo_mini", marks=pytest.mark.slow)])
 def test_int8_layerwise_step_equals_a_float_reference_with_the_same_rounding(name):
   """The step differentiates the dequantized weights one layer at a time;
   the reference differentiates them all at once, runs the optimizer on the
@@ -143,7 +145,7 @@ def test_int8_layerwise_step_equals_a_float_reference_with_the_same_rounding(nam
                             opt_state), loss
 
   step = jax.jit(programs.train_step)
-  for t in range(3):  # refreshes at steps 0 and 2
+  for t in range(3):  # subspace refreshes at steps 0 and 2
     batch = jax.random.randint(jax.random.key(t), (4, 17), 0, 64)
     want, loss = reference(state, batch)
     state, metrics = step(state, batch)
