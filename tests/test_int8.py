@@ -221,3 +221,24 @@ def test_import_quantizes_and_export_dequantizes_a_hf_checkpoint(tmp_path):
                 base_config=hf.read_config(FIXTURE))
   again = model_lib.quantize_like(load(out), shapes)
   jax.tree.map(np.testing.assert_array_equal, again, params)
+
+
+@pytest.mark.slow
+def test_no_float_copy_of_the_kernels_exists():
+  """Weights far larger than the activations (16 layers, one sequence of 8):
+  the int8 step's temporaries stay those of the bfloat16 step, well below
+  one bfloat16 copy of the kernels (CPU compiler)."""
+  from train import dry_run  # pylint: disable=g-import-not-at-top
+  records = {}
+  for fmt in ("float", "int8"):
+    cfg = helpers.make_config(
+        {}, model__d_model=256, model__d_ff=768, model__n_layers=16,
+        model__n_heads=4, opt__name="adamw", batch_size=1, seq_len=8, mesh__data=1,
+        opt__layerwise=True, model__param_dtype="bfloat16", model__kernel_format=fmt)
+    records[fmt] = dry_run.dry_run(cfg)
+  kernels = 16 * (4 * 256 * 256 + 3 * 256 * 768)
+  # 1 byte per kernel weight instead of 2, and a float32 scale per 256.
+  assert (records["int8"]["param_bytes"]
+          == records["float"]["param_bytes"] - kernels + 4 * kernels // 256)
+  temps = {k: r["temp_bytes"] for k, r in records.items()}
+  assert temps["int8"] < temps["float"] + 0.25 * 2 * kernels, (temps, 2 * kernels)
