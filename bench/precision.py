@@ -1,4 +1,4 @@
-"""Precision: bfloat16 weights with stochastic rounding vs float32 weights.
+"""Precision: bfloat16 and int8 weights with stochastic rounding vs float32 weights.
 
 What it measures: the tiny preset (configs/tiny.py: LLaMA d_model 256, 4
 scanned layers, vocab 8192, float32 compute) trained with one method (SubTrack++,
@@ -9,12 +9,19 @@ the preset's, by default) and seed, the same data and batches, three times:
   rounded to bfloat16 stochastically (`opt.stochastic_rounding`, on by default
   for bfloat16 weights; subspax.apply_updates);
 * `bf16_rn`: bfloat16 weights, updates rounded to nearest
-  (`opt.stochastic_rounding=False`).
+  (`opt.stochastic_rounding=False`);
+* `int8_sr`: the blocks' kernels in int8 (`model.kernel_format=int8`, one
+  float32 scale per 256 values of a row), each update added in float32 and
+  re-quantized with stochastic rounding; the rest bfloat16 as in `bf16_sr`.
+  int8 kernels need layer-wise updates (`opt.layerwise`, which computes the
+  same step as the ordinary one);
+* `int8_rn`: int8 kernels and bfloat16 rest, rounded to nearest.
 
 The Adam moments stay float32 in all three (`opt.mu_dtype`, `opt.nu_dtype`).
 Every run is `train.train.run` itself (bench.convergence's `run_config`:
 checkpoints off); the table reports the final eval loss and its ratio to the
-float32 run's. Target: bf16_sr within 1% of float32.
+float32 run's (or, without it, to bf16_sr's). Targets: bf16_sr within 1% of
+float32, int8_sr within 2% of bf16_sr.
 
 Writes bench/results/precision.{json,md}; the JSON is updated after every run,
 and `--resume` skips runs already in it.
@@ -22,6 +29,7 @@ and `--resume` skips runs already in it.
   python -m bench.precision                       # 400 steps, seq 128 (~40 min here)
   python -m bench.precision --steps 20 --variants float32,bf16_sr
   python -m bench.precision --name precision_low_lr --lr 3e-4   # smaller updates
+  python -m bench.precision --name int8_quality --variants bf16_sr,int8_sr,int8_rn
 """
 
 import argparse
@@ -34,24 +42,33 @@ from bench import convergence
 from configs import tiny
 
 NAME = "precision"
-# variant -> (model.param_dtype, opt.stochastic_rounding)
-VARIANTS = {"float32": ("float32", None), "bf16_sr": ("bfloat16", True),
-            "bf16_rn": ("bfloat16", False)}
+# variant -> (model.param_dtype, opt.stochastic_rounding, model.kernel_format)
+VARIANTS = {"float32": ("float32", None, "float"),
+            "bf16_sr": ("bfloat16", True, "float"),
+            "bf16_rn": ("bfloat16", False, "float"),
+            "int8_sr": ("bfloat16", True, "int8"),
+            "int8_rn": ("bfloat16", False, "int8")}
 ROUNDING = {"float32": "none (float32 sum)", "bf16_sr": "stochastic",
-            "bf16_rn": "to nearest"}
+            "bf16_rn": "to nearest", "int8_sr": "stochastic",
+            "int8_rn": "to nearest"}
 
 
 def make_config(variant: str, args: argparse.Namespace):
   cfg = convergence.make_config(args.method, args.lr, args)
   cfg.model.scan = True  # the preset's layout: stacked leaves, per-layer keys
-  cfg.model.param_dtype, cfg.opt.stochastic_rounding = VARIANTS[variant]
+  (cfg.model.param_dtype, cfg.opt.stochastic_rounding,
+   cfg.model.kernel_format) = VARIANTS[variant]
+  cfg.opt.layerwise = cfg.model.kernel_format == "int8"  # what int8 needs
   return cfg
 
 
 def report(payload: dict) -> str:
   runs = {r["variant"]: r for r in payload["runs"]}
-  ref = runs.get("float32")
-  rows = [[name, VARIANTS[name][0], ROUNDING[name], f"{r['final_eval_loss']:.4f}",
+  ref_name = "float32" if "float32" in runs else "bf16_sr"
+  ref = runs.get(ref_name)
+  weights = lambda name: (f"int8 kernels, {VARIANTS[name][0]} rest"
+                          if VARIANTS[name][2] == "int8" else VARIANTS[name][0])
+  rows = [[name, weights(name), ROUNDING[name], f"{r['final_eval_loss']:.4f}",
            f"{r['final_eval_loss'] / ref['final_eval_loss']:.4f}" if ref else "-",
            f"{r['wall_s']:.0f}"]
           for name in VARIANTS if (r := runs.get(name))]
@@ -67,7 +84,7 @@ def report(payload: dict) -> str:
       "",
       _common.markdown_table(
           ["variant", "weights", "update rounding", "final eval loss",
-           "vs float32", "wall s"], rows),
+           f"vs {ref_name}", "wall s"], rows),
       "",
       _common.machine_line(payload["machine"]),
   ]

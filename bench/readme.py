@@ -108,6 +108,12 @@ SECTIONS = (
             "learning rate",
             "The same comparison at lr 3e-4, where most updates are below "
             "half a bfloat16 ulp of the weights."),
+    Section("int8_quality", "int8 kernels with stochastic rounding",
+            "The blocks' kernels in int8 (`model.kernel_format=int8`, "
+            "layer-wise updates) against bfloat16 weights, both with "
+            "stochastic rounding, and int8 rounded to nearest "
+            "(`python -m bench.precision --name int8_quality --variants "
+            "bf16_sr,int8_sr,int8_rn`)."),
 )
 
 

@@ -224,6 +224,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.model.init_std = 0.02  # std of the normal init of every weight matrix
   cfg.model.dtype = "float32"  # compute dtype: float32 | bfloat16
   cfg.model.param_dtype = "float32"  # master weight dtype
+  # The blocks' attention and MLP kernels: "float" (in param_dtype) | "int8" (one
+  # int8 code per weight, a float32 scale per 256 of a row; dequantized one layer
+  # at a time, updated with stochastic rounding; needs opt.layerwise=True)
+  cfg.model.kernel_format = "float"
   cfg.model.scan = True  # nnx.scan over stacked (L, ...) layers instead of a loop
   cfg.model.remat = False  # nnx.remat each block (recompute activations in backward)
   # Causal attention (train/attention.py): "auto" ("blockwise" when seq_len exceeds one

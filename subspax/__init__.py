@@ -16,8 +16,9 @@ method's name to its factory; :func:`state_bytes` and
 :func:`projected_by_name` selects the projected parameters by name; :func:`quantize` and
 :func:`dequantize` read the 8-bit moments of ``quantize_moments``.
 :func:`apply_updates` adds updates to bfloat16 weights with unbiased
-stochastic rounding (:func:`stochastic_round`), :func:`with_moment_dtype`
-keeps any transformation's moments out of the weights' dtype, :func:`layerwise` takes
+stochastic rounding (:func:`stochastic_round`), and to 8-bit weights
+(:func:`stochastic_quantize`), :func:`with_moment_dtype` keeps any
+transformation's moments out of the weights' dtype, :func:`layerwise` takes
 a stacked model's step one layer at a time, and :func:`clip_by_global_norm`
 clips gradients without a second copy of them. The math, section by section, is
 in ``docs/algorithms.md``.
@@ -78,6 +79,7 @@ from subspax._quantized import quantize
 from subspax._quantized import QuantizedArray
 from subspax._registry import METHODS
 from subspax._rounding import apply_updates
+from subspax._rounding import stochastic_quantize
 from subspax._rounding import stochastic_round
 from subspax._state_types import ProjectedState
 from subspax._state_types import SubspaceAdamState
@@ -137,6 +139,7 @@ __all__ = (
     "overwritten",
     "reparam",
     "state_shardings",
+    "stochastic_quantize",
     "stochastic_round",
     "subtrack",
     "with_moment_dtype",

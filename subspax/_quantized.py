@@ -139,32 +139,51 @@ def _per_value(scales: jax.Array, size: int) -> jax.Array:
   return repeated.reshape(shape[:-2] + (-1,))[..., :size]
 
 
-def _index(unit: jax.Array, mode: str, signed: bool) -> jax.Array:
-  """The level index of each ``unit`` value in ``[0, 1]``, int32.
+def _bracket(unit: jax.Array, mode: str, signed: bool) -> jax.Array:
+  """The index ``low`` with ``levels[low] <= unit < levels[low + 1]`` (``n - 1``
+  at ``unit == 1``), int32.
 
-  Signed: the nearest level; unsigned: the smallest level ``>= unit``. The
-  quantile levels are found by inverting their formula and then checking
-  the bracket against the table (one step either way absorbs float
-  rounding): elementwise work that fuses with its neighbours.
+  The levels are found by inverting their formula and then checking the
+  bracket against the table (one step either way absorbs float rounding):
+  elementwise work that fuses with its neighbours.
   """
   n = 127 if signed else 255
+  levels = jnp.asarray(_levels(mode, signed))
   if mode == "linear":
+    guess = jnp.floor(unit * n)
+  else:
+    c = SIGNED_MU if signed else UNSIGNED_MU
+    guess = jnp.floor(jnp.log1p(c * unit) * (n / math.log1p(c)))
+  low = jnp.clip(guess.astype(jnp.int32), 0, n - 1)
+  low = jnp.clip(low - (unit < levels[low]), 0, n - 1)
+  return jnp.clip(low + (unit >= levels[low + 1]), 0, n - 1)
+
+
+def _index(unit: jax.Array, mode: str, signed: bool,
+           uniform: jax.Array | None = None) -> jax.Array:
+  """The level index of each ``unit`` value in ``[0, 1]``, int32.
+
+  Signed: the nearest level, or with ``uniform`` (U[0, 1) values) the upper
+  of the two bracketing levels with probability ``(unit - lo) / (hi - lo)``
+  (unbiased); unsigned: the smallest level ``>= unit``.
+  """
+  n = 127 if signed else 255
+  if mode == "linear" and uniform is None:
     index = jnp.round(unit * n) if signed else jnp.ceil(unit * n)
     return jnp.clip(index, 0, n).astype(jnp.int32)
   levels = jnp.asarray(_levels(mode, signed))
-  c = SIGNED_MU if signed else UNSIGNED_MU
-  guess = jnp.floor(jnp.log1p(c * unit) * (n / math.log1p(c)))
-  low = jnp.clip(guess.astype(jnp.int32), 0, n - 1)
-  low = jnp.clip(low - (unit < levels[low]), 0, n - 1)
-  low = jnp.clip(low + (unit >= levels[low + 1]), 0, n - 1)
-  # Now levels[low] <= unit < levels[low + 1], or unit == 1 at low = n - 1.
-  if signed:
-    return low + (unit > (levels[low] + levels[low + 1]) / 2)
-  return low + (unit > levels[low])
+  low = _bracket(unit, mode, signed)
+  lo, hi = levels[low], levels[low + 1]
+  if not signed:
+    return low + (unit > lo)
+  if uniform is None:
+    return low + (unit > (lo + hi) / 2)
+  return low + (uniform * (hi - lo) < unit - lo)
 
 
 def quantize(x: jax.typing.ArrayLike, mode: _types.QuantizeMoments = "quantile",
-             signed: bool = True) -> QuantizedArray:
+             signed: bool = True, *,
+             uniform: jax.typing.ArrayLike | None = None) -> QuantizedArray:
   """Stores ``x`` (``(..., D)``, float) block-wise in 8 bits.
 
   Examples:
@@ -185,6 +204,12 @@ def quantize(x: jax.typing.ArrayLike, mode: _types.QuantizeMoments = "quantile",
       codes). ``False``: non-negative values (second moments), stored as
       ``sqrt(x)`` rounded up to the next level (uint8 codes), so that a
       positive value never decodes to 0 or below itself.
+    uniform: Signed values only: U[0, 1) numbers of ``x``'s shape. Each
+      magnitude then rounds to the upper of its two neighbouring levels with
+      probability equal to its distance from the lower one (over their
+      gap), so that ``E[dequantize(q)] == x`` for the block scales ``x``
+      gives (unbiased stochastic rounding). None: the nearest level.
+      :func:`subspax.stochastic_quantize` draws them from a key.
 
   Returns:
     A :class:`QuantizedArray` with ``x``'s shape.
@@ -194,13 +219,18 @@ def quantize(x: jax.typing.ArrayLike, mode: _types.QuantizeMoments = "quantile",
   """
   if mode not in MODES:
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
+  if uniform is not None and not signed:
+    raise ValueError("uniform (stochastic rounding) needs signed=True; "
+                     "unsigned values always round up.")
   x = jnp.asarray(x, jnp.float32)
   if not signed:
     x = jnp.sqrt(jnp.maximum(x, 0.0))
   scales = _block_absmax(x)
   inverse = jnp.where(scales > 0, 1.0 / jnp.where(scales > 0, scales, 1.0),
                       0.0)
-  index = _index(jnp.abs(x) * _per_value(inverse, x.shape[-1]), mode, signed)
+  unit = jnp.minimum(jnp.abs(x) * _per_value(inverse, x.shape[-1]), 1.0)
+  index = _index(unit, mode, signed,
+                 None if uniform is None else jnp.asarray(uniform, jnp.float32))
   if signed:
     codes = jnp.where(x < 0, -index, index).astype(jnp.int8)
   else:

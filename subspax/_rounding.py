@@ -24,12 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from subspax import _quantized
+
 # A bool pytree prefix of the parameters, or (path, leaf) -> bool.
 Stacked = Union[None, bool, Any, Callable[[tuple, Any], bool]]
 
 
 def _is_empty(x: Any) -> bool:
   return x is None or isinstance(x, optax.MaskedNode)
+
+
+def _is_leaf(x: Any) -> bool:
+  """A parameter: a quantized one is one leaf, not its codes and scales."""
+  return _is_empty(x) or isinstance(x, _quantized.QuantizedArray)
 
 
 def stochastic_round(x: jax.typing.ArrayLike, dtype: jax.typing.DTypeLike,
@@ -114,6 +121,40 @@ def _random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return _fmix32(_fmix32(index * np.uint32(0x9E3779B9) + seed[0]) ^ seed[1])
 
 
+def stochastic_quantize(x: jax.typing.ArrayLike, key: jax.Array,
+                        mode: str = "linear") -> _quantized.QuantizedArray:
+  """Block-wise 8-bit storage of ``x`` with unbiased stochastic rounding.
+
+  :func:`subspax.quantize` (one int8 code per value, one float32 absmax
+  scale per block of 256 values of a row) whose codes round at random
+  between the two levels around each value, so that
+  ``E[dequantize(result)] == x``: updates far below a level's gap still
+  move int8 weights in expectation. The random numbers are the
+  counter-based hash of :func:`stochastic_round` (fused, no buffer), so the
+  result depends only on ``x`` and ``key``.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, subspax
+    >>> x = jnp.full((16, 256), 0.3).at[:, 0].set(1.0)  # 0.3 lies between levels
+    >>> q = subspax.stochastic_quantize(x, jax.random.key(0))
+    >>> q.codes.dtype, sorted(set(q.codes[:, 1:].ravel().tolist()))
+    (dtype('int8'), [38, 39])
+    >>> bool(abs(subspax.dequantize(q)[:, 1:].mean() - 0.3) < 1e-3)
+    True
+
+  Args:
+    x: The values (float); blocks run along the last axis.
+    key: A ``jax.random.key``.
+    mode: The levels: ``"linear"`` (absmax int8) or ``"quantile"``.
+
+  Returns:
+    A signed :class:`subspax.QuantizedArray` with ``x``'s shape.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  uniform = (_random_bits(key, x.shape) >> 8).astype(jnp.float32) * 2.0**-24
+  return _quantized.quantize(x, mode, uniform=uniform)
+
+
 def _round_bf16(x: jax.Array, key: jax.Array) -> jax.Array:
   """bfloat16 by adding random low bits to float32's and truncating them."""
   bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
@@ -151,9 +192,9 @@ def _stacked_flags(stacked: Stacked, params: Any) -> Callable[[tuple, Any], bool
   if callable(stacked):
     return stacked
   flags = jax.tree.map(
-      lambda flag, sub: jax.tree.map(lambda _: flag, sub, is_leaf=_is_empty),
-      stacked, params, is_leaf=_is_empty)
-  by_path = dict(jax.tree_util.tree_flatten_with_path(flags, is_leaf=_is_empty)[0])
+      lambda flag, sub: jax.tree.map(lambda _: flag, sub, is_leaf=_is_leaf),
+      stacked, params, is_leaf=_is_leaf)
+  by_path = dict(jax.tree_util.tree_flatten_with_path(flags, is_leaf=_is_leaf)[0])
   return lambda path, leaf: bool(by_path[path])
 
 
@@ -177,6 +218,12 @@ def apply_updates(params: optax.Params, updates: optax.Updates, *,
     of the whole-stack call does, for a trainer that updates one layer at a
     time. Pass subtrees with their full-tree nesting (e.g.
     ``{'blocks': layer_l}``) so that paths stay the same.
+
+  A parameter stored as a :class:`subspax.QuantizedArray` (8-bit weights)
+  is dequantized, the update added in float32, and the sum quantized again
+  in the same mode: with :func:`stochastic_quantize` and the leaf's key
+  (per layer as above) when ``key`` is given, to the nearest level
+  otherwise. Its update is a float array of its shape.
 
   Leaves that are ``None`` or ``optax.MaskedNode()`` in both trees pass
   through unchanged.
@@ -212,6 +259,8 @@ def apply_updates(params: optax.Params, updates: optax.Updates, *,
   def apply(path, p, u):
     if _is_empty(p):
       return p
+    if isinstance(p, _quantized.QuantizedArray):
+      return apply_quantized(path, p, u)
     p = jnp.asarray(p)
     wide = jnp.promote_types(jnp.promote_types(p.dtype, jnp.asarray(u).dtype),
                              jnp.float32)
@@ -227,4 +276,19 @@ def apply_updates(params: optax.Params, updates: optax.Updates, *,
     keys = jax.vmap(lambda l: jax.random.fold_in(k, l))(jnp.arange(p.shape[0]))
     return jax.vmap(lambda kl, t: stochastic_round(t, p.dtype, kl))(keys, total)
 
-  return jax.tree_util.tree_map_with_path(apply, params, updates, is_leaf=_is_empty)
+  def apply_quantized(path, p, u):
+    if not p.signed:
+      raise ValueError(f"apply_updates: the quantized parameter at "
+                       f"{jax.tree_util.keystr(tuple(path))} must be signed.")
+    total = _quantized.dequantize(p) + jnp.asarray(u).astype(jnp.float32)
+    if key is None:
+      return _quantized.quantize(total, p.mode)
+    k = _leaf_key(key, path)
+    if not is_stacked(path, p):
+      return stochastic_quantize(total, k, p.mode)
+    if layer is not None:
+      return stochastic_quantize(total, jax.random.fold_in(k, layer), p.mode)
+    keys = jax.vmap(lambda l: jax.random.fold_in(k, l))(jnp.arange(p.shape[0]))
+    return jax.vmap(lambda kl, t: stochastic_quantize(t, kl, p.mode))(keys, total)
+
+  return jax.tree_util.tree_map_with_path(apply, params, updates, is_leaf=_is_leaf)

@@ -104,6 +104,12 @@ def test_small_corpus_short_run_relative_paths(tmp_path):
       "grad_accum=2 sums micro-batch gradients", "opt.layerwise=False"]),
     (["--config.opt.layerwise=True", "--config.opt.name=optax_galore"],
      ["does not support opt.name='optax_galore'"]),
+    # int8 kernels are updated only where the layer-wise step updates a layer.
+    (["--config.model.kernel_format=int8"],
+     ["model.kernel_format=int8 updates each layer's int8 kernels inside the "
+      "backward scan and needs opt.layerwise=True", "model.kernel_format=float"]),
+    (["--config.model.kernel_format=int4"],
+     ["model.kernel_format must be one of float, int8, got 'int4'"]),
     (["--config.grad_accum=3"], ["batch_size=8 must be a multiple of grad_accum=3"]),
     # A rank above every kernel's smaller side projects nothing.
     (["--config.opt.rank=32", "--config.model.n_kv_heads=2"],

@@ -89,22 +89,30 @@ def test_vocab_size_comes_from_the_config_or_the_tokenizer_file(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("preset, target, budget_gib", [
     ("llama_7b_24gb", "h100", 22), ("llama_7b_2k_24gb", "h100", 22),
-    ("llama_13b_40gb", "h100", 38), ("llama_70b_8x80gb", "h100x8", 60)])
+    ("llama_13b_40gb", "h100", 38), ("llama_70b_8x80gb", "h100x8", 60),
+    ("llama_7b_12gb", "h100", 11), ("llama_13b_24gb", "h100", 22),
+    pytest.param("llama_7b_16gb", "h100", 14, marks=pytest.mark.xfail(
+        strict=True, reason="15.0 GiB (refresh step 15.5 GiB): the target "
+        "needs about 1.5 GiB more, docs/trainer.md 'int8 kernels'"))])
 def test_the_presets_fit_their_budget(preset, target, budget_gib):
   """Every program's peak per device, compiled for H100s by XLA's GPU
-  compiler, leaves room for the runtime: configs/llama_7b_24gb.py (batch
-  16 x 256) and llama_7b_2k_24gb.py (2 x 2048) on a 24 GB card,
-  llama_13b_40gb.py (1 x 256) on a 40 GB one, llama_70b_8x80gb.py (8 x 4096)
+  compiler, leaves room for the runtime on a card of the size in the name:
+  the 7B and 13B one-device presets (batch 16 x 256; llama_7b_2k_24gb.py
+  2 x 2048, llama_13b_40gb.py 1 x 256), and llama_70b_8x80gb.py (8 x 4096)
   within 60 GiB of each of eight 80 GB cards."""
   import importlib  # pylint: disable=g-import-not-at-top
-  record = dry_run.dry_run(
-      importlib.import_module(f"configs.{preset}").get_config(), target)
+  cfg = importlib.import_module(f"configs.{preset}").get_config()
+  record = dry_run.dry_run(cfg, target)
   assert record["device_kind"] == "NVIDIA H100 80GB HBM3"
   assert record["device_count"] == (8 if target.endswith("x8") else 1)
   peaks = [record["peak_bytes"], record.get("refresh_peak_bytes", 0)]
   assert max(peaks) <= budget_gib * 2**30, [p / 2**30 for p in peaks]
-  # bfloat16 weights (plus, for GRASS's subspace layers, deltas and rows).
-  assert record["param_bytes"] < 2.25 * record["params"]
+  if cfg.model.kernel_format == "int8":
+    # int8 kernels (and 4 bytes per 256 of them), the rest bfloat16.
+    assert record["param_bytes"] < 1.1 * record["params"]
+  else:
+    # bfloat16 weights (plus, for GRASS's subspace layers, deltas and rows).
+    assert record["param_bytes"] < 2.25 * record["params"]
 
 
 @pytest.mark.slow

@@ -215,7 +215,9 @@ def restore_params(workdir: str, cfg: model_lib.LlamaConfig,
     step: The checkpoint step; None for the latest.
 
   Returns:
-    (step, params) with the deltas of reparametrised layers merged and dropped.
+    (step, params) with the deltas of reparametrised layers merged and dropped
+    and int8 kernels dequantized to `cfg.param_dtype` (the parameters of the
+    float model, `kernel_format="float"`).
 
   Raises:
     errors.UserError: the workdir has no such checkpoint.
@@ -243,7 +245,7 @@ def restore_params(workdir: str, cfg: model_lib.LlamaConfig,
   manager.close()
   if cfg.reparam:
     params = reparam.merged_weights(graphdef, params, cfg.reparam_side)
-  return step, params
+  return step, model_lib.as_float(params, cfg.param_dtype)
 
 
 def abstract(tree: Any, shardings: Any) -> Any:

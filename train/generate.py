@@ -96,7 +96,8 @@ def load(workdir: str, step: int | None = None, tokenizer: str = "") -> Model:
   step, params = checkpoint_lib.restore_params(workdir, cfg, step)
   if cfg.scan:
     params = unstack_layers(params, cfg.n_layers)
-  cfg = dataclasses.replace(cfg, scan=False, remat=False, reparam="")
+  cfg = dataclasses.replace(cfg, scan=False, remat=False, reparam="",
+                            kernel_format="float")  # restore_params dequantizes
   graphdef = model_lib.abstract_model(cfg)[0]
   return Model(cfg, graphdef, params, tokenizer_lib.load(_tokenizer_path(
       workdir, tokenizer, info)), step)

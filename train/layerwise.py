@@ -98,7 +98,9 @@ def _read_layer(stacks: Any, layer: jax.Array) -> Any:
 
 
 def _masked_like(tree: Any) -> Any:
-  return jax.tree.map(lambda _: optax.MaskedNode(), tree)
+  """A `MaskedNode` per parameter (an int8 kernel is one parameter)."""
+  return jax.tree.map(lambda _: optax.MaskedNode(), tree,
+                      is_leaf=model_lib.is_quantized)
 
 
 # (params, updates, step, *, layer=None) -> params (`precision.updater`)
@@ -126,7 +128,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     The step function; it equals `train.make_train_step`'s.
   """
   extra = {} if refresh is None else {"refresh": refresh}
-  trainable_shapes = model_lib.trainable(graphdef, param_shapes)
+  dtype = nnx.merge(graphdef, param_shapes).cfg.param_dtype
+  # int8 kernels: the optimizer acts on the float weights they stand for.
+  trainable_shapes = model_lib.as_float(
+      model_lib.trainable(graphdef, param_shapes), dtype)
   lw = subspax.layerwise(tx, trainable_shapes,
                          {k: k == BLOCKS for k in trainable_shapes})
   block_graphdef = _block_graphdef(graphdef, param_shapes)
@@ -159,14 +164,17 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       dx, blocks, opt_state, sq = carry
       x_l, frozen_l = _read_layer((inputs, frozen_blocks), layer)
       params_l = jax.tree.map(lambda a: a[layer], blocks)
+      # int8 kernels (model.kernel_format): differentiated and updated as the
+      # float weights they stand for, this layer's only; re-quantized below.
+      weights_l = model_lib.as_float(params_l, dtype)
       _, vjp = jax.vjp(
           lambda p, x: block_apply(model_lib.combine(p, frozen_l), x),
-          params_l, x_l)
+          weights_l, x_l)
       grads_l, dx = vjp(dx)
       sq = sq + optax.tree.norm(grads_l, squared=True)
       updates_l, opt_state = lw.update_layer(
           {**masked_rest, BLOCKS: grads_l}, opt_state,
-          {**masked_rest, BLOCKS: params_l}, layer, **extra)
+          {**masked_rest, BLOCKS: weights_l}, layer, **extra)
       new_l = apply_updates({BLOCKS: params_l}, {BLOCKS: updates_l[BLOCKS]},
                             state.step, layer=layer)[BLOCKS]
       # The layer's weights are written after dx exists: every read of them

@@ -7,6 +7,12 @@ head. Every linear kernel is a plain 2-D (in, out) matrix; with `scan=True` the
 blocks are stacked, so each kernel becomes an (L, in, out) array whose leading axis
 the subspace optimizers treat as a batch axis (one subspace per layer).
 
+With `model.kernel_format="int8"` the blocks' kernels are stored as
+`subspax.QuantizedArray`s (int8 codes, one float32 absmax scale per block of
+256 values of a row) and dequantized to `param_dtype` where a layer uses them:
+inside the scan, one layer at a time. Norms, the embedding and the head keep
+`param_dtype`.
+
 Parameters carry logical sharding names (`embed`, `mlp`, `heads`, `vocab`, plus
 `layers` for the scanned axis); `train/sharding.py` maps them to mesh axes.
 
@@ -15,6 +21,7 @@ heads, H head dim, F MLP hidden size, V vocabulary, S stacked layers.
 """
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -27,6 +34,7 @@ from train import attention
 from train import sharding
 
 REPARAM_KINDS = ("", "rows", "dense")
+KERNEL_FORMATS = ("float", "int8")  # model.kernel_format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +53,7 @@ class LlamaConfig:
   init_std: float = 0.02
   dtype: str = "float32"
   param_dtype: str = "float32"
+  kernel_format: str = "float"  # the blocks' kernels: "float" (param_dtype) or "int8"
   scan: bool = False
   remat: bool = False
   attention: str = "auto"  # train/attention.py: "auto", "blockwise" or "xla"
@@ -82,6 +91,7 @@ class LlamaConfig:
         init_std=model_cfg.init_std,
         dtype=model_cfg.dtype,
         param_dtype=model_cfg.param_dtype,
+        kernel_format=model_cfg.get("kernel_format", cls.kernel_format),
         scan=model_cfg.scan,
         remat=model_cfg.remat,
         attention=model_cfg.get("attention", cls.attention),
@@ -105,6 +115,81 @@ def _linear(cfg: LlamaConfig, d_in: int, d_out: int, names: tuple[str, str],
   return nnx.Linear(
       d_in, d_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
       kernel_init=nnx.with_partitioning(init, names), rngs=rngs, **kwargs)
+
+
+class QuantizedLinear(nnx.Linear):
+  """A bias-free linear layer whose kernel is stored in int8.
+
+  Initialised as ``nnx.Linear`` and then quantized (`subspax.quantize`,
+  "linear" levels: absmax int8 per block of 256 values of a row). The call
+  dequantizes the kernel to ``param_dtype`` first; given a float kernel
+  instead (the layer-wise step differentiates the dequantized weights), it
+  is a plain ``nnx.Linear``.
+  """
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.kernel.set_value(subspax.quantize(self.kernel.get_value(), "linear"))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel.get_value()
+    if isinstance(kernel, subspax.QuantizedArray):
+      kernel = subspax.dequantize(kernel).astype(self.param_dtype)
+    x, kernel = self.promote_dtype((x, kernel), dtype=self.dtype)
+    extra = {} if self.preferred_element_type is None else {
+        "preferred_element_type": self.preferred_element_type}
+    return self.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                            precision=self.precision, **extra)
+
+
+def is_quantized(x: Any) -> bool:
+  """Whether a parameter tree's node is an int8 kernel (`QuantizedArray`)."""
+  return isinstance(x, subspax.QuantizedArray)
+
+
+def as_float(tree: Any, dtype: Any) -> Any:
+  """`tree` with every int8 kernel seen as the float parameter it stands for.
+
+  Examples:
+    `as_float(params, jnp.bfloat16)` dequantizes (one layer's params inside
+    the scan); `as_float(shapes, "bfloat16")` gives `jax.ShapeDtypeStruct`s
+    and `as_float(shardings, None)` the codes' shardings (what an optimizer
+    of the float parameters is built from).
+
+  Args:
+    tree: Parameters (arrays), their `jax.ShapeDtypeStruct`s or shardings.
+    dtype: The float dtype (`model.param_dtype`) of dequantized kernels.
+
+  Returns:
+    The tree with each `QuantizedArray` node replaced by one leaf: the
+    dequantized array in `dtype`, a `jax.ShapeDtypeStruct` of its shape in
+    `dtype`, or the codes' sharding.
+  """
+  def view(x):
+    if not is_quantized(x):
+      return x
+    if isinstance(x.codes, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(x.codes.shape, dtype, sharding=x.codes.sharding)
+    if isinstance(x.codes, jax.sharding.Sharding):
+      return x.codes
+    return subspax.dequantize(x).astype(dtype)
+  return jax.tree.map(view, tree, is_leaf=is_quantized)
+
+
+def quantize_like(params: dict, like: dict) -> dict:
+  """Float `params` quantized (to nearest) where `like` holds int8 kernels.
+
+  Args:
+    params: Parameters in the layout of a float model (e.g. an imported
+      checkpoint's).
+    like: The int8 model's parameters or shapes (`abstract_model`).
+
+  Returns:
+    `params` in `like`'s layout.
+  """
+  return jax.tree.map(
+      lambda l, p: subspax.quantize(p, l.mode) if is_quantized(l) else p,
+      like, params, is_leaf=is_quantized)
 
 
 class SubspaceBasis(nnx.Variable):
@@ -193,9 +278,15 @@ class SubspaceLinear(nnx.Linear):
 
 def _projected_linear(cfg: LlamaConfig, d_in: int, d_out: int,
                       names: tuple[str, str], rngs: nnx.Rngs):
-  """An attention / MLP kernel: reparametrised when `cfg.reparam` is set."""
+  """An attention / MLP kernel: reparametrised when `cfg.reparam` is set,
+  int8 with `cfg.kernel_format="int8"`."""
   if cfg.reparam:
     return SubspaceLinear(cfg, d_in, d_out, names, rngs)
+  if cfg.kernel_format == "int8":
+    init = nnx.initializers.normal(cfg.init_std)
+    return QuantizedLinear(
+        d_in, d_out, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=nnx.with_partitioning(init, names), rngs=rngs)
   return _linear(cfg, d_in, d_out, names, rngs)
 
 
@@ -405,11 +496,21 @@ def abstract_model(cfg: LlamaConfig) -> tuple[nnx.GraphDef, dict, dict]:
   graphdef, state = nnx.split(model)
   is_var = lambda x: isinstance(x, nnx.Variable)
   shapes = nnx.to_pure_dict(jax.tree.map(
-      lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), state, is_leaf=is_var))
-  names = nnx.to_pure_dict(jax.tree.map(
-      lambda v: P(*(v.get_metadata().get("out_sharding") or ())), state,
-      is_leaf=is_var))
+      lambda v: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                             v.get_value()), state, is_leaf=is_var))
+  names = nnx.to_pure_dict(jax.tree.map(_names, state, is_leaf=is_var))
   return graphdef, shapes, names
+
+
+def _names(variable: nnx.Variable) -> Any:
+  """A variable's logical names: an int8 kernel's scales share its codes'
+  names but the last (their blocks), which is not sharded."""
+  names = tuple(variable.get_metadata().get("out_sharding") or ())
+  value = variable.get_value()
+  if is_quantized(value):
+    return subspax.QuantizedArray(P(*names), P(*names[:-1], None), value.mode,
+                                  value.signed)
+  return P(*names)
 
 
 def init_params(cfg: LlamaConfig, seed: int) -> dict:
@@ -469,4 +570,5 @@ def count_params(cfg: LlamaConfig) -> int:
   def weights() -> dict:
     with nnx.use_eager_sharding(False):
       return nnx.to_pure_dict(nnx.state(Llama(cfg, rngs=nnx.Rngs(0)), WEIGHTS))
-  return sum(x.size for x in jax.tree.leaves(jax.eval_shape(weights)))
+  leaves = jax.tree.leaves(jax.eval_shape(weights), is_leaf=is_quantized)
+  return sum(math.prod(x.shape) for x in leaves)

@@ -237,7 +237,8 @@ def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int,
   errors.gather(lambda: _check_name(opt_cfg), lambda: _check_schedule(opt_cfg),
                 lambda: _check_options(opt_cfg),
                 lambda: _check_projected(opt_cfg, model_cfg),
-                lambda: precision.validate(opt_cfg, model_cfg.param_dtype))
+                lambda: precision.validate(opt_cfg, model_cfg.param_dtype,
+                                           model_cfg.kernel_format))
   if opt_cfg.name != "adamw":
     _check_rank(opt_cfg, model_cfg)
   if opt_cfg.name == "optax_galore" and model_cfg.scan:

@@ -1,11 +1,15 @@
 """Weight and moment precision: rounding of the parameter update, moment dtypes.
 
-* `opt.stochastic_rounding` (None: on iff `model.param_dtype="bfloat16"`):
-  the step adds the update in float32 and rounds it to bfloat16 with
+* `opt.stochastic_rounding` (None: on iff `model.param_dtype="bfloat16"` or
+  `model.kernel_format="int8"`): the step adds the update in float32 and
+  rounds it to bfloat16, and int8 kernels to their 8-bit levels, with
   `subspax.apply_updates(..., key=...)`. The key is derived from `seed` and
   the step counter only, so a resumed run rounds exactly as an uninterrupted
   one; scanned layers (`params['blocks']`) are stacked leaves, so a trainer
   that updates one layer at a time (`layer=l`) rounds as the whole step does.
+* `model.kernel_format="int8"`: the blocks' kernels in int8 (train/model.py),
+  re-quantized after each update; `validate_kernel_format` names what it
+  needs (layer-wise updates of a scanned model).
 * `opt.mu_dtype`, `opt.nu_dtype`: the dtypes of the Adam moments. subspax
   methods take them for their reduced moments; the moments optax keeps in the
   parameters' dtype (adamw's and optax_galore's `nu`, the Adam of the
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 import subspax
 
 from train import errors
+from train import model as model_lib
 
 DTYPES = ("float32", "bfloat16")  # accepted opt.mu_dtype / opt.nu_dtype
 _ROUNDING_SALT = 0x5352  # separates the rounding keys from the other uses of `seed`
@@ -37,15 +42,49 @@ Updater = Callable[..., Any]
 def stochastic_rounding(cfg: Any) -> bool:
   """Whether the run rounds its updates stochastically (`opt.stochastic_rounding`)."""
   flag = cfg.opt.get("stochastic_rounding")
-  return cfg.model.param_dtype == "bfloat16" if flag is None else flag
+  if flag is not None:
+    return flag
+  return (cfg.model.param_dtype == "bfloat16"
+          or cfg.model.get("kernel_format", "float") == "int8")
 
 
-def validate(opt_cfg: Any, param_dtype: str) -> None:
+def validate_kernel_format(cfg: Any) -> None:
+  """Checks `model.kernel_format` against the rest of the config.
+
+  int8 kernels are dequantized one layer at a time and updated where the
+  layer-wise step (train/layerwise.py) updates that layer; the ordinary step
+  would differentiate the int8 codes, and subspace layers keep float kernels.
+
+  Raises:
+    UserError: naming the field, its value and the fix.
+  """
+  fmt = cfg.model.get("kernel_format", "float")
+  if fmt not in model_lib.KERNEL_FORMATS:
+    raise errors.UserError(
+        f"model.kernel_format must be one of {', '.join(model_lib.KERNEL_FORMATS)}, "
+        f"got {fmt!r}; e.g. --config.model.kernel_format=int8")
+  if fmt != "int8":
+    return
+  fix = "or set model.kernel_format=float"
+  if not (cfg.opt.get("layerwise", False) and cfg.model.scan):
+    raise errors.UserError(
+        "model.kernel_format=int8 updates each layer's int8 kernels inside the "
+        "backward scan and needs opt.layerwise=True and model.scan=True; set "
+        f"--config.opt.layerwise=True --config.model.scan=True {fix}")
+  if cfg.opt.get("subspace_layers", False):
+    raise errors.UserError(
+        "model.kernel_format=int8 does not combine with opt.subspace_layers=True "
+        "(its frozen kernels are merged in float); set opt.subspace_layers=False "
+        f"{fix}")
+
+
+def validate(opt_cfg: Any, param_dtype: str, kernel_format: str = "float") -> None:
   """Checks `opt.stochastic_rounding` and `opt.{mu,nu,basis}_dtype`.
 
   Args:
     opt_cfg: The `opt` section.
     param_dtype: `model.param_dtype`.
+    kernel_format: `model.kernel_format` (int8 kernels round too).
 
   Raises:
     UserError: naming the field, its value and the fix.
@@ -56,7 +95,7 @@ def validate(opt_cfg: Any, param_dtype: str) -> None:
       raise errors.UserError(
           f"opt.stochastic_rounding must be True, False or None (on for bfloat16 "
           f"weights), got {flag!r}")
-    if flag and param_dtype != "bfloat16":
+    if flag and param_dtype != "bfloat16" and kernel_format != "int8":
       raise errors.UserError(
           f"opt.stochastic_rounding=True rounds updates to bfloat16 weights, but "
           f"model.param_dtype={param_dtype!r}; set --config.model.param_dtype="

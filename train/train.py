@@ -88,6 +88,7 @@ def validate(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
       dtype("dtype"), dtype("param_dtype"), lambda: _check_attention(cfg.model),
       lambda: reparam.validate(cfg.opt),
       lambda: layerwise.validate(cfg),
+      lambda: precision.validate_kernel_format(cfg),
       lambda: _check_grad_accum(cfg), lambda: _check_clip_norm(cfg.opt),
       lambda: optimizers.validate(
           cfg.opt, model_lib.LlamaConfig.from_config(cfg.model, 1),
@@ -305,15 +306,15 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int,
   else:
     if tx is None:
       tx = optimizers.build(cfg.opt, cfg.steps, cfg.seed)
-    overwritten = optimizers.overwrites_gradient(
-        tx, model_lib.trainable(graphdef, param_shapes))
+    overwritten = optimizers.overwrites_gradient(tx, model_lib.as_float(
+        model_lib.trainable(graphdef, param_shapes), model_cfg.param_dtype))
   tx = optimizers.with_clipping(cfg.opt, tx, overwritten)
   lr = optimizers.schedule(cfg.opt, cfg.steps)
 
   def init() -> TrainState:
     params = model_lib.init_params(model_cfg, cfg.seed)
-    return TrainState(jnp.zeros((), jnp.int32), params,
-                      tx.init(model_lib.trainable(graphdef, params)))
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(model_lib.as_float(
+        model_lib.trainable(graphdef, params), model_cfg.param_dtype)))
 
   refresh = None
   if model_cfg.reparam:
@@ -363,11 +364,16 @@ def initial_state(cfg: ml_collections.ConfigDict, programs: Programs,
   of the Hugging Face checkpoint `cfg.init_from` (train/hf.py)."""
   if not cfg.get("init_from"):
     return jax.jit(programs.init, out_shardings=shardings)()
-  params = hf.load_params(cfg.init_from, programs.model_cfg,
-                          programs.param_shapes, shardings.params)
-  init = lambda params: TrainState(jnp.zeros((), jnp.int32), params,
-                                   programs.tx.init(model_lib.trainable(
-                                       programs.graphdef, params)))
+  dtype = programs.model_cfg.param_dtype
+  params = hf.load_params(  # int8 kernels: read in float, quantized below
+      cfg.init_from, programs.model_cfg, model_lib.as_float(programs.param_shapes, dtype),
+      model_lib.as_float(shardings.params, dtype))
+
+  def init(params):
+    params = model_lib.quantize_like(params, programs.param_shapes)
+    return TrainState(jnp.zeros((), jnp.int32), params,
+                      programs.tx.init(model_lib.as_float(model_lib.trainable(
+                          programs.graphdef, params), dtype)))
   return jax.jit(init, out_shardings=shardings, donate_argnums=0)(params)
 
 
@@ -379,9 +385,11 @@ def train_state_shardings(programs: Programs, mesh: jax.sharding.Mesh,
       mesh, programs.param_shapes, programs.param_names, rules)
   return TrainState(
       sharding_lib.replicated(mesh), param_shardings,
-      subspax.state_shardings(
-          programs.tx, model_lib.trainable(programs.graphdef, programs.param_shapes),
-          model_lib.trainable(programs.graphdef, param_shardings)))
+      subspax.state_shardings(  # of the float parameters int8 kernels stand for
+          programs.tx, model_lib.as_float(model_lib.trainable(
+              programs.graphdef, programs.param_shapes), programs.model_cfg.param_dtype),
+          model_lib.as_float(model_lib.trainable(programs.graphdef, param_shardings),
+                             None)))
 
 
 class Jitted(NamedTuple):

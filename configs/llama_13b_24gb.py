@@ -1,0 +1,29 @@
+"""LLaMA-13B on a 24 GB device: APOLLO-Mini with int8 kernels, layer-wise.
+
+configs/llama_7b_12gb.py's recipe at the 13B shape of configs/llama_13b.py:
+the blocks' kernels in int8 (`model.kernel_format="int8"`, one float32 scale
+per 256 values of a row, stochastic rounding of each update), the embedding,
+head and norms in bfloat16 with bfloat16 Adam moments, a rank-1 APOLLO-Mini
+state per kernel, every layer updated inside the backward scan. Batch
+16 x 256.
+
+The memory breakdown (`python -m train --config configs/llama_13b_24gb.py
+--dry_run --target=h100`, XLA's GPU compiler) is in docs/int8.md.
+"""
+
+from configs import llama_13b
+
+
+def get_config():
+  """configs/llama_13b.py as APOLLO-Mini, layer-wise, int8 kernels, bf16 rest, batch 16."""
+  cfg = llama_13b.get_config()
+  cfg.batch_size = 16
+  cfg.mesh.data = 1  # one device
+  cfg.opt.name = "apollo_mini"
+  cfg.opt.learning_rate = 1e-2  # as configs/llama_7b_12gb.py
+  cfg.opt.layerwise = True
+  cfg.model.param_dtype = "bfloat16"
+  cfg.model.kernel_format = "int8"
+  cfg.opt.mu_dtype = "bfloat16"
+  cfg.opt.nu_dtype = "bfloat16"
+  return cfg
