@@ -406,7 +406,7 @@ def _scale_by_projected_adam(config: _Config, route, side: str,
         count=jnp.zeros([], jnp.int32), key=_key_data(key), matrices=matrices)
 
   def update_fn(updates, state, params=None, *, layer=None, refresh=None,
-                **extra_args):
+                refresh_only=False, reduced=None, **extra_args):
     """One step; ``layer``: the stacked leaves hold only that layer.
 
     ``refresh``: ``None`` decides inside the program whether this step
@@ -420,21 +420,52 @@ def _scale_by_projected_adam(config: _Config, route, side: str,
     ``ProjectedState`` is skipped (its state is returned unchanged): this is
     how :func:`subspax.layerwise` updates a part of the tree while every
     projected parameter keeps its leaf index (its key).
+
+    The two hooks of a step accumulated in the reduced space
+    (:func:`subspax.refresh_subspaces`, ``LayerwiseUpdate.reduce_layer``):
+    ``refresh_only=True`` refreshes the subspaces from ``updates`` (as
+    ``refresh`` decides) and applies the moment policy, but takes no Adam
+    step, leaves ``updates`` and the count unchanged; ``reduced``, a tree
+    like ``updates`` with each projected parameter's reduced gradient
+    (``(*B, r, D)``, float32; None elsewhere), replaces the projection of
+    ``updates``, whose projected leaves then only hold the buffers the
+    updates are written into (never refreshes: a refresh needs the full
+    gradient).
     """
     del params, extra_args
+    if reduced is not None:
+      if refresh:
+        raise ValueError("reduced= gives no full gradient to refresh from; "
+                         "refresh first (refresh_only=True), then pass "
+                         "refresh=False.")
+      if config.recovery or config.output != "back":
+        raise ValueError(
+            "reduced= needs recovery=False and output=\"back\": the recovery "
+            "term and the scaled gradient read the full gradient.")
+      refresh = False
+      reduced_leaves = jax.tree.leaves(
+          reduced, is_leaf=lambda x: x is None or _is_masked(x))
+    else:
+      reduced_leaves = None
     base_key = jax.random.wrap_key_data(state.key)
     flat, treedef = jax.tree.flatten(updates, is_leaf=_is_masked)
     leaf_states = jax.tree.leaves(state.matrices, is_leaf=_is_leaf_state)
     if len(flat) != len(leaf_states):
       raise ValueError("The updates do not have the structure of the state's "
                        "parameters.")
-    update_parameter = _sharding_agnostic(
-        functools.partial(_update_parameter, config, layer=layer,
-                          refresh=refresh))
+    if reduced_leaves is not None and len(reduced_leaves) != len(flat):
+      raise ValueError("reduced= does not have the structure of the updates.")
     new_updates, new_states, count, index = [], [], state.count, 0
-    for g, leaf_state in zip(flat, leaf_states):
+    for i, (g, leaf_state) in enumerate(zip(flat, leaf_states)):
       if isinstance(leaf_state, ProjectedState):
         if not _is_masked(g):
+          reduced_g = None if reduced_leaves is None else reduced_leaves[i]
+          if reduced_leaves is not None and not hasattr(reduced_g, "shape"):
+            raise ValueError(f"reduced= has no reduced gradient for projected "
+                             f"parameter {i}.")
+          update_parameter = _sharding_agnostic(functools.partial(
+              _update_parameter, config, layer=layer, refresh=refresh,
+              refresh_only=refresh_only, reduced=reduced_g))
           g, leaf_state = update_parameter(
               g, leaf_state, count, _keys.parameter_key(base_key, index))
           # Parameters are updated one after the other: each reads its count
@@ -449,8 +480,9 @@ def _scale_by_projected_adam(config: _Config, route, side: str,
     new_matrices = jax.tree.structure(
         state.matrices, is_leaf=_is_leaf_state).unflatten(new_states)
     return treedef.unflatten(new_updates), SubspaceAdamState(
-        count=optax.safe_int32_increment(state.count), key=state.key,
-        matrices=new_matrices)
+        count=(state.count if refresh_only
+               else optax.safe_int32_increment(state.count)),
+        key=state.key, matrices=new_matrices)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -528,7 +560,9 @@ def _init_matrices(config: _Config, layout: _layout.MatrixLayout
 def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
                       count: jax.Array, key: jax.Array, *,
                       layer: Optional[jax.Array] = None,
-                      refresh: Optional[bool] = None):
+                      refresh: Optional[bool] = None,
+                      refresh_only: bool = False,
+                      reduced: Optional[jax.Array] = None):
   """Updates every matrix of one projected parameter.
 
   Memory: nothing full-size is added beyond the output. The matrices are
@@ -545,7 +579,10 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
   ``layer``: ``g`` and ``state`` are the slice ``[layer:layer + 1]`` of a
   stacked parameter (the keys are those of its matrices in the stack).
   ``refresh``: whether this step refreshes, if known when tracing (else
-  decided from ``count`` by a conditional per matrix).
+  decided from ``count`` by a conditional per matrix). ``refresh_only``:
+  refresh, take no step, return ``g`` unchanged. ``reduced``: the reduced
+  gradients ``(*B, r, D)`` used instead of projecting ``g`` (see
+  ``update_fn``).
   """
   layout = state.layout
   nb = len(layout.batch_shape)
@@ -556,6 +593,8 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
   # One layer of a stack (`layer` given): its matrices' keys in the stack.
   keys = _keys.matrix_keys(key, num, 0 if layer is None else layer * num)
   stack = layout.to_matrices(g, dtype=g.dtype)  # (num, m, n), a view
+  if reduced is not None:
+    reduced = reduced.reshape((num,) + reduced.shape[nb:])
 
   refreshing = count % config.update_interval == 0
 
@@ -581,13 +620,16 @@ def _update_parameter(config: _Config, g: jax.Array, state: ProjectedState,
       fields_i = jax.lax.cond(refreshing, refresh_matrix, lambda f: f, fields_i)
     elif refresh:
       fields_i = refresh_matrix(fields_i)
+    if refresh_only:
+      return stack, _write_index(fields, fields_i, i)
     if config.stores_basis:
       basis = fields_i.basis
     else:
       basis = config.policy.sample(_epoch_key(config, keys[i], count),
                                    layout.d, layout.rank)
-    matrix = _blocks.StackedMatrix(stack, i, basis, layout.rank, right,
-                                   zero=ordering.allocate_late(count))
+    matrix = _blocks.StackedMatrix(
+        stack, i, basis, layout.rank, right, zero=ordering.allocate_late(count),
+        reduced=None if reduced is None else reduced[i])
     stack, new_state = _update_matrix(config, matrix, fields_i, count=count)
     return stack, _write_index(fields, new_state, i)
 
