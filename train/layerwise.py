@@ -356,7 +356,8 @@ def make_accumulating_step(graphdef: nnx.GraphDef,
   per layer, the scan adds the layer's reduced gradients (`S^T G`, GRASS:
   its selected rows; `LayerwiseUpdate.reduce_layer`) and the full gradients
   of its unprojected leaves (norms) into accumulators, and the micro-batch
-  adds the gradients of the embedding, final norm and head. On a refresh
+  adds the gradients of the embedding, final norm and head (every accumulator
+  in its parameter's dtype, as `train.make_train_step` accumulates). On a refresh
   step, the first micro-batch's backward scan refreshes each layer's
   subspaces from that micro-batch's gradient before projecting it. After the
   last micro-batch, a scan over the layers takes the one optimizer step of
@@ -438,8 +439,8 @@ def make_accumulating_step(graphdef: nnx.GraphDef,
                               acc_rest, head_grads, embed_grads)
       return opt_state, acc_blocks, acc_rest, loss_sum + loss
 
-    zeros = lambda tree: jax.tree.map(
-        lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+    zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                      tree)
     carry = (state.opt_state,
              zeros(accumulator_shapes(lw, rest, blocks, state.opt_state)),
              zeros(rest), jnp.zeros((), jnp.float32))
@@ -449,15 +450,15 @@ def make_accumulating_step(graphdef: nnx.GraphDef,
         parts[1:])
     opt_state, acc_blocks, acc_rest, loss_sum = carry
     mean_blocks = jax.tree.map(lambda a: a / k, acc_blocks)
-    mean_rest = jax.tree.map(lambda a, p: (a / k).astype(p.dtype), acc_rest,
-                             rest)
+    mean_rest = jax.tree.map(lambda a: a / k, acc_rest)
     sq = optax.tree.norm((mean_blocks, mean_rest), squared=True)
 
     def update(carry, layer):
       opt_state, blocks = carry
       params_l, reduced_l = _read_layer((blocks, mean_blocks), layer)
+      # The core reads reduced gradients in float32.
       reduced_l = jax.tree.map(
-          lambda r, p: r if r.shape != p.shape else r.astype(p.dtype),
+          lambda r, p: r if r.shape == p.shape else r.astype(jnp.float32),
           reduced_l, params_l)
       updates_l, opt_state = lw.update_layer(
           {**masked_rest, BLOCKS: reduced_l}, opt_state,
@@ -488,11 +489,44 @@ def make_accumulating_step(graphdef: nnx.GraphDef,
 def accumulator_shapes(lw: subspax.LayerwiseUpdate, rest: dict, blocks: Any,
                        opt_state: Any) -> Any:
   """The stacked accumulators of the blocks: `(L, *B, r, D)` per projected
-  kernel, the parameter's shape for the others (float32)."""
+  kernel, the parameter's shape for the others; in the parameter's dtype, as
+  `train.make_train_step` accumulates its gradients."""
   num_layers = jax.tree.leaves(blocks)[0].shape[0]
   layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
                        blocks)
   one = jax.eval_shape(lambda g, s: lw.reduce_layer(g, s, 0),
                        {**_masked_like(rest), BLOCKS: layer}, opt_state)[BLOCKS]
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct((num_layers,) + x.shape, jnp.float32), one)
+      lambda x, p: jax.ShapeDtypeStruct((num_layers,) + x.shape, p.dtype),
+      one, blocks)
+
+
+def accumulator_bytes(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                      param_shapes: dict, opt_state: Any) -> dict[str, int]:
+  """Exact bytes of `make_accumulating_step`'s accumulators (global).
+
+  Args:
+    graphdef: The scanned model's graph.
+    tx: The optimizer.
+    param_shapes: The parameters' `jax.ShapeDtypeStruct`s.
+    opt_state: The optimizer state (or its shapes).
+
+  Returns:
+    `{"reduced": ..., "full": ...}`: the projected kernels' reduced-gradient
+    accumulators, and the gradients of every other trainable leaf (norms,
+    embedding, head), each in its parameter's dtype.
+  """
+  trainable = model_lib.trainable(graphdef, param_shapes)
+  blocks = trainable.pop(BLOCKS)
+  lw = subspax.layerwise(tx, {**trainable, BLOCKS: blocks},
+                         {key: key == BLOCKS for key in (*trainable, BLOCKS)})
+  accs = accumulator_shapes(lw, trainable, blocks, opt_state)
+  size = lambda x: x.size * jnp.dtype(x.dtype).itemsize
+  reduced = full = 0
+  for acc, p in zip(jax.tree.leaves(accs), jax.tree.leaves(blocks)):
+    if acc.shape == p.shape:
+      full += size(acc)
+    else:
+      reduced += size(acc)
+  full += sum(size(x) for x in jax.tree.leaves(trainable))
+  return {"reduced": int(reduced), "full": int(full)}
