@@ -62,10 +62,15 @@ def _run(cfg, steps, layerwise):
   state = jax.jit(programs.init)()
   ordinary, refreshing = _steps(programs)
   refresh = jax.jit(lambda s, b: _refresh_from_first_micro_batch(programs, cfg, s, b))
+  # The subspace-layer modes' refresh program: the layer-wise one reads the
+  # first micro-batch itself.
+  layers_refresh = programs.refresh and jax.jit(programs.refresh)
   metrics = []
   for t in range(steps):
     batch = _batch(cfg, t)
     is_refresh = train.is_refresh_step(t + 1, cfg.opt.update_interval)
+    if layers_refresh and is_refresh:
+      state = layers_refresh(state, batch if layerwise else batch[::cfg.grad_accum])
     if layerwise:
       state, m = (refreshing if is_refresh else ordinary)(state, batch)
     else:
@@ -84,6 +89,8 @@ EXACT = {
     "rso": {},
     "grass": {},
     "adamw": {},
+    "grass_layers": {"opt__name": "grass", "opt__subspace_layers": True},
+    "rso_layers": {"opt__name": "rso", "opt__subspace_layers": True},
 }
 FAST = ("galore", "grass")
 
@@ -91,7 +98,8 @@ FAST = ("galore", "grass")
 @pytest.mark.parametrize("name", [
     n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in EXACT])
 def test_layerwise_accumulation_equals_the_ordinary_accumulation(name):
-  cfg = _config(name, **EXACT[name])
+  cfg = _config(EXACT[name].get("opt__name", name),
+                **{k: v for k, v in EXACT[name].items() if k != "opt__name"})
   ordinary = _run(cfg, 3, layerwise=False)  # refreshes at steps 1 and 3
   layerwise = _run(cfg, 3, layerwise=True)
   (state_o, metrics_o), (state_l, metrics_l) = ordinary, layerwise
