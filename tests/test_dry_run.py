@@ -90,7 +90,8 @@ def test_vocab_size_comes_from_the_config_or_the_tokenizer_file(tmp_path):
 @pytest.mark.parametrize("preset, budget_gib", [("llama_7b_24gb", 22),
                                                 ("llama_13b_40gb", 38)])
 def test_the_one_device_presets_fit_their_budget(preset, budget_gib):
-  """configs/llama_7b_24gb.py (batch 16 x 256) and llama_13b_40gb.py (1 x 256):
+  """configs/llama_7b_24gb.py (32 x 16 x 256 tokens) and llama_13b_40gb.py
+  (128 x 4 x 256), micro-batches accumulated layer-wise:
   every program's peak, compiled for an H100 by XLA's GPU compiler, leaves
   room for the runtime on a 24 GB / 40 GB card."""
   import importlib  # pylint: disable=g-import-not-at-top
