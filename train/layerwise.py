@@ -427,9 +427,11 @@ def make_accumulating_step(graphdef: nnx.GraphDef,
               grads_l, opt_state, {**masked_rest, BLOCKS: params_l}, layer,
               **extra)
         reduced_l = lw.reduce_layer(grads_l, opt_state, layer)[BLOCKS]
-        acc_blocks = jax.tree.map(
-            lambda acc, r: acc.at[layer].add(r.astype(acc.dtype)),
-            acc_blocks, reduced_l)
+        # The layer's slices, read first: a bfloat16 stack would otherwise be
+        # converted to float32 whole by XLA's CPU compiler (`_read_layer`).
+        acc_l = _read_layer(acc_blocks, layer)
+        acc_blocks = _write_layer(acc_blocks, jax.tree.map(
+            lambda acc, r: acc + r.astype(acc.dtype), acc_l, reduced_l), layer)
         return dx, acc_blocks, opt_state
 
       dx, acc_blocks, opt_state = _backward(backward,
@@ -449,13 +451,15 @@ def make_accumulating_step(graphdef: nnx.GraphDef,
         lambda c, part: (micro_batch(c, part, first=False), None), carry,
         parts[1:])
     opt_state, acc_blocks, acc_rest, loss_sum = carry
-    mean_blocks = jax.tree.map(lambda a: a / k, acc_blocks)
     mean_rest = jax.tree.map(lambda a: a / k, acc_rest)
-    sq = optax.tree.norm((mean_blocks, mean_rest), squared=True)
 
     def update(carry, layer):
-      opt_state, blocks = carry
-      params_l, reduced_l = _read_layer((blocks, mean_blocks), layer)
+      # The mean of each layer's accumulators is taken in its turn (a mean of
+      # the whole stacks would be a second copy of them).
+      opt_state, blocks, sq = carry
+      params_l, reduced_l = _read_layer((blocks, acc_blocks), layer)
+      reduced_l = jax.tree.map(lambda a: a / k, reduced_l)
+      sq = sq + optax.tree.norm(reduced_l, squared=True)
       # The core reads reduced gradients in float32.
       reduced_l = jax.tree.map(
           lambda r, p: r if r.shape == p.shape else r.astype(jnp.float32),
@@ -465,11 +469,12 @@ def make_accumulating_step(graphdef: nnx.GraphDef,
           {**masked_rest, BLOCKS: params_l}, layer, reduced=True)
       new_l = apply_updates({BLOCKS: params_l}, {BLOCKS: updates_l[BLOCKS]},
                             state.step, layer=layer)[BLOCKS]
-      return opt_state, _write_layer(blocks, new_l, layer)
+      return opt_state, _write_layer(blocks, new_l, layer), sq
 
     num_layers = jax.tree.leaves(blocks)[0].shape[0]
-    (opt_state, blocks), _ = jax.lax.scan(
-        lambda c, layer: (update(c, layer), None), (opt_state, blocks),
+    sq = optax.tree.norm(mean_rest, squared=True)
+    (opt_state, blocks, sq), _ = jax.lax.scan(
+        lambda c, layer: (update(c, layer), None), (opt_state, blocks, sq),
         jnp.arange(num_layers), reverse=True)
     masked_blocks = _masked_like(blocks)
     rest_updates, opt_state = lw.update_rest(
