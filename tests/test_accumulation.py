@@ -92,7 +92,7 @@ EXACT = {
     "grass_layers": {"opt__name": "grass", "opt__subspace_layers": True},
     "rso_layers": {"opt__name": "rso", "opt__subspace_layers": True},
 }
-FAST = ("galore", "grass")
+FAST = ("galore",)
 
 
 @pytest.mark.parametrize("name", [
