@@ -278,3 +278,19 @@ def llama_config(*, d_model: int, n_layers: int, n_heads: int, d_ff: int, rank: 
   cfg.model.remat = True
   cfg.data.vocab_size = 32_000
   return cfg
+
+
+def memory_saving(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`cfg` trained the memory-saving way of the large presets (in place).
+
+  Layer-wise updates (only one layer's gradient exists), bfloat16 weights
+  with stochastic rounding, the method's reduced moments in 8 bits, and the
+  bases and the unprojected leaves' Adam moments in bfloat16.
+  """
+  cfg.opt.layerwise = True
+  cfg.model.param_dtype = "bfloat16"
+  cfg.opt[cfg.opt.name].quantize_moments = "quantile"
+  cfg.opt.basis_dtype = "bfloat16"
+  cfg.opt.mu_dtype = "bfloat16"
+  cfg.opt.nu_dtype = "bfloat16"
+  return cfg

@@ -8,7 +8,7 @@ state per kernel, every layer updated inside the backward scan. Batch
 16 x 256.
 
 The memory breakdown (`python -m train --config configs/llama_13b_24gb.py
---dry_run --target=h100`, XLA's GPU compiler) is in docs/int8.md.
+--dry_run --target=h100`, XLA's GPU compiler) is in docs/trainer.md ("int8 kernels").
 """
 
 from configs import llama_13b

@@ -12,22 +12,28 @@ models on one device (`python -m train --config configs/llama_13b_40gb.py
   by layer too, so no program holds a full-size gradient;
 * `model.param_dtype=bfloat16` with stochastic rounding, and the deltas'
   Adam moments in bfloat16 (`opt.mu_dtype`, `opt.nu_dtype`);
-* rank 512 (at rank 256 with float32 moments the step needs about 32 GiB).
+* `grad_accum=128`, `batch_size=512`: 128 micro-batches of 4 sequences of
+  256 tokens (131,072 tokens) per optimizer step; the deltas' gradients
+  (already r x D) are accumulated layer by layer, and the refresh picks the
+  new rows from the first micro-batch (docs/trainer.md, "Micro-batches in
+  the reduced space");
+* rank 256: the deltas' accumulators fit beside the weights (H100 compiler:
+  the step peaks at 32.2 GiB, the refresh at 29.5 GiB).
 
-One sequence of 256 tokens per step; the learning rate and refresh interval
-are those of configs/llama_13b.py.
+The learning rate and refresh interval are those of configs/llama_13b.py.
 """
 
 from configs import llama_13b
 
 
 def get_config():
-  """configs/llama_13b.py as GRASS sparse-gradient layers, layer-wise, bf16, rank 512, batch 1."""
+  """configs/llama_13b.py as GRASS sparse-gradient layers, layer-wise, bf16, rank 256, 128 x 4 x 256 tokens."""
   cfg = llama_13b.get_config()
-  cfg.batch_size = 1
+  cfg.batch_size = 512
+  cfg.grad_accum = 128
   cfg.mesh.data = 1  # one device
   cfg.opt.name = "grass"
-  cfg.opt.rank = 512
+  cfg.opt.rank = 256
   cfg.opt.subspace_layers = True
   cfg.opt.layerwise = True
   cfg.model.param_dtype = "bfloat16"

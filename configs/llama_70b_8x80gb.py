@@ -9,7 +9,7 @@ AdamW on the same mesh beside it. What it sets:
 
 * `mesh.fsdp=8`: parameters, optimizer state and batch split over the eight
   devices (each device gathers one layer's weights at a time inside the scan);
-* `opt.layerwise=True`: every layer is updated inside the backward scan, so
+* `configs.base.memory_saving`: `opt.layerwise=True`, every layer is updated inside the backward scan, so
   no program holds the model's gradient;
 * rank 2048, a quarter of d_model as in the GaLore / SubTrack++ 1B and 7B
   runs. The key and value kernels (8192 x 1024) have no side above the
@@ -38,10 +38,4 @@ def get_config():
   cfg.mesh.data = 1
   cfg.mesh.fsdp = 8
   cfg.model.attention = "blockwise"
-  cfg.opt.layerwise = True
-  cfg.model.param_dtype = "bfloat16"
-  cfg.opt.subtrack.quantize_moments = "quantile"
-  cfg.opt.basis_dtype = "bfloat16"
-  cfg.opt.mu_dtype = "bfloat16"
-  cfg.opt.nu_dtype = "bfloat16"
-  return cfg
+  return base.memory_saving(cfg)

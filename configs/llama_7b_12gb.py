@@ -9,7 +9,7 @@ embedding, head and norms in bfloat16 with their Adam moments in bfloat16.
 Batch 16 x 256, every layer updated inside the backward scan.
 
 The memory breakdown (`python -m train --config configs/llama_7b_12gb.py
---dry_run --target=h100`, XLA's GPU compiler) is in docs/int8.md.
+--dry_run --target=h100`, XLA's GPU compiler) is in docs/trainer.md ("int8 kernels").
 """
 
 from configs import llama_7b

@@ -88,6 +88,9 @@ from subspax._state import state_bytes
 from subspax._state import state_shardings
 from subspax._layerwise import layerwise
 from subspax._layerwise import LayerwiseUpdate
+from subspax._reduced import reduce_gradients
+from subspax._reduced import refresh_subspaces
+from subspax._reduced import update_from_reduced
 from subspax import ordering
 from subspax import reparam
 
@@ -123,6 +126,8 @@ __all__ = (
     "path_name",
     "projected_by_name",
     "quantize",
+    "reduce_gradients",
+    "refresh_subspaces",
     "rso",
     "scale_by_apollo",
     "scale_by_apollo_mini",
@@ -142,5 +147,6 @@ __all__ = (
     "stochastic_quantize",
     "stochastic_round",
     "subtrack",
+    "update_from_reduced",
     "with_moment_dtype",
 )

@@ -80,6 +80,9 @@ class StackedMatrix:
       scalar XLA cannot fold); accumulators start from it. A constant zero
       would let XLA fill every parameter's accumulators up front and keep
       them all alive for the whole update.
+    reduced: The matrix's reduced gradient ``R`` (canonical ``(r, D)``,
+      float32) when it is given rather than projected from the stack (the
+      reduced gradients accumulated over micro-batches); None: projected.
   """
 
   stack: jax.Array
@@ -88,6 +91,7 @@ class StackedMatrix:
   rank: int
   right: bool
   zero: Any = 0.0
+  reduced: Any = None
 
   def _zeros(self, shape) -> jax.Array:
     return jnp.full(shape, self.zero, jnp.float32)
@@ -126,6 +130,8 @@ class StackedMatrix:
 
   def project(self) -> jax.Array:
     """The canonical reduced gradient ``R``, ``(r, D)``, float32."""
+    if self.reduced is not None:
+      return self.reduced
     r = self.rank
 
     if not self.right:

@@ -254,7 +254,7 @@ def _scale_by_projected_adam(config: _core_config.Config, route, side: str,
         count=jnp.zeros([], jnp.int32), key=_keys.key_data(key), matrices=matrices)
 
   def update_fn(updates, state, params=None, *, layer=None, refresh=None,
-                **extra_args):
+                refresh_only=False, reduced=None, **extra_args):
     """One step; ``layer``: the stacked leaves hold only that layer.
 
     ``refresh``: ``None`` decides inside the program whether this step
@@ -268,21 +268,52 @@ def _scale_by_projected_adam(config: _core_config.Config, route, side: str,
     ``ProjectedState`` is skipped (its state is returned unchanged): this is
     how :func:`subspax.layerwise` updates a part of the tree while every
     projected parameter keeps its leaf index (its key).
+
+    The two hooks of a step accumulated in the reduced space
+    (:func:`subspax.refresh_subspaces`, ``LayerwiseUpdate.reduce_layer``):
+    ``refresh_only=True`` refreshes the subspaces from ``updates`` (as
+    ``refresh`` decides) and applies the moment policy, but takes no Adam
+    step, leaves ``updates`` and the count unchanged; ``reduced``, a tree
+    like ``updates`` with each projected parameter's reduced gradient
+    (``(*B, r, D)``, float32; None elsewhere), replaces the projection of
+    ``updates``, whose projected leaves then only hold the buffers the
+    updates are written into (never refreshes: a refresh needs the full
+    gradient).
     """
     del params, extra_args
+    if reduced is not None:
+      if refresh:
+        raise ValueError("reduced= gives no full gradient to refresh from; "
+                         "refresh first (refresh_only=True), then pass "
+                         "refresh=False.")
+      if config.recovery or config.output != "back":
+        raise ValueError(
+            "reduced= needs recovery=False and output=\"back\": the recovery "
+            "term and the scaled gradient read the full gradient.")
+      refresh = False
+      reduced_leaves = jax.tree.leaves(
+          reduced, is_leaf=lambda x: x is None or _is_masked(x))
+    else:
+      reduced_leaves = None
     base_key = jax.random.wrap_key_data(state.key)
     flat, treedef = jax.tree.flatten(updates, is_leaf=_is_masked)
     leaf_states = jax.tree.leaves(state.matrices, is_leaf=_is_leaf_state)
     if len(flat) != len(leaf_states):
       raise ValueError("The updates do not have the structure of the state's "
                        "parameters.")
-    update_parameter = _sharding_agnostic(
-        functools.partial(_matrix_loop.update_parameter, config, layer=layer,
-                          refresh=refresh))
+    if reduced_leaves is not None and len(reduced_leaves) != len(flat):
+      raise ValueError("reduced= does not have the structure of the updates.")
     new_updates, new_states, count, index = [], [], state.count, 0
-    for g, leaf_state in zip(flat, leaf_states):
+    for i, (g, leaf_state) in enumerate(zip(flat, leaf_states)):
       if isinstance(leaf_state, _state_types.ProjectedState):
         if not _is_masked(g):
+          reduced_g = None if reduced_leaves is None else reduced_leaves[i]
+          if reduced_leaves is not None and not hasattr(reduced_g, "shape"):
+            raise ValueError(f"reduced= has no reduced gradient for projected "
+                             f"parameter {i}.")
+          update_parameter = _sharding_agnostic(functools.partial(
+              _matrix_loop.update_parameter, config, layer=layer,
+              refresh=refresh, refresh_only=refresh_only, reduced=reduced_g))
           g, leaf_state = update_parameter(
               g, leaf_state, count, _keys.parameter_key(base_key, index))
           # Parameters are updated one after the other: each reads its count
@@ -297,8 +328,9 @@ def _scale_by_projected_adam(config: _core_config.Config, route, side: str,
     new_matrices = jax.tree.structure(
         state.matrices, is_leaf=_is_leaf_state).unflatten(new_states)
     return treedef.unflatten(new_updates), _state_types.SubspaceAdamState(
-        count=optax.safe_int32_increment(state.count), key=state.key,
-        matrices=new_matrices)
+        count=(state.count if refresh_only
+               else optax.safe_int32_increment(state.count)),
+        key=state.key, matrices=new_matrices)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -34,7 +34,10 @@ What cannot be done layer by layer is anything that reads the whole
 gradient before updating: clipping by the global norm
 (``optax.clip_by_global_norm``), or accumulating gradients over micro-batches
 (``optax.MultiSteps``). Such a transformation gives wrong results here; do not
-chain it.
+chain it. Micro-batches are accumulated instead in the reduced space
+(:mod:`subspax._reduced`): ``refresh_layer`` on the first micro-batch of a
+refresh step, ``reduce_layer`` of every micro-batch's layer gradient (summed),
+then ``update_layer(..., reduced=True)`` of the mean.
 
 References:
   Zhao et al., GaLore, section 4.3 (per-layer weight updates),
@@ -52,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from subspax import _reduced
 from subspax import ordering
 
 MaskedNode = optax.MaskedNode
@@ -85,11 +89,22 @@ class LayerwiseUpdate(NamedTuple):
       part; advances the global leaves. Call it once per step, after the
       layers (or before: each call reads the global leaves of the previous
       step).
+    reduce_layer: ``(grads, state, layer) -> reduced``: a layer's gradients
+      (a stacked part, as for ``update_layer``) with each projected one
+      replaced by its reduced gradient in the layer's current subspace
+      (``subspax.reduce_gradients``); linear in ``grads``, so micro-batches
+      add theirs. ``update_layer(reduced, ..., reduced=True)`` steps from
+      (the mean of) them.
+    refresh_layer: ``(grads, state, params, layer, **extra_args) -> state``:
+      the layer's subspaces refreshed from ``grads``, no step
+      (``subspax.refresh_subspaces``; pass ``refresh=``).
   """
 
   split: Callable[[Any], tuple[Any, Any]]
   update_layer: Callable[..., tuple[Any, Any]]
   update_rest: Callable[..., tuple[Any, Any]]
+  reduce_layer: Callable[..., Any]
+  refresh_layer: Callable[..., Any]
 
 
 def layerwise(tx: optax.GradientTransformation, params: Any,
@@ -164,16 +179,33 @@ def layerwise(tx: optax.GradientTransformation, params: Any,
     return (jax.tree.map(lambda x, s: x if s else MaskedNode(), tree, mask),
             jax.tree.map(lambda x, s: MaskedNode() if s else x, tree, mask))
 
-  def update_layer(grads, state, params, layer, **extra_args):
-    add_axis = lambda tree: None if tree is None else jax.tree.map(
-        lambda x: x[None], tree)
+  add_axis = lambda tree: None if tree is None else jax.tree.map(
+      lambda x: x[None], tree)
+  drop_axis = lambda tree: jax.tree.map(lambda x: x[0], tree)
+  layer_shapes = shapes(lambda p, s: with_layers(1)(p, s) if s else MaskedNode())
+
+  def update_layer(grads, state, params, layer, *, reduced=False,
+                   **extra_args):
     sub = _gather(layer_template, state, per_layer, layer)
-    updates, sub = tx.update(add_axis(grads), sub, add_axis(params),
+    grads = add_axis(grads)
+    if reduced:
+      grads, given = _reduced.reduced_arguments(grads, sub, layer_shapes)
+      extra_args = dict(extra_args, reduced=given, refresh=False)
+    updates, sub = tx.update(grads, sub, add_axis(params),
                              layer=layer, **extra_args)
     state = _scatter(state, sub, lambda key: key in per_layer,
                      lambda full, new: jax.lax.dynamic_update_slice_in_dim(
                          full, new.astype(full.dtype), layer, 0))
     return jax.tree.map(lambda u: u[0], updates), state
+
+  def reduce_layer(grads, state, layer):
+    sub = _gather(layer_template, state, per_layer, layer)
+    return drop_axis(_reduced.reduce_gradients(add_axis(grads), sub))
+
+  def refresh_layer(grads, state, params, layer, **extra_args):
+    _, new = update_layer(grads, state, params, layer, refresh_only=True,
+                          **extra_args)
+    return _reduced.keep_subspaces(state, new)
 
   def update_rest(grads, state, params, **extra_args):
     sub = _gather(rest_template, state, per_layer, None)
@@ -182,7 +214,8 @@ def layerwise(tx: optax.GradientTransformation, params: Any,
                      lambda full, new: new)
     return updates, state
 
-  return LayerwiseUpdate(split, update_layer, update_rest)
+  return LayerwiseUpdate(split, update_layer, update_rest, reduce_layer,
+                         refresh_layer)
 
 
 def _broadcast_mask(mask: Any, params: Any) -> Any:

@@ -27,7 +27,8 @@ from subspax import ordering
 def update_parameter(config: _core_config.Config, g: jax.Array,
                      state: _state_types.ProjectedState, count: jax.Array,
                      key: jax.Array, *, layer: Optional[jax.Array] = None,
-                     refresh: Optional[bool] = None):
+                     refresh: Optional[bool] = None, refresh_only: bool = False,
+                     reduced: Optional[jax.Array] = None):
   """Updates every matrix of one projected parameter.
 
   Memory: nothing full-size is added beyond the output. The matrices are
@@ -44,7 +45,10 @@ def update_parameter(config: _core_config.Config, g: jax.Array,
   ``layer``: ``g`` and ``state`` are the slice ``[layer:layer + 1]`` of a
   stacked parameter (the keys are those of its matrices in the stack).
   ``refresh``: whether this step refreshes, if known when tracing (else
-  decided from ``count`` by a conditional per matrix).
+  decided from ``count`` by a conditional per matrix). ``refresh_only``:
+  refresh, take no step, return ``g`` unchanged. ``reduced``: the reduced
+  gradients ``(*B, r, D)`` used instead of projecting ``g`` (the core's
+  ``update_fn`` describes both).
   """
   layout = state.layout
   nb = len(layout.batch_shape)
@@ -55,6 +59,8 @@ def update_parameter(config: _core_config.Config, g: jax.Array,
   # One layer of a stack (`layer` given): its matrices' keys in the stack.
   keys = _keys.matrix_keys(key, num, 0 if layer is None else layer * num)
   stack = layout.to_matrices(g, dtype=g.dtype)  # (num, m, n), a view
+  if reduced is not None:
+    reduced = reduced.reshape((num,) + reduced.shape[nb:])
 
   refreshing = count % config.update_interval == 0
 
@@ -80,13 +86,16 @@ def update_parameter(config: _core_config.Config, g: jax.Array,
       fields_i = jax.lax.cond(refreshing, refresh_matrix, lambda f: f, fields_i)
     elif refresh:
       fields_i = refresh_matrix(fields_i)
+    if refresh_only:
+      return stack, _write_index(fields, fields_i, i)
     if config.stores_basis:
       basis = fields_i.basis
     else:
       basis = config.policy.sample(config.epoch_key(keys[i], count),
                                    layout.d, layout.rank)
-    matrix = _blocks.StackedMatrix(stack, i, basis, layout.rank, right,
-                                   zero=ordering.allocate_late(count))
+    matrix = _blocks.StackedMatrix(
+        stack, i, basis, layout.rank, right, zero=ordering.allocate_late(count),
+        reduced=None if reduced is None else reduced[i])
     stack, new_state = _outputs.update_matrix(config, matrix, fields_i,
                                               count=count)
     return stack, _write_index(fields, new_state, i)

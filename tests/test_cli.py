@@ -97,11 +97,21 @@ def test_small_corpus_short_run_relative_paths(tmp_path):
       "raw, angle", "opt.subspace_layers=True is a mode of opt.name 'grass' or "
       "'rso', not 'subtrack'"]),
     (["--config.opt.subtrack.etaa=0.5"], ["unknown config key 'etaa'"]),
-    # A layer-wise step never holds the whole gradient.
+    # A layer-wise step never holds the whole gradient; its micro-batches add
+    # reduced gradients, which the recovery term and APOLLO cannot use.
     (["--config.opt.layerwise=True", "--config.opt.clip_norm=1.0",
       "--config.grad_accum=2", "--config.model.scan=False"],
      ["3 problems", "needs model.scan=True", "set opt.clip_norm=0",
-      "grad_accum=2 sums micro-batch gradients", "opt.layerwise=False"]),
+      "opt.subtrack.recovery=True adds the residual of the whole batch's full "
+      "gradient; set opt.subtrack.recovery=False or set grad_accum=1",
+      "opt.layerwise=False"]),
+    (["--config.opt.layerwise=True", "--config.grad_accum=2",
+      "--config.opt.name=apollo"],
+     ["opt.name='apollo' scales the full gradient of the whole batch"]),
+    (["--config.opt.layerwise=True", "--config.grad_accum=2",
+      "--config.opt.name=grassjump", "--config.opt.grassjump.recovery=False",
+      "--config.opt.grassjump.store_basis=False"],
+     ["set opt.grassjump.store_basis=True or set grad_accum=1"]),
     (["--config.opt.layerwise=True", "--config.opt.name=optax_galore"],
      ["does not support opt.name='optax_galore'"]),
     # int8 kernels are updated only where the layer-wise step updates a layer.

@@ -97,8 +97,9 @@ def test_vocab_size_comes_from_the_config_or_the_tokenizer_file(tmp_path):
 def test_the_presets_fit_their_budget(preset, target, budget_gib):
   """Every program's peak per device, compiled for H100s by XLA's GPU
   compiler, leaves room for the runtime on a card of the size in the name:
-  the 7B and 13B one-device presets (batch 16 x 256; llama_7b_2k_24gb.py
-  2 x 2048, llama_13b_40gb.py 1 x 256), and llama_70b_8x80gb.py (8 x 4096)
+  llama_7b_24gb.py (32 x 16 x 256 tokens) and llama_13b_40gb.py
+  (128 x 4 x 256), micro-batches accumulated layer-wise; llama_7b_2k_24gb.py
+  (2 x 2048), the int8 presets (16 x 256), and llama_70b_8x80gb.py (8 x 4096)
   within 60 GiB of each of eight 80 GB cards."""
   import importlib  # pylint: disable=g-import-not-at-top
   cfg = importlib.import_module(f"configs.{preset}").get_config()

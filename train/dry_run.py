@@ -25,6 +25,7 @@ from train import checkpoint as checkpoint_lib
 from train import control_flow
 from train import errors
 from train import hf
+from train import layerwise
 from train import memory as memory_lib
 from train import model as model_lib
 from train import targets
@@ -79,7 +80,9 @@ def dry_run(cfg: ml_collections.ConfigDict, target: str = targets.LOCAL
     `params`, `vocab_size`, the device kind and count, the mesh, the compile
     seconds and the config; `target` and `compiler`; `control_flow` (and
     `refresh_control_flow`): the conditionals each program executes per run
-    and its while-loop trip counts (`train.control_flow.count`).
+    and its while-loop trip counts (`train.control_flow.count`);
+    `accumulator_bytes` (`{"reduced", "full"}`) for a layer-wise step with
+    `grad_accum` > 1 (`layerwise.accumulator_bytes`).
 
   Raises:
     ValueError / FileNotFoundError: on bad input, as `train.run` would.
@@ -108,6 +111,10 @@ def dry_run(cfg: ml_collections.ConfigDict, target: str = targets.LOCAL
       **({} if refresh is None else {
           **_byte_fields("refresh_", memory_lib.compiled_memory(refresh)),
           "refresh_control_flow": control_flow.of_compiled(refresh)}),
+      **({} if not (cfg.opt.layerwise and cfg.grad_accum > 1) else {
+          "accumulator_bytes": layerwise.accumulator_bytes(
+              programs.graphdef, programs.tx, programs.param_shapes,
+              state.opt_state)}),
       "state_bytes": subspax.state_bytes(state.opt_state),
       "param_bytes": subspax.state_bytes(state.params),
       "params": int(model_lib.count_params(programs.model_cfg)),
@@ -156,6 +163,13 @@ def report(record: dict[str, Any]) -> str:
   lines = [memory_lib.report(program_sizes(record), record["state_bytes"],
                              record["param_bytes"],
                              program_sizes(record, "refresh_"))]
+  if "accumulator_bytes" in record:
+    acc = record["accumulator_bytes"]
+    lines.append(
+        f"micro-batch accumulators (exact, global; in the train step's "
+        f"temporaries): {memory_lib.mib(acc['reduced'] + acc['full'])}: reduced "
+        f"gradients {memory_lib.mib(acc['reduced'])}, gradients of the "
+        f"unprojected leaves {memory_lib.mib(acc['full'])}")
   if "control_flow" in record:
     lines.append("train step: " + control_flow.summary(record["control_flow"]))
   if "refresh_control_flow" in record:

@@ -22,8 +22,9 @@ each layer's gradient is reduced inside the scan (XLA partitions the scan
 body like the rest of the step).
 
 What reads the whole gradient before the update cannot be combined with it,
-and `validate` refuses it: clipping by the global norm (`opt.clip_norm`) and
-accumulating micro-batches (`grad_accum`).
+and `validate` refuses it: clipping by the global norm (`opt.clip_norm`).
+Micro-batches (`grad_accum`) are accumulated in the reduced space instead
+(`make_accumulating_step`, at the end of this file).
 """
 
 from collections.abc import Callable
@@ -72,15 +73,8 @@ def validate(cfg: Any) -> None:
           "gradient, which a layer-wise step never holds (each layer is updated "
           f"before the next one's gradient exists); set opt.clip_norm=0 {fix}")
 
-  def no_accumulation():
-    if cfg.get("grad_accum", 1) != 1:
-      raise errors.UserError(
-          f"grad_accum={cfg.grad_accum} sums micro-batch gradients before one "
-          "update, but a layer-wise step updates each layer as soon as its "
-          "gradient exists (it would step once per micro-batch); set "
-          f"grad_accum=1 and raise batch_size instead, {fix}")
-
-  errors.gather(scanned, projects_stacks, no_clipping, no_accumulation)
+  errors.gather(scanned, projects_stacks, no_clipping,
+                lambda: validate_accumulation(cfg))
 
 
 def _read_layer(stacks: Any, layer: jax.Array) -> Any:
@@ -308,3 +302,244 @@ def _write_layer(stacks: Any, layer_values: Any, layer: jax.Array) -> Any:
 def _block_graphdef(graphdef: nnx.GraphDef, param_shapes: dict) -> nnx.GraphDef:
   """The graph of one block of the scanned model (its parameters unstacked)."""
   return nnx.split(nnx.merge(graphdef, param_shapes).blocks)[0]
+
+
+# --- Micro-batches accumulated in the reduced space (`grad_accum` > 1) ------
+
+# Methods whose update reads the full gradient of the whole batch, not only
+# its reduced gradient: APOLLO's scaled gradient (and Fira's recovery, a
+# `recovery` option of its own section).
+SCALED_GRADIENT = ("apollo", "apollo_mini")
+
+
+def validate_accumulation(cfg: Any) -> None:
+  """Rejects `grad_accum` > 1 with `opt.layerwise=True` where the reduced-space
+  accumulation is not exact (the update reads the full gradient).
+
+  Raises:
+    UserError: naming the field and the fix.
+  """
+  k = cfg.get("grad_accum", 1)
+  if k == 1 or not cfg.opt.get("layerwise", False):
+    return
+  name, fix = cfg.opt.name, "or set grad_accum=1"
+  if cfg.opt.get("subspace_layers", False):
+    return  # the deltas' gradients are reduced already: plain accumulation
+  section = cfg.opt.get(name, {})
+  if name in SCALED_GRADIENT:
+    raise errors.UserError(
+        f"grad_accum={k} with opt.layerwise=True accumulates reduced gradients, "
+        f"but opt.name='{name}' scales the full gradient of the whole batch; "
+        f"use a projected method (galore, grass, rso, ...) {fix}")
+  if name == "fira" or section.get("recovery", False):
+    field, change = (("opt.name='fira'", "use opt.name='galore'")
+                     if name == "fira" else
+                     (f"opt.{name}.recovery=True",
+                      f"set opt.{name}.recovery=False"))
+    raise errors.UserError(
+        f"grad_accum={k} with opt.layerwise=True accumulates reduced gradients, "
+        f"but {field} adds the residual of the whole batch's full gradient; "
+        f"{change} {fix}")
+  if not section.get("store_basis", True):
+    raise errors.UserError(
+        f"grad_accum={k} with opt.layerwise=True projects each micro-batch on "
+        f"the stored bases, but opt.{name}.store_basis=False; set "
+        f"opt.{name}.store_basis=True {fix}")
+
+
+def first_micro_batch(batch_BxL1: jax.Array, micro_batches: int) -> jax.Array:
+  """Micro-batch 0 of a batch (rows 0, k, 2k, ...: `train`'s split)."""
+  return batch_BxL1[::micro_batches]
+
+
+def make_accumulating_step(graphdef: nnx.GraphDef,
+                           tx: optax.GradientTransformation,
+                           lr: optax.Schedule, param_shapes: dict,
+                           apply_updates: ApplyUpdates, state_type: type,
+                           micro_batches: int,
+                           refresh: bool | None = None) -> Callable:
+  """The layer-wise step of `micro_batches` micro-batches, one update.
+
+  Each micro-batch runs the forward pass and the layer-wise backward scan;
+  per layer, the scan adds the layer's reduced gradients (`S^T G`, GRASS:
+  its selected rows; `LayerwiseUpdate.reduce_layer`) and the full gradients
+  of its unprojected leaves (norms) into accumulators, and the micro-batch
+  adds the gradients of the embedding, final norm and head (every accumulator
+  in its parameter's dtype, as `train.make_train_step` accumulates). On a refresh
+  step, the first micro-batch's backward scan refreshes each layer's
+  subspaces from that micro-batch's gradient before projecting it. After the
+  last micro-batch, a scan over the layers takes the one optimizer step of
+  each layer from the mean of its accumulators, then of the rest: one step
+  count and one schedule step per batch.
+
+  The micro-batches are those of `train.make_train_step` (rows j, j + k, ...);
+  the result equals that step's for the methods whose update reads only the
+  reduced gradient, given the same subspaces (tests/test_accumulation.py).
+  The metric `train/reduced_grad_norm` is the norm of the accumulated
+  quantities (reduced gradients and the other leaves' gradients): the full
+  gradient's norm needs the full gradient, which never exists.
+
+  Args:
+    graphdef, tx, lr, param_shapes, apply_updates, state_type, refresh: As
+      for `make_train_step`.
+    micro_batches: `grad_accum`, at least 2; the batch size is a multiple.
+
+  Returns:
+    The step function `(state, batch) -> (state, metrics)`.
+  """
+  extra = {} if refresh is None else {"refresh": refresh}
+  k = micro_batches
+  trainable_shapes = model_lib.trainable(graphdef, param_shapes)
+  lw = subspax.layerwise(tx, trainable_shapes,
+                         {key: key == BLOCKS for key in trainable_shapes})
+  block_graphdef = _block_graphdef(graphdef, param_shapes)
+
+  def block_apply(params_l, x):
+    return nnx.merge(block_graphdef, params_l)(x)
+
+  def train_step(state, batch_BxL1: jax.Array):
+    trainable, frozen = model_lib.partition(
+        graphdef, state.params, model_lib.TRAINABLE, ...)
+    blocks = trainable.pop(BLOCKS)
+    frozen_blocks = frozen.pop(BLOCKS, {})
+    rest = trainable
+    stacked = model_lib.combine(blocks, frozen_blocks)
+    model = lambda r: nnx.merge(graphdef, model_lib.combine(
+        r, {BLOCKS: stacked}, frozen))
+    masked_rest = _masked_like(rest)
+    b, length = batch_BxL1.shape
+    parts = batch_BxL1.reshape(b // k, k, length).swapaxes(0, 1)
+
+    def micro_batch(carry, part_BxL1, first):
+      opt_state, acc_blocks, acc_rest, loss_sum = carry
+      tokens_BxL, targets_BxL = part_BxL1[:, :-1], part_BxL1[:, 1:]
+      x_BxLxD, embed_vjp = jax.vjp(
+          lambda r: model(r).embed_tokens(tokens_BxL), rest)
+      x_BxLxD, inputs = _forward(block_apply, stacked, x_BxLxD)
+      loss, head_vjp = jax.vjp(
+          lambda r, x: _cross_entropy(model(r).logits(x), targets_BxL),
+          rest, x_BxLxD)
+      head_grads, dx = head_vjp(jnp.ones((), loss.dtype))
+
+      def backward(carry, layer):
+        dx, acc_blocks, opt_state = carry
+        x_l, frozen_l, params_l = _read_layer(
+            (inputs, frozen_blocks, blocks), layer)
+        _, vjp = jax.vjp(
+            lambda p, x: block_apply(model_lib.combine(p, frozen_l), x),
+            params_l, x_l)
+        grads_l, dx = vjp(dx)
+        grads_l = {**masked_rest, BLOCKS: grads_l}
+        if first and refresh is not False:
+          opt_state = lw.refresh_layer(
+              grads_l, opt_state, {**masked_rest, BLOCKS: params_l}, layer,
+              **extra)
+        reduced_l = lw.reduce_layer(grads_l, opt_state, layer)[BLOCKS]
+        # The layer's slices, read first: a bfloat16 stack would otherwise be
+        # converted to float32 whole by XLA's CPU compiler (`_read_layer`).
+        acc_l = _read_layer(acc_blocks, layer)
+        acc_blocks = _write_layer(acc_blocks, jax.tree.map(
+            lambda acc, r: acc + r.astype(acc.dtype), acc_l, reduced_l), layer)
+        return dx, acc_blocks, opt_state
+
+      dx, acc_blocks, opt_state = _backward(backward,
+                                            (dx, acc_blocks, opt_state))
+      embed_grads, = embed_vjp(dx)
+      acc_rest = jax.tree.map(lambda acc, h, e: acc + (h + e).astype(acc.dtype),
+                              acc_rest, head_grads, embed_grads)
+      return opt_state, acc_blocks, acc_rest, loss_sum + loss
+
+    zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                      tree)
+    carry = (state.opt_state,
+             zeros(accumulator_shapes(lw, rest, blocks, state.opt_state)),
+             zeros(rest), jnp.zeros((), jnp.float32))
+    carry = micro_batch(carry, parts[0], first=True)
+    carry, _ = jax.lax.scan(
+        lambda c, part: (micro_batch(c, part, first=False), None), carry,
+        parts[1:])
+    opt_state, acc_blocks, acc_rest, loss_sum = carry
+    mean_rest = jax.tree.map(lambda a: a / k, acc_rest)
+
+    def update(carry, layer):
+      # The mean of each layer's accumulators is taken in its turn (a mean of
+      # the whole stacks would be a second copy of them).
+      opt_state, blocks, sq = carry
+      params_l, reduced_l = _read_layer((blocks, acc_blocks), layer)
+      reduced_l = jax.tree.map(lambda a: a / k, reduced_l)
+      sq = sq + optax.tree.norm(reduced_l, squared=True)
+      # The core reads reduced gradients in float32.
+      reduced_l = jax.tree.map(
+          lambda r, p: r if r.shape == p.shape else r.astype(jnp.float32),
+          reduced_l, params_l)
+      updates_l, opt_state = lw.update_layer(
+          {**masked_rest, BLOCKS: reduced_l}, opt_state,
+          {**masked_rest, BLOCKS: params_l}, layer, reduced=True)
+      new_l = apply_updates({BLOCKS: params_l}, {BLOCKS: updates_l[BLOCKS]},
+                            state.step, layer=layer)[BLOCKS]
+      return opt_state, _write_layer(blocks, new_l, layer), sq
+
+    num_layers = jax.tree.leaves(blocks)[0].shape[0]
+    sq = optax.tree.norm(mean_rest, squared=True)
+    (opt_state, blocks, sq), _ = jax.lax.scan(
+        lambda c, layer: (update(c, layer), None), (opt_state, blocks, sq),
+        jnp.arange(num_layers), reverse=True)
+    masked_blocks = _masked_like(blocks)
+    rest_updates, opt_state = lw.update_rest(
+        {**mean_rest, BLOCKS: masked_blocks}, opt_state,
+        {**rest, BLOCKS: masked_blocks})
+    del rest_updates[BLOCKS]
+    rest = apply_updates(rest, rest_updates, state.step)
+    params = model_lib.combine(rest, {BLOCKS: blocks}, frozen,
+                               {BLOCKS: frozen_blocks})
+    metrics = {"train/loss": loss_sum / k,
+               "train/reduced_grad_norm": jnp.sqrt(sq), "lr": lr(state.step)}
+    return state_type(state.step + 1, params, opt_state), metrics
+
+  return train_step
+
+
+def accumulator_shapes(lw: subspax.LayerwiseUpdate, rest: dict, blocks: Any,
+                       opt_state: Any) -> Any:
+  """The stacked accumulators of the blocks: `(L, *B, r, D)` per projected
+  kernel, the parameter's shape for the others; in the parameter's dtype, as
+  `train.make_train_step` accumulates its gradients."""
+  num_layers = jax.tree.leaves(blocks)[0].shape[0]
+  layer = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype),
+                       blocks)
+  one = jax.eval_shape(lambda g, s: lw.reduce_layer(g, s, 0),
+                       {**_masked_like(rest), BLOCKS: layer}, opt_state)[BLOCKS]
+  return jax.tree.map(
+      lambda x, p: jax.ShapeDtypeStruct((num_layers,) + x.shape, p.dtype),
+      one, blocks)
+
+
+def accumulator_bytes(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                      param_shapes: dict, opt_state: Any) -> dict[str, int]:
+  """Exact bytes of `make_accumulating_step`'s accumulators (global).
+
+  Args:
+    graphdef: The scanned model's graph.
+    tx: The optimizer.
+    param_shapes: The parameters' `jax.ShapeDtypeStruct`s.
+    opt_state: The optimizer state (or its shapes).
+
+  Returns:
+    `{"reduced": ..., "full": ...}`: the projected kernels' reduced-gradient
+    accumulators, and the gradients of every other trainable leaf (norms,
+    embedding, head), each in its parameter's dtype.
+  """
+  trainable = model_lib.trainable(graphdef, param_shapes)
+  blocks = trainable.pop(BLOCKS)
+  lw = subspax.layerwise(tx, {**trainable, BLOCKS: blocks},
+                         {key: key == BLOCKS for key in (*trainable, BLOCKS)})
+  accs = accumulator_shapes(lw, trainable, blocks, opt_state)
+  size = lambda x: x.size * jnp.dtype(x.dtype).itemsize
+  reduced = full = 0
+  for acc, p in zip(jax.tree.leaves(accs), jax.tree.leaves(blocks)):
+    if acc.shape == p.shape:
+      full += size(acc)
+    else:
+      reduced += size(acc)
+  full += sum(size(x) for x in jax.tree.leaves(trainable))
+  return {"reduced": int(reduced), "full": int(full)}

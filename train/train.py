@@ -323,10 +323,18 @@ def build_programs(cfg: ml_collections.ConfigDict, vocab_size: int,
     if cfg.opt.layerwise and model_cfg.reparam == "rows":
       refresh = layerwise.make_refresh(graphdef, param_shapes, plain_graphdef,
                                        plain_shapes, cfg.opt, cfg.seed)
+      if cfg.grad_accum > 1:  # new rows from the first micro-batch's gradient
+        whole_batch_refresh = refresh
+        refresh = lambda state, batch: whole_batch_refresh(
+            state, layerwise.first_micro_batch(batch, cfg.grad_accum))
     else:
       refresh = reparam.make_refresh(lambda p, b: loss_fn(p, plain_graphdef, b),
                                      graphdef, cfg.opt, cfg.seed)
   def step_function(refresh_subspaces: bool | None) -> Callable:
+    if cfg.opt.layerwise and cfg.grad_accum > 1:
+      return layerwise.make_accumulating_step(
+          graphdef, tx, lr, param_shapes, precision.updater(cfg), TrainState,
+          cfg.grad_accum, refresh=refresh_subspaces)
     if cfg.opt.layerwise:
       return layerwise.make_train_step(
           graphdef, tx, lr, param_shapes, precision.updater(cfg), TrainState,
