@@ -298,3 +298,11 @@ def run_presets(name: str, args: Any,
                        "results": results}, None, record)
   write_results(name, payload, render(results, info), args.out)
   partial.remove()
+
+
+def tokens_per_step(preset: dict) -> str:
+  """"B x L" of a preset's step, or "k x B/k x L" where it accumulates k
+  micro-batches."""
+  accum = preset.get("grad_accum", 1)
+  micro = f"{preset['batch'] // accum} x {preset['seq']}"
+  return micro if accum == 1 else f"{accum} x {micro}"

@@ -119,12 +119,13 @@ VARIANTS = {
 }
 # The memory-saving presets, dry-run as they are (`--presets`); a preset with
 # an N-device mesh (llama_70b_8x80gb: fsdp 8) compiles for N of the target.
-PRESETS = ("llama_7b_24gb", "llama_7b_2k_24gb", "llama_13b_40gb",
-           "llama_70b_8x80gb")
+PRESETS = ("llama_7b_12gb", "llama_7b_16gb", "llama_7b_24gb", "llama_7b_2k_24gb",
+           "llama_13b_24gb", "llama_13b_40gb", "llama_70b_8x80gb")
 # AdamW in the shapes, batch and mesh of a preset: what it would need without
 # subspax (float32 weights and moments, one gradient of the whole model).
 ADAMW_OF_PRESET = {"opt.name": "adamw", "opt.layerwise": False,
                    "opt.subspace_layers": False, "model.param_dtype": "float32",
+                   "model.kernel_format": "float",
                    "opt.mu_dtype": "float32", "opt.nu_dtype": "float32"}
 
 
@@ -339,7 +340,8 @@ def dry_run_presets(names: list[str], partial: _common.Partial,
               "devices": devices,
               "state_bytes": record["state_bytes"],
               "param_bytes": record["param_bytes"], "params": record["params"],
-              "batch": cfg.batch_size, "seq": cfg.seq_len, "method": cfg.opt.name,
+              "batch": cfg.batch_size, "seq": cfg.seq_len,
+              "grad_accum": int(cfg.grad_accum), "method": cfg.opt.name,
               "rank": cfg.opt.rank, "compile_s": record["compile_s"]}
     out[name] = partial.get_or_run(f"preset|{name}", run)
     print(f"{name}: peak {out[name]['step']['peak'] / 2**30:.2f} GiB per device",
@@ -357,12 +359,12 @@ def presets_table(presets: dict) -> str:
     step, refresh, adamw = p["step"], p["refresh"], p.get("adamw")
     rows.append([f"`configs/{name}.py`", f"{p['method']} r{p['rank']}",
                  f"{p['params'] / 1e9:.1f}B", str(p.get("devices", 1)),
-                 f"{p['batch']} x {p['seq']}", gib(p["param_bytes"]),
+                 _common.tokens_per_step(p), gib(p["param_bytes"]),
                  gib(p["state_bytes"]), gib(step["temp"]), gib(step["peak"]),
                  gib(refresh["peak"]) if refresh else "-",
                  gib(adamw["peak"]) if adamw else "-"])
   return _common.markdown_table(
-      ["preset", "method", "params", "devices", "batch", "weights",
+      ["preset", "method", "params", "devices", "tokens per step", "weights",
        "optimizer state", "step temp", "step peak", "refresh peak",
        "AdamW peak"], rows)
 

@@ -392,11 +392,11 @@ def presets_summary(out: str) -> str:
     peak = max(p["step"]["peak"], (p["refresh"] or {}).get("peak", 0))
     devices = p.get("devices", 1)
     rows.append([f"[`{name}`](configs/{name}.py)", f"{p['params'] / 1e9:.1f}B",
-                 f"{p['method']} r{p['rank']}", f"{p['batch']} x {p['seq']}",
+                 f"{p['method']} r{p['rank']}", _common.tokens_per_step(p),
                  f"{devices} x H100" if devices > 1 else "1 x H100",
                  gib(peak), gib(p["adamw"]["peak"]) if p.get("adamw") else "-"])
   return "\n".join([
-      _common.markdown_table(["preset", "model", "method", "batch x seq",
+      _common.markdown_table(["preset", "model", "method", "tokens per step",
                               "devices", "peak per device", "AdamW's peak"],
                              rows),
       "",
