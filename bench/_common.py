@@ -306,3 +306,10 @@ def tokens_per_step(preset: dict) -> str:
   accum = preset.get("grad_accum", 1)
   micro = f"{preset['batch'] // accum} x {preset['seq']}"
   return micro if accum == 1 else f"{accum} x {micro}"
+
+
+def method_and_rank(preset: dict) -> str:
+  """"method rR" of a preset record (APOLLO-Mini is rank 1 whatever
+  `opt.rank` says)."""
+  rank = 1 if preset["method"] == "apollo_mini" else preset["rank"]
+  return f"{preset['method']} r{rank}"

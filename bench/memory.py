@@ -357,7 +357,7 @@ def presets_table(presets: dict) -> str:
   rows = []
   for name, p in presets.items():
     step, refresh, adamw = p["step"], p["refresh"], p.get("adamw")
-    rows.append([f"`configs/{name}.py`", f"{p['method']} r{p['rank']}",
+    rows.append([f"`configs/{name}.py`", _common.method_and_rank(p),
                  f"{p['params'] / 1e9:.1f}B", str(p.get("devices", 1)),
                  _common.tokens_per_step(p), gib(p["param_bytes"]),
                  gib(p["state_bytes"]), gib(step["temp"]), gib(step["peak"]),

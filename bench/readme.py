@@ -392,7 +392,7 @@ def presets_summary(out: str) -> str:
     peak = max(p["step"]["peak"], (p["refresh"] or {}).get("peak", 0))
     devices = p.get("devices", 1)
     rows.append([f"[`{name}`](configs/{name}.py)", f"{p['params'] / 1e9:.1f}B",
-                 f"{p['method']} r{p['rank']}", _common.tokens_per_step(p),
+                 _common.method_and_rank(p), _common.tokens_per_step(p),
                  f"{devices} x H100" if devices > 1 else "1 x H100",
                  gib(peak), gib(p["adamw"]["peak"]) if p.get("adamw") else "-"])
   return "\n".join([

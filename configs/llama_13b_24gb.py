@@ -12,18 +12,9 @@ The memory breakdown (`python -m train --config configs/llama_13b_24gb.py
 """
 
 from configs import llama_13b
+from configs import llama_7b_12gb
 
 
 def get_config():
   """configs/llama_13b.py as APOLLO-Mini, layer-wise, int8 kernels, bf16 rest, batch 16."""
-  cfg = llama_13b.get_config()
-  cfg.batch_size = 16
-  cfg.mesh.data = 1  # one device
-  cfg.opt.name = "apollo_mini"
-  cfg.opt.learning_rate = 1e-2  # as configs/llama_7b_12gb.py
-  cfg.opt.layerwise = True
-  cfg.model.param_dtype = "bfloat16"
-  cfg.model.kernel_format = "int8"
-  cfg.opt.mu_dtype = "bfloat16"
-  cfg.opt.nu_dtype = "bfloat16"
-  return cfg
+  return llama_7b_12gb.apollo_mini_int8(llama_13b.get_config())

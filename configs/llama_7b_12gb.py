@@ -15,9 +15,8 @@ The memory breakdown (`python -m train --config configs/llama_7b_12gb.py
 from configs import llama_7b
 
 
-def get_config():
-  """configs/llama_7b.py as APOLLO-Mini, layer-wise, int8 kernels, bf16 rest, batch 16."""
-  cfg = llama_7b.get_config()
+def apollo_mini_int8(cfg):
+  """`cfg` as APOLLO-Mini, layer-wise, int8 kernels, bf16 rest, one device, batch 16 (in place)."""
   cfg.batch_size = 16
   cfg.mesh.data = 1  # one device
   cfg.opt.name = "apollo_mini"
@@ -28,3 +27,8 @@ def get_config():
   cfg.opt.mu_dtype = "bfloat16"
   cfg.opt.nu_dtype = "bfloat16"
   return cfg
+
+
+def get_config():
+  """configs/llama_7b.py as APOLLO-Mini, layer-wise, int8 kernels, bf16 rest, batch 16."""
+  return apollo_mini_int8(llama_7b.get_config())

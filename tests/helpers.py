@@ -99,6 +99,23 @@ def records(workdir):
   return {r["step"]: r for r in metrics_lib.read(str(workdir))}
 
 
+def assert_resume_is_bit_exact(cfg, tmp_path, stop_after: int):
+  """Runs ``cfg`` straight, then stopped after ``stop_after`` steps and
+  resumed; asserts the same final state and losses. Returns the straight
+  run and its records."""
+  from train import train  # pylint: disable=g-import-not-at-top
+  straight = train.run(cfg, str(tmp_path / "straight"))
+  cfg.stop_after = stop_after
+  train.run(cfg, str(tmp_path / "split"))
+  cfg.stop_after = 0
+  resumed = train.run(cfg, str(tmp_path / "split"))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.state),
+               jax.device_get(straight.state))
+  a, b = records(tmp_path / "straight"), records(tmp_path / "split")
+  assert [a[s]["train/loss"] for s in a] == [b[s]["train/loss"] for s in a]
+  return straight, a
+
+
 def decaying_spectrum(key, d, big_d, decay=0.8):
   """A random ``(d, D)`` matrix with singular values ``decay**k``, like gradients."""
   from subspax import _linalg  # pylint: disable=g-import-not-at-top

@@ -124,6 +124,7 @@ def test_precision_reports_each_variant_against_float32(tmp_path):
 
   with mock.patch.object(convergence, "run_config", fake_run):
     precision.main(["--steps", "4", "--out", str(tmp_path),
+                    "--variants", "float32,bf16_sr,bf16_rn",
                     "--workdir", str(tmp_path / "w")])
   payload = json.loads((tmp_path / "precision.json").read_text())
   (call,) = payload["calls"]

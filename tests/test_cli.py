@@ -118,6 +118,10 @@ def test_small_corpus_short_run_relative_paths(tmp_path):
     (["--config.model.kernel_format=int8"],
      ["model.kernel_format=int8 updates each layer's int8 kernels inside the "
       "backward scan and needs opt.layerwise=True", "model.kernel_format=float"]),
+    (["--config.model.kernel_format=int8", "--config.opt.layerwise=True",
+      "--config.grad_accum=2"],
+     ["model.kernel_format=int8 is not implemented with micro-batch "
+      "accumulation (grad_accum=2); set grad_accum=1"]),
     (["--config.model.kernel_format=int4"],
      ["model.kernel_format must be one of float, int8, got 'int4'"]),
     (["--config.grad_accum=3"], ["batch_size=8 must be a multiple of grad_accum=3"]),

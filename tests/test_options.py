@@ -189,7 +189,7 @@ def test_every_method_option_reaches_its_factory(name, monkeypatch):
     return optax.identity()
 
   monkeypatch.setattr(optimizers, "subspax", types.SimpleNamespace(
-      METHODS={name: factory}))
+      METHODS={name: factory}, with_moment_dtype=lambda tx, dtype: tx))
   options = config_base.options(name)
   values = {key: _other(option) for key, option in options.items()}
   opt = _opt(name=name, rank=5, update_interval=7, b1=0.5, b2=0.6, eps=0.7)

@@ -252,7 +252,7 @@ def test_two_processes_train_together(corpus, tmp_path, corpus_kind):
     (dict(opt__rank=32, opt__projected="attn"), ValueError,
      "smallest projected dimension 32 .* or leave it out of opt.projected"),
     (dict(model__attention="flash"), ValueError,
-     "model.attention must be one of xla, blockwise, got 'flash'"),
+     "model.attention must be one of auto, xla, blockwise, got 'flash'"),
     (dict(model__attention_block=0), ValueError,
      "model.attention_block must be a positive int, got 0"),
     (dict(opt__name="apollo", opt__apollo__scale_type="row"), ValueError,

@@ -123,22 +123,10 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   """
   extra = {} if refresh is None else {"refresh": refresh}
   dtype = nnx.merge(graphdef, param_shapes).cfg.param_dtype
-  # int8 kernels: the optimizer acts on the float weights they stand for.
-  trainable_shapes = model_lib.as_float(
-      model_lib.trainable(graphdef, param_shapes), dtype)
-  lw = subspax.layerwise(tx, trainable_shapes,
-                         {k: k == BLOCKS for k in trainable_shapes})
-  block_graphdef = _block_graphdef(graphdef, param_shapes)
-
-  def block_apply(params_l, x):
-    return nnx.merge(block_graphdef, params_l)(x)
+  lw, block_apply = _layer_updates(graphdef, tx, param_shapes)
 
   def train_step(state, batch_BxL1: jax.Array):
-    trainable, frozen = model_lib.partition(
-        graphdef, state.params, model_lib.TRAINABLE, ...)
-    blocks = trainable.pop(BLOCKS)
-    frozen_blocks = frozen.pop(BLOCKS, {})
-    rest = trainable
+    blocks, frozen_blocks, rest, frozen = _split_blocks(graphdef, state.params)
     model = lambda r: nnx.merge(graphdef, model_lib.combine(
         r, {BLOCKS: model_lib.combine(blocks, frozen_blocks)}, frozen))
     tokens_BxL, targets_BxL = batch_BxL1[:, :-1], batch_BxL1[:, 1:]
@@ -299,6 +287,27 @@ def _write_layer(stacks: Any, layer_values: Any, layer: jax.Array) -> Any:
       stacks, layer_values)
 
 
+def _layer_updates(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                   param_shapes: dict) -> tuple[Any, Callable]:
+  """`subspax.layerwise`'s calls of `tx` over the stacked blocks, and the
+  function `(one layer's params, x) -> block(x)`. The optimizer acts on the
+  float weights that int8 kernels stand for."""
+  dtype = nnx.merge(graphdef, param_shapes).cfg.param_dtype
+  trainable_shapes = model_lib.as_float(
+      model_lib.trainable(graphdef, param_shapes), dtype)
+  lw = subspax.layerwise(tx, trainable_shapes,
+                         {k: k == BLOCKS for k in trainable_shapes})
+  block_graphdef = _block_graphdef(graphdef, param_shapes)
+  return lw, lambda params_l, x: nnx.merge(block_graphdef, params_l)(x)
+
+
+def _split_blocks(graphdef: nnx.GraphDef, params: dict) -> tuple[dict, ...]:
+  """`(trainable blocks, frozen blocks, other trainable, other frozen)`."""
+  trainable, frozen = model_lib.partition(graphdef, params,
+                                          model_lib.TRAINABLE, ...)
+  return trainable.pop(BLOCKS), frozen.pop(BLOCKS, {}), trainable, frozen
+
+
 def _block_graphdef(graphdef: nnx.GraphDef, param_shapes: dict) -> nnx.GraphDef:
   """The graph of one block of the scanned model (its parameters unstacked)."""
   return nnx.split(nnx.merge(graphdef, param_shapes).blocks)[0]
@@ -389,20 +398,10 @@ def make_accumulating_step(graphdef: nnx.GraphDef,
   """
   extra = {} if refresh is None else {"refresh": refresh}
   k = micro_batches
-  trainable_shapes = model_lib.trainable(graphdef, param_shapes)
-  lw = subspax.layerwise(tx, trainable_shapes,
-                         {key: key == BLOCKS for key in trainable_shapes})
-  block_graphdef = _block_graphdef(graphdef, param_shapes)
-
-  def block_apply(params_l, x):
-    return nnx.merge(block_graphdef, params_l)(x)
+  lw, block_apply = _layer_updates(graphdef, tx, param_shapes)
 
   def train_step(state, batch_BxL1: jax.Array):
-    trainable, frozen = model_lib.partition(
-        graphdef, state.params, model_lib.TRAINABLE, ...)
-    blocks = trainable.pop(BLOCKS)
-    frozen_blocks = frozen.pop(BLOCKS, {})
-    rest = trainable
+    blocks, frozen_blocks, rest, frozen = _split_blocks(graphdef, state.params)
     stacked = model_lib.combine(blocks, frozen_blocks)
     model = lambda r: nnx.merge(graphdef, model_lib.combine(
         r, {BLOCKS: stacked}, frozen))

@@ -71,6 +71,10 @@ def validate_kernel_format(cfg: Any) -> None:
         "model.kernel_format=int8 updates each layer's int8 kernels inside the "
         "backward scan and needs opt.layerwise=True and model.scan=True; set "
         f"--config.opt.layerwise=True --config.model.scan=True {fix}")
+  if isinstance(cfg.get("grad_accum"), int) and cfg.grad_accum > 1:
+    raise errors.UserError(
+        "model.kernel_format=int8 is not implemented with micro-batch "
+        f"accumulation (grad_accum={cfg.grad_accum}); set grad_accum=1 {fix}")
   if cfg.opt.get("subspace_layers", False):
     raise errors.UserError(
         "model.kernel_format=int8 does not combine with opt.subspace_layers=True "
