@@ -429,7 +429,7 @@ def make_accumulating_step(graphdef: nnx.GraphDef,
             params_l, x_l)
         grads_l, dx = vjp(dx)
         grads_l = {**masked_rest, BLOCKS: grads_l}
-        if first and refresh is not False:
+        if first:
           opt_state = lw.refresh_layer(
               grads_l, opt_state, {**masked_rest, BLOCKS: params_l}, layer,
               **extra)
@@ -453,10 +453,11 @@ def make_accumulating_step(graphdef: nnx.GraphDef,
     carry = (state.opt_state,
              zeros(accumulator_shapes(lw, rest, blocks, state.opt_state)),
              zeros(rest), jnp.zeros((), jnp.float32))
-    carry = micro_batch(carry, parts[0], first=True)
+    if refresh is not False:  # the first micro-batch may refresh: traced apart
+      carry = micro_batch(carry, parts[0], first=True)
+      parts = parts[1:]
     carry, _ = jax.lax.scan(
-        lambda c, part: (micro_batch(c, part, first=False), None), carry,
-        parts[1:])
+        lambda c, part: (micro_batch(c, part, first=False), None), carry, parts)
     opt_state, acc_blocks, acc_rest, loss_sum = carry
     mean_rest = jax.tree.map(lambda a: a / k, acc_rest)
 
@@ -528,17 +529,12 @@ def accumulator_bytes(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     accumulators, and the gradients of every other trainable leaf (norms,
     embedding, head), each in its parameter's dtype.
   """
+  lw, _ = _layer_updates(graphdef, tx, param_shapes)
   trainable = model_lib.trainable(graphdef, param_shapes)
   blocks = trainable.pop(BLOCKS)
-  lw = subspax.layerwise(tx, {**trainable, BLOCKS: blocks},
-                         {key: key == BLOCKS for key in (*trainable, BLOCKS)})
   accs = accumulator_shapes(lw, trainable, blocks, opt_state)
-  size = lambda x: x.size * jnp.dtype(x.dtype).itemsize
-  reduced = full = 0
-  for acc, p in zip(jax.tree.leaves(accs), jax.tree.leaves(blocks)):
-    if acc.shape == p.shape:
-      full += size(acc)
-    else:
-      reduced += size(acc)
-  full += sum(size(x) for x in jax.tree.leaves(trainable))
-  return {"reduced": int(reduced), "full": int(full)}
+  pairs = list(zip(jax.tree.leaves(accs), jax.tree.leaves(blocks)))
+  full = [acc for acc, p in pairs if acc.shape == p.shape]
+  reduced = [acc for acc, p in pairs if acc.shape != p.shape]
+  return {"reduced": subspax.state_bytes(reduced),
+          "full": subspax.state_bytes([full, trainable])}
