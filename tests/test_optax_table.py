@@ -174,13 +174,19 @@ def test_state_bytes_match_the_documented_formula(name):
 
 
 def test_compiled_peak_is_below_adam_and_optax_galore():
-  """1024 x 1024 at rank 128 (the single-matrix case): the peak of train.memory, state donated."""
+  """1024 x 1024 at rank 128 (the single-matrix case): the peak of train.memory.
+
+  Gradients and state are donated, as in a train step (the README's optax
+  example). With the gradients kept, XLA 0.12's Adam needs no temporary at
+  all and a subspace update copies the gradient once: that case is measured
+  by bench.update_memory and documented there, not asserted here.
+  """
   params = {"w": jnp.zeros((1024, 1024))}
   grads = {"w": jax.random.normal(jax.random.key(0), (1024, 1024))}
 
   def peak(tx):
     state = tx.init(params)
-    compiled = jax.jit(tx.update, donate_argnums=1).lower(
+    compiled = jax.jit(tx.update, donate_argnums=(0, 1)).lower(
         grads, state, params).compile()
     return memory.compiled_memory(compiled)["peak"]
 

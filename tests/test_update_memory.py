@@ -26,9 +26,14 @@ _REFERENCE = np.load(make_update_fixture.OUT)
 
 
 # The blocked projection sums S^T G in another order (float32 rounding,
-# ~1e-7); the geodesic refresh (top singular pair of a near-degenerate r x r
-# problem) amplifies that to ~3e-5 in the next interval's updates.
-_TOLERANCE = {"subtrack": 1e-4, "grasswalk": 1e-4}
+# ~1e-7 on the jax that recorded the fixture). Another XLA release fuses and
+# orders reductions differently: ~4e-6 of the largest update on jax 0.12.1.
+# An SVD or the geodesic refresh (the top singular pair of a near-degenerate
+# r x r problem) amplifies that to ~3e-5 in the next interval's updates.
+# A wrong formula moves updates by O(1), far above either tolerance.
+_TOLERANCE = {"subtrack": 1e-4, "grasswalk": 1e-4, "galore": 1e-4,
+              "fira": 1e-4}
+_DEFAULT_TOLERANCE = 2e-5
 
 
 @pytest.mark.parametrize("case", sorted(make_update_fixture.CASES))
@@ -39,7 +44,7 @@ def test_updates_equal_the_recorded_ones(case):
     want = _REFERENCE[name]
     scale = np.max(np.abs(want)) + 1e-30
     np.testing.assert_array_less(np.max(np.abs(value - want)) / scale,
-                                 _TOLERANCE.get(case, 1e-6), err_msg=name)
+                                 _TOLERANCE.get(case, _DEFAULT_TOLERANCE), err_msg=name)
 
 
 def _update_temp_bytes(tx, shape, num_leaves=1):
