@@ -108,15 +108,37 @@ def parse_spec(spec: str, methods: list[str]) -> tuple[str, bool, list[str]]:
   return size, layout == "scan", [m for m in chosen if m in methods]
 
 
+# Every weight and optimizer state in 2 bytes.
+LAYERWISE_BF16 = {"opt.layerwise": True, "model.param_dtype": "bfloat16",
+                  "opt.mu_dtype": "bfloat16", "opt.nu_dtype": "bfloat16",
+                  "opt.basis_dtype": "bfloat16"}
+# `configs.base.memory_saving` as overrides: also the method's reduced moments in
+# 8 bits ("{method}": the section of the method compiled; AdamW has none).
+MEMORY_SAVING = {**LAYERWISE_BF16, "opt.{method}.quantize_moments": "quantile"}
 # What-fits variants: config overrides on top of a preset (`--fit_variants`).
 VARIANTS = {
     "plain": {},
     "layerwise": {"opt.layerwise": True},
-    # Every weight and optimizer state in 2 bytes (8-bit moments: the presets).
-    "layerwise+bf16": {"opt.layerwise": True, "model.param_dtype": "bfloat16",
-                       "opt.mu_dtype": "bfloat16", "opt.nu_dtype": "bfloat16",
-                       "opt.basis_dtype": "bfloat16"},
+    "layerwise+bf16": LAYERWISE_BF16,
+    # The memory-saving precision with the blocks' kernels in int8
+    # (configs/llama_7b_16gb.py's recipe).
+    "layerwise+int8": {**MEMORY_SAVING, "model.kernel_format": "int8"},
 }
+
+
+def variant_overrides(variant: str, name: str) -> dict:
+  """`VARIANTS[variant]` for method `name`: "{method}" keys name its section;
+  AdamW has no method section (those keys are dropped) and no basis."""
+  out = {}
+  for key, value in VARIANTS[variant].items():
+    if "{method}" in key:
+      if name not in subspax.METHODS:
+        continue
+      key = key.format(method=name)
+    out[key] = value
+  if name == "adamw" and "opt.basis_dtype" in out:
+    out["opt.basis_dtype"] = "float32"  # (unused by adamw)
+  return out
 # The memory-saving presets, dry-run as they are (`--presets`); a preset with
 # an N-device mesh (llama_70b_8x80gb: fsdp 8) compiles for N of the target.
 PRESETS = ("llama_7b_12gb", "llama_7b_16gb", "llama_7b_24gb", "llama_7b_2k_24gb",
@@ -139,9 +161,7 @@ def compile_case(size: str, scan: bool, name: str, args,
   cfg.model.scan = scan
   cfg.batch_size, cfg.seq_len = args.batch, args.seq
   cfg.mesh.data = 1  # one device: the per-device peak of an unsharded run
-  cfg.update_from_flattened_dict(VARIANTS[variant])
-  if name == "adamw" and "opt.basis_dtype" in VARIANTS[variant]:
-    cfg.opt.basis_dtype = "float32"  # (unused by adamw)
+  cfg.update_from_flattened_dict(variant_overrides(variant, name))
   record = dry_run.dry_run(cfg, getattr(args, "target", ""))
   mem = dry_run.run_sizes(record)  # the larger of the ordinary and refresh steps
   mem["argument_plus_temp"] = mem["argument"] + mem["temp"]
@@ -386,15 +406,17 @@ def merge(earlier: dict, results: list[dict], fits: dict | None, args) -> tuple:
 
 
 def merge_fits(earlier: dict | None, fits: dict | None) -> dict | None:
-  """This run's what-fits rows over an earlier run's (same budgets and sizes):
-  the rows of the methods and variants measured now replace the earlier ones,
-  the others are kept."""
-  same = lambda key: earlier.get(key) == fits.get(key)
+  """This run's what-fits rows over an earlier run's (same sizes): the rows of
+  the methods and variants measured now replace the earlier ones, the others
+  are kept. The budgets are the union of both runs'; a row holds an answer
+  only for the budgets of the run that measured it."""
   if not (fits and earlier and "peaks" in earlier and "peaks" in fits
-          and same("budgets_gib") and same("sizes")):
+          and earlier.get("sizes") == fits.get("sizes")):
     return fits or earlier
-  return dict(fits, **{key: {**earlier.get(key, {}), **fits[key]}
-                       for key in ("peaks", "largest", "variants")})
+  budgets = sorted(set(earlier["budgets_gib"]) | set(fits["budgets_gib"]))
+  return dict(fits, budgets_gib=budgets,
+              **{key: {**earlier.get(key, {}), **fits[key]}
+                 for key in ("peaks", "largest", "variants")})
 
 
 def _compiler(target: targets.Target) -> dict:

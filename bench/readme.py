@@ -277,35 +277,58 @@ def memory_section(record: dict | None) -> Section:
   return next(s for s in SECTIONS if s.name == name)
 
 
+# What a row suffix of the fits table means (bench.memory's VARIANTS).
+VARIANT_ABOUT = {
+    "layerwise": "each layer updated inside the backward scan (`opt.layerwise`)",
+    "layerwise+bf16": "also bfloat16 weights (stochastic rounding), moments "
+                      "and bases",
+    "layerwise+int8": "layer-wise in the memory-saving precision of the large "
+                      "presets (`configs.base.memory_saving`: bfloat16 weights, "
+                      "bases and unprojected moments, the method's reduced "
+                      "moments in 8 bits) with the blocks' kernels in int8 "
+                      "(`model.kernel_format=int8`, stochastic rounding)",
+}
+
+
 def fits_table(out: str, name: str = "memory") -> str | None:
   """The 'what fits' table of `name`.json (bench.memory --fits), or None.
 
   Per method and device-memory budget: the largest LLaMA preset whose
   compiled train step fits, with its peak; then every peak that was compiled
-  to find it.
+  to find it. A row searched at fewer budgets than the table's (rows merged
+  from runs with other `--fits`) shows '-' under the others.
   """
   fits = (load(out, name) or {}).get("fits")
   if not fits:
     return None
   gib = lambda b: f"{b / 2**30:.1f}"
   label = lambda size: size.upper()
+
+  def answer(largest: dict, peaks: dict, budget) -> str:
+    if str(budget) not in largest:
+      return "-"
+    size = largest[str(budget)]
+    return f"{label(size)} ({gib(peaks[size])})" if size else "none"
+
   rows, peak_rows = [], []
   for name, largest in fits["largest"].items():
     peaks = fits["peaks"][name]
-    rows.append([name] + [
-        f"{label(largest[str(b)])} ({gib(peaks[largest[str(b)]])})"
-        if largest[str(b)] else "none" for b in fits["budgets_gib"]])
+    rows.append([name] + [answer(largest, peaks, b) for b in fits["budgets_gib"]])
     peak_rows.append([name] + [gib(peaks[s]) if s in peaks else "-"
                                for s in fits["sizes"]])
   budgets = [f"{b} GiB" for b in fits["budgets_gib"]]
+  variants = [v for v in fits.get("variants") or VARIANT_ABOUT
+              if v in VARIANT_ABOUT]
+  partial = any(str(b) not in largest for largest in fits["largest"].values()
+                for b in fits["budgets_gib"])
   return "\n".join([
       f"Largest LLaMA preset whose compiled train step fits each device memory "
       f"budget, and its peak in GiB (batch {fits['batch']} x seq {fits['seq']}, "
       f"bf16 compute, remat, scanned layers, one device; peak = argument + temp "
       f"+ output - alias of XLA's `memory_analysis()`). Rows: the method with "
-      f"float32 weights and optimizer states; `+layerwise`: each layer updated "
-      f"inside the backward scan (`opt.layerwise`); `+layerwise+bf16`: also "
-      f"bfloat16 weights (stochastic rounding), moments and bases.", "",
+      f"float32 weights and optimizer states"
+      + "".join(f"; `+{v}`: {VARIANT_ABOUT[v]}" for v in variants) + "."
+      + (" '-': the row was not searched at that budget." if partial else ""), "",
       _common.markdown_table(["method", *budgets], rows), "",
       "Compiled peaks in GiB ('-': not needed for the answer, not compiled):", "",
       _common.markdown_table(["method", *map(label, fits["sizes"])], peak_rows),

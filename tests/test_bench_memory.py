@@ -87,6 +87,39 @@ def test_merged_fits_keep_the_rows_not_compiled_again():
   assert list(fits["variants"]) == ["plain", "layerwise"]
 
 
+def test_merged_fits_take_the_union_of_the_budgets():
+  table = lambda rows, budgets: {
+      "budgets_gib": budgets, "sizes": ["1b", "7b"], "variants": {},
+      "peaks": {r: {"7b": 20 * GIB} for r in rows},
+      "largest": {r: {str(b): "7b" for b in budgets} for r in rows}}
+  fits = memory.merge_fits(table(["adamw"], [24, 40]),
+                           table(["subtrack+layerwise+int8"], [12, 24]))
+  assert fits["budgets_gib"] == [12, 24, 40]
+  # Each row keeps the budgets it was searched at, nothing more.
+  assert fits["largest"] == {"adamw": {"24": "7b", "40": "7b"},
+                             "subtrack+layerwise+int8": {"12": "7b", "24": "7b"}}
+  # Other sizes: the rows cannot share a table, this run's replace them.
+  other = dict(table(["grass"], [12]), sizes=["7b"])
+  assert memory.merge_fits(table(["adamw"], [24]), other) == other
+
+
+@pytest.mark.parametrize("method", ["subtrack", "apollo_mini", "grass"])
+def test_the_int8_variant_is_the_presets_memory_saving_precision(method):
+  from configs import base  # pylint: disable=import-outside-toplevel
+  variant = base.get_base_config()
+  variant.opt.name = method
+  variant.update_from_flattened_dict(
+      memory.variant_overrides("layerwise+int8", method))
+  expected = base.get_base_config()
+  expected.opt.name = method
+  base.memory_saving(expected).model.kernel_format = "int8"
+  assert variant.to_dict() == expected.to_dict()
+  # AdamW has no method section (so no 8-bit moments) and no basis.
+  adamw = memory.variant_overrides("layerwise+int8", "adamw")
+  assert adamw["opt.basis_dtype"] == "float32"
+  assert not any("quantize_moments" in key for key in adamw)
+
+
 def test_readme_renders_the_fits_table(compiles, tmp_path):
   fits = memory.what_fits([24, 80], ["adamw", "subtrack"], args(),
                           _common.Partial(str(tmp_path), "memory"))
@@ -96,7 +129,20 @@ def test_readme_renders_the_fits_table(compiles, tmp_path):
   assert "| adamw | 1B (20.0) | 1B (20.0) |" in lines
   assert "| subtrack | 1B (15.0) | 7B (70.0) |" in lines
   assert "| subtrack | - | - | - | 15.0 | 70.0 | 130.0 |" in lines
+  assert "not searched" not in lines[0]
   assert readme.fits_table(str(tmp_path / "none")) is None
+  # A row merged from a run at other budgets: '-' where it was not searched,
+  # 'none' where nothing fits.
+  fits = memory.merge_fits(fits, memory.what_fits(
+      [0.5, 24], ["subtrack"], args(), _common.Partial(str(tmp_path), "memory"),
+      ("layerwise+int8",)))
+  with open(tmp_path / "memory.json", "w") as f:
+    json.dump({"fits": fits}, f)
+  lines = readme.fits_table(str(tmp_path)).splitlines()
+  assert "| adamw | - | 1B (20.0) | 1B (20.0) |" in lines
+  assert "| subtrack+layerwise+int8 | none | 1B (15.0) | - |" in lines
+  assert "'-': the row was not searched at that budget." in lines[0]
+  assert "`+layerwise+int8`: layer-wise in the memory-saving precision" in lines[0]
 
 
 def test_presets_compile_for_their_own_mesh_beside_adamw(monkeypatch, tmp_path):
