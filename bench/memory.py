@@ -49,6 +49,9 @@ in scanned tables).
   python -m bench.memory --sizes 60m --methods adamw,subtrack --fits ''
   python -m bench.memory --sizes 7b:scan,13b:scan --merge   # re-measure the big
       # presets and the fits table, keep the other sizes of bench/results/memory.json
+  python -m bench.memory --target h100 --merge --sizes '' --presets '' \
+      --fits 12,16,24,40,80 --fit_variants layerwise+int8 \
+      --fit_methods subtrack,apollo_mini   # add only these fits rows
 """
 
 import argparse
