@@ -10,7 +10,10 @@ measured here) and writes
 * in `README.md`, the text between the markers `<!-- bench:summary -->` and
   `<!-- /bench:summary -->`: the same summary table; between
   `<!-- bench:presets -->` and `<!-- /bench:presets -->`: the memory-saving
-  presets' peaks beside AdamW's, compiled for H100s.
+  presets' peaks beside AdamW's, compiled for H100s; between
+  `<!-- bench:published -->` and `<!-- /bench:published -->`: the papers'
+  memory figures (`PUBLISHED`, typed with where each paper gives them) beside
+  the presets' compiled peaks.
 
 So every figure the documentation shows comes from the result files, and the
 README and the results page cannot disagree.
@@ -20,6 +23,7 @@ README and the results page cannot disagree.
 """
 
 import argparse
+import importlib
 import os
 import re
 import sys
@@ -32,7 +36,7 @@ from bench import _common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBSPAX = tuple(subspax.METHODS)
-MARKERS = ("summary", "presets")
+MARKERS = ("summary", "presets", "published")
 
 
 class Section(NamedTuple):
@@ -71,6 +75,11 @@ SECTIONS = (
             "compiled for H100s, beside AdamW in the same shapes, batch and "
             "mesh (float32 weights and moments). GiB; temporaries and peaks "
             "per device, weights and optimizer state over all devices."),
+    Section("memory_h100_published", "The presets beside the published figures",
+            "Each paper's headline memory figure, with its setting and how it "
+            "was obtained, beside the subspax presets for the same model and "
+            "a device of that size, compiled for one H100 "
+            "(`memory_h100.json`)."),
     Section("memory", "Memory of the train step, 60M to 7B, CPU compiler",
             "The same train steps compiled by XLA's CPU compiler, in both "
             "layouts. Compare methods within one table: the scanned and "
@@ -341,6 +350,8 @@ def fits_table(out: str, name: str = "memory") -> str | None:
 def _table(out: str, name: str) -> str | None:
   if name.endswith("_fits"):
     return fits_table(out, name[:-len("_fits")])
+  if name.endswith("_published"):
+    return published_table(out, name[:-len("_published")], detail=True)
   path = os.path.join(out, f"{name}.md")
   if not os.path.exists(path):
     return None
@@ -361,7 +372,7 @@ def results_page(out: str) -> str:
     table = _table(out, section.name)
     if table is None:
       continue
-    source = section.name.replace("_fits", "").replace("_presets", "")
+    source = re.sub(r"_(fits|presets|published)$", "", section.name)
     body = [f"## {section.title}", "", section.about, ""]
     if section.image:
       body += [f"![{section.title}]({relative}/{section.image})", ""]
@@ -429,6 +440,117 @@ def presets_summary(out: str) -> str:
       "batch and mesh ([presets](docs/results.md#the-memory-saving-presets-on-h100s))."])
 
 
+class Published(NamedTuple):
+  """A paper's memory figure, and the presets shown beside it."""
+  method: str  # the paper's method
+  arxiv: str  # its arXiv id
+  claim: str  # the figure, as the paper states it
+  setting: str  # what the paper's figure trains, in short
+  source: str  # where the paper gives it, and how it was obtained
+  presets: tuple[str, ...]  # configs/<name>.py, dry-run in memory_h100.json
+
+
+# The papers' own figures (typed here, with where each paper states it); the
+# presets' figures are read from the results.
+PUBLISHED = (
+    Published("GaLore", "2403.03507", "LLaMA-7B in 22.0 GB",
+              "8-bit Adam in the subspace, per-layer weight updates, BF16 "
+              "weights, a token batch of 256, no activation checkpointing",
+              "measured on one GPU (Sec. 5.5 and Fig. 4), within the 24 GB "
+              "of an RTX 4090; the paper's Fig. 1 is an estimate for the same "
+              "setting", ("llama_7b_24gb",)),
+    Published("Q-GaLore", "2407.08296", "LLaMA-7B in about 15 GB",
+              "INT8 weights with stochastic rounding, INT4 projections, "
+              "8-bit Adam, per-layer weight updates",
+              "end-to-end measurement (Sec. 4.2.2: \"only around 15GB\", Table "
+              "2: 15G; Fig. 5: \"a single batch size of 256\"), trained on a "
+              "16 GB RTX 4060 Ti", ("llama_7b_16gb",)),
+    Published("APOLLO-Mini", "2412.05270", "LLaMA-7B in 12 GB",
+              "rank 1, INT8 weights (Q-GaLore's), layer-wise updates, batch "
+              "size 1",
+              "a memory breakdown for a single batch (Sec. 5.3 and Fig. 1), "
+              "\"assuming a layer-wise gradient update strategy\"",
+              ("llama_7b_12gb",)),
+    Published("GRASS", "2406.17660", "LLaMA-13B on one 40 GB A100",
+              "half-precision (BF16) weights, structured sparse gradients",
+              "the abstract's claim; the paper gives its batch and sequence "
+              "length", ("llama_13b_40gb", "llama_13b_24gb")),
+)
+
+
+def preset_setting(name: str) -> str:
+  """How `configs/<name>.py` stores and updates the model, in short."""
+  cfg = importlib.import_module(f"configs.{name}").get_config()
+  opt, model = cfg.opt, cfg.model
+  int8 = model.kernel_format == "int8"
+  weights = "bf16" if model.param_dtype == "bfloat16" else "fp32"
+  parts = [f"int8 kernels, {weights} rest" if int8 else f"{weights} weights"]
+  quantized = opt.get(opt.name, {}).get("quantize_moments", "off") != "off"
+  moments = "bf16" if opt.mu_dtype == "bfloat16" else "fp32"
+  parts.append(f"{'8-bit' if quantized else moments} moments")
+  if opt.subspace_layers:
+    parts.append("sparse-gradient layers")
+  if opt.layerwise:
+    parts.append("layer-wise")
+  if model.remat:
+    parts.append("activation checkpointing")
+  return ", ".join(parts)
+
+
+def published_table(out: str, name: str = "memory_h100",
+                    detail: bool = False) -> str:
+  """The papers' memory figures (`PUBLISHED`) beside the presets' compiled
+  peaks in `name`.json (the larger of the ordinary and the refresh step's;
+  '-' where the preset was not dry-run); `detail` adds where each paper gives
+  its figure and the notes on what differs."""
+  presets = (load(out, name) or {}).get("presets") or {}
+  root = "../" if detail else ""  # docs/results.md links from docs/
+  rows = []
+  for paper in PUBLISHED:
+    for i, preset in enumerate(paper.presets):
+      p = presets.get(preset)
+      peak = "-" if not p else (
+          f"{max(p['step']['peak'], (p['refresh'] or {}).get('peak', 0)) / 2**30:.1f} GiB")
+      ours = ("-" if not p else
+              f"{_common.method_and_rank(p)}, {_common.tokens_per_step(p)} "
+              f"tokens per step, ") + preset_setting(preset)
+      cite = f"[{paper.method}](https://arxiv.org/abs/{paper.arxiv}): {paper.claim}"
+      first = [cite, paper.setting] + ([paper.source] if detail else [])
+      rows.append((first if i == 0 else ["(as above)"] + [""] * (len(first) - 1))
+                  + [f"[`{preset}`]({root}configs/{preset}.py)", ours, peak])
+  header = ["published", "its setting"] + (["how the paper got it"] if detail else [])
+  table = _common.markdown_table(
+      header + ["subspax preset", "its setting", "compiled peak, 1 x H100"], rows)
+  note = (
+      "Not the same measurement: a paper's figure is the memory of a process "
+      "on its GPU (or an estimate, where it says so), which includes what the "
+      "CUDA context, the framework's allocator and its fragmentation take; "
+      "subspax's is XLA's compiled peak per device (argument + temp + output "
+      "- alias of `memory_analysis()`) from the GPU compiler for an H100 "
+      "without the device, which leaves those out. The papers write GB or G "
+      "without saying whether 10^9 or 2^30 bytes; subspax's GiB are 2^30. The "
+      "tokens per step differ too, and the presets recompute activations in "
+      "the backward pass (activation checkpointing).")
+  if not detail:
+    short = ("Not the same measurement: a paper's figure is a process's "
+             "memory on its GPU, CUDA context and allocator included (or an "
+             "estimate, where it says so), in GB or G as it writes them; "
+             "subspax's is XLA's compiled peak per device from the GPU "
+             "compiler for an H100 without the device, in GiB (2^30 bytes). "
+             "The tokens per step differ too.")
+    return "\n".join([table, "", short + " Sources and notes: [the presets "
+                       "beside the published figures](docs/results.md#"
+                       + _anchor(next(s.title for s in SECTIONS
+                                      if s.name == f"{name}_published")) + ")."])
+  return "\n".join([table, "", note, "", (
+      "A preset's peak is its train step as configured (its batch, "
+      "accumulation and precision), the larger of the ordinary and the "
+      "refresh step. [How big a model fits on one GPU](#"
+      + _anchor(next(s.title for s in SECTIONS if s.name == f"{name}_fits"))
+      + ") has the methods at batch 1 x 256 with int8 kernels "
+      "(`+layerwise+int8`).")])
+
+
 def splice(readme: str, blocks: dict[str, str]) -> str:
   """``readme`` with the text between each pair of markers replaced."""
   for marker, block in blocks.items():
@@ -445,7 +567,8 @@ def render(out: str, readme_text: str) -> tuple[str, str]:
   """(docs/results.md, README.md) as the result files in ``out`` give them."""
   page = results_page(out).replace("](docs/results.md#", "](#")
   return page, splice(readme_text, {"summary": summary(out),
-                                    "presets": presets_summary(out)})
+                                    "presets": presets_summary(out),
+                                    "published": published_table(out)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

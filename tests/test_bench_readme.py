@@ -46,6 +46,30 @@ def test_the_presets_table_shows_each_peak_per_device_beside_adamw(tmp_path):
           "subtrack r2048 | 8 x 4096 | 8 x H100 | 36.9 GiB | 147.5 GiB |") in table
 
 
+def test_the_published_figures_sit_beside_the_presets_compiled_peaks(tmp_path):
+  sizes = lambda gib: {"peak": gib * 2**30, "temp": 0}
+  presets = {"llama_7b_12gb": {
+      "step": sizes(10.0), "refresh": sizes(10.5), "devices": 1,
+      "params": 6.7e9, "method": "apollo_mini", "rank": 1024, "batch": 16,
+      "seq": 256, "grad_accum": 1}}
+  (tmp_path / "memory_h100.json").write_text(json.dumps({"presets": presets}))
+  lines = readme.published_table(str(tmp_path)).splitlines()
+  row = next(l for l in lines if "llama_7b_12gb" in l)
+  assert row.startswith("| [APOLLO-Mini](https://arxiv.org/abs/2412.05270): "
+                        "LLaMA-7B in 12 GB |")
+  # The preset's setting from its record and its config, the larger peak.
+  assert ("| apollo_mini r1, 16 x 256 tokens per step, int8 kernels, bf16 "
+          "rest, bf16 moments, layer-wise, activation checkpointing | "
+          "10.5 GiB |") in row
+  # A preset the results do not hold: no figure.
+  assert next(l for l in lines if "llama_7b_16gb" in l).endswith("| - |")
+  assert next(l for l in lines if "llama_13b_24gb" in l).startswith("| (as above) |")
+  assert "how the paper got it" not in lines[0]
+  detail = readme.published_table(str(tmp_path), detail=True)
+  assert "how the paper got it" in detail
+  assert "[`llama_7b_12gb`](../configs/llama_7b_12gb.py)" in detail  # from docs/
+
+
 @pytest.mark.parametrize("record,expected", [
     ({"machine": {"device_kind": "cpu"}}, "XLA CPU compiler"),
     ({"machine": {"cpu": "AMD EPYC"}}, "XLA CPU compiler"),  # older records
