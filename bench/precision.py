@@ -15,9 +15,11 @@ the preset's, by default) and seed, the same data and batches, three times:
   re-quantized with stochastic rounding; the rest bfloat16 as in `bf16_sr`.
   int8 kernels need layer-wise updates (`opt.layerwise`, which computes the
   same step as the ordinary one);
-* `int8_rn`: int8 kernels and bfloat16 rest, rounded to nearest.
+* `int8_rn`: int8 kernels and bfloat16 rest, rounded to nearest;
+* `int8_sr_int8_bases`: `int8_sr` with the method's bases in 8-bit blocks too
+  (`opt.basis_dtype=int8`; the other variants keep float32 bases).
 
-The Adam moments stay float32 in all three (`opt.mu_dtype`, `opt.nu_dtype`).
+The Adam moments stay float32 in all of them (`opt.mu_dtype`, `opt.nu_dtype`).
 Every run is `train.train.run` itself (bench.convergence's `run_config`:
 checkpoints off); the table reports the final eval loss and its ratio to the
 float32 run's (or, without it, to bf16_sr's). Targets: bf16_sr within 1% of
@@ -29,7 +31,7 @@ and `--resume` skips runs already in it.
   python -m bench.precision                       # 400 steps, seq 128 (~40 min here)
   python -m bench.precision --steps 20 --variants float32,bf16_sr
   python -m bench.precision --name precision_low_lr --lr 3e-4   # smaller updates
-  python -m bench.precision --name int8_quality --variants bf16_sr,int8_sr,int8_rn
+  python -m bench.precision --name int8_quality --variants bf16_sr,int8_sr,int8_rn,int8_sr_int8_bases
 """
 
 import argparse
@@ -42,22 +44,24 @@ from bench import convergence
 from configs import tiny
 
 NAME = "precision"
-# variant -> (model.param_dtype, opt.stochastic_rounding, model.kernel_format)
-VARIANTS = {"float32": ("float32", None, "float"),
-            "bf16_sr": ("bfloat16", True, "float"),
-            "bf16_rn": ("bfloat16", False, "float"),
-            "int8_sr": ("bfloat16", True, "int8"),
-            "int8_rn": ("bfloat16", False, "int8")}
+# variant -> (model.param_dtype, opt.stochastic_rounding, model.kernel_format,
+#             opt.basis_dtype)
+VARIANTS = {"float32": ("float32", None, "float", "float32"),
+            "bf16_sr": ("bfloat16", True, "float", "float32"),
+            "bf16_rn": ("bfloat16", False, "float", "float32"),
+            "int8_sr": ("bfloat16", True, "int8", "float32"),
+            "int8_rn": ("bfloat16", False, "int8", "float32"),
+            "int8_sr_int8_bases": ("bfloat16", True, "int8", "int8")}
 ROUNDING = {"float32": "none (float32 sum)", "bf16_sr": "stochastic",
             "bf16_rn": "to nearest", "int8_sr": "stochastic",
-            "int8_rn": "to nearest"}
+            "int8_rn": "to nearest", "int8_sr_int8_bases": "stochastic"}
 
 
 def make_config(variant: str, args: argparse.Namespace):
   cfg = convergence.make_config(args.method, args.lr, args)
   cfg.model.scan = True  # the preset's layout: stacked leaves, per-layer keys
   (cfg.model.param_dtype, cfg.opt.stochastic_rounding,
-   cfg.model.kernel_format) = VARIANTS[variant]
+   cfg.model.kernel_format, cfg.opt.basis_dtype) = VARIANTS[variant]
   cfg.opt.layerwise = cfg.model.kernel_format == "int8"  # what int8 needs
   return cfg
 
@@ -68,7 +72,8 @@ def report(payload: dict) -> str:
   ref = runs.get(ref_name)
   weights = lambda name: (f"int8 kernels, {VARIANTS[name][0]} rest"
                           if VARIANTS[name][2] == "int8" else VARIANTS[name][0])
-  rows = [[name, weights(name), ROUNDING[name], f"{r['final_eval_loss']:.4f}",
+  rows = [[name, weights(name), ROUNDING[name], VARIANTS[name][3],
+           f"{r['final_eval_loss']:.4f}",
            f"{r['final_eval_loss'] / ref['final_eval_loss']:.4f}" if ref else "-",
            f"{r['wall_s']:.0f}"]
           for name in VARIANTS if (r := runs.get(name))]
@@ -83,7 +88,7 @@ def report(payload: dict) -> str:
       f"run. Wall = train.run end to end on a shared 2-core CPU.",
       "",
       _common.markdown_table(
-          ["variant", "weights", "update rounding", "final eval loss",
+          ["variant", "weights", "update rounding", "bases", "final eval loss",
            f"vs {ref_name}", "wall s"], rows),
       "",
       _common.machine_line(payload["machine"]),

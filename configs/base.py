@@ -196,7 +196,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   cfg.opt.layerwise = False
   cfg.opt.mu_dtype = "float32"  # dtype of the Adam first moments: float32 | bfloat16
   cfg.opt.nu_dtype = "float32"  # dtype of the Adam second moments: float32 | bfloat16
-  cfg.opt.basis_dtype = "float32"  # dtype the subspax methods store a dense basis in: float32 | bfloat16
+  cfg.opt.basis_dtype = "float32"  # how the subspax methods store a dense basis: float32 | bfloat16 | int8 (8-bit blocks)
   # Unbiased stochastic rounding of each update to bfloat16 weights (train/precision.py);
   # None: on iff model.param_dtype="bfloat16"
   cfg.opt.stochastic_rounding = ml_collections.config_dict.placeholder(bool)

@@ -41,12 +41,14 @@ import jax.numpy as jnp
 import optax
 
 from subspax import _core_config
+from subspax import _dense_adam
 from subspax import _keys
 from subspax import _layout
 from subspax import _matrix_loop
 from subspax import _policies
 from subspax import _quantized
 from subspax import _state_types
+from subspax import _stored_basis
 from subspax import _types
 from subspax import _validation
 from subspax import ordering
@@ -156,18 +158,24 @@ def scale_by_subspace_adam(
       this transformation, used only to accumulate ``B``: the step moves the
       parameter by ``-prox_learning_rate(t) * scale * back(N)``. The method
       aliases (``subspax.rso``) pass their own ``learning_rate``.
-    quantize_moments: Store the reduced moments block-wise in 8 bits
+    quantize_moments: Store the Adam moments block-wise in 8 bits
       (docs/algorithms.md section 8.1): ``"off"`` (``mu_dtype`` /
       ``nu_dtype``), ``"linear"`` or ``"quantile"`` levels (the latter dense
       near zero). One code per value and one float32 absmax per 256 values of
       a row; ``nu`` is stored as ``sqrt(nu)`` rounded up, so it never decodes
-      below itself. The moments are computed in float32; ``mu_dtype`` then
-      only sets the non-projected parameters' Adam ``mu``, which is never
-      quantized.
+      below itself. The moments are computed in float32. The Adam moments of
+      the parameters that are not projected are stored the same way where a
+      parameter is a matrix (or a stack) of rows of at least 256 values (the
+      embedding, the head, stacked norm scales); ``mu_dtype`` then only sets
+      the ``mu`` of the others (vectors, narrow matrices).
     basis_dtype: dtype the floating-point part of a stored basis is kept in
       (float32 by default; bfloat16 halves a dense basis, as GaLore's 8-bit
-      runs keep the projector in the gradients' dtype). It is read into
-      float32 for the projections and for the next refresh.
+      runs keep the projector in the gradients' dtype), or ``"int8"``: a
+      dense basis block-wise in 8 bits (one float32 absmax per 256 values of
+      a row, a quarter of float32's bytes, as Q-GaLore's low-bit
+      projections). It is read into float32 for the projections and for the
+      next refresh; a refresh rounds its new basis once, and every later step
+      uses the rounded basis.
 
   Returns:
     An ``optax.GradientTransformation``. Chain a learning rate after it.
@@ -225,7 +233,8 @@ def scale_by_subspace_adam(
       output=output, scale_type=scale_type, limiter=limiter, prox=prox,
       prox_learning_rate=prox_learning_rate,
       quantize_moments=quantize_moments,
-      basis_dtype=jnp.float32 if basis_dtype is None else basis_dtype)
+      basis_dtype=_stored_basis.check_dtype(
+          jnp.float32 if basis_dtype is None else basis_dtype))
   route = _layout.make_router(projected, rank)
 
   def labels(params):
@@ -236,8 +245,10 @@ def scale_by_subspace_adam(
   return optax.partition(
       {
           "subspace": _scale_by_projected_adam(config, route, side, key),
-          "adam": optax.scale_by_adam(b1=b1, b2=b2, eps=eps,
-                                      mu_dtype=mu_dtype),
+          "adam": (optax.scale_by_adam(b1=b1, b2=b2, eps=eps,
+                                       mu_dtype=mu_dtype)
+                   if quantize_moments == "off" else _dense_adam.scale_by_adam(
+                       b1, b2, eps, mu_dtype, quantize_moments)),
       },
       labels)
 
@@ -364,12 +375,6 @@ def _sharding_agnostic(update_parameter):
   return run
 
 
-def _stored_dtype(dtype, basis_dtype):
-  """The dtype a basis array of ``dtype`` is stored in: ``basis_dtype`` for
-  floating-point parts (bases, scales), integer indices as they are."""
-  return basis_dtype if jnp.issubdtype(dtype, jnp.floating) else dtype
-
-
 def _init_matrices(config: _core_config.Config, layout: _layout.MatrixLayout
                    ) -> _state_types.ProjectedState:
   """Zero state of one projected parameter."""
@@ -386,8 +391,9 @@ def _init_matrices(config: _core_config.Config, layout: _layout.MatrixLayout
 
   basis = MaskedNode()
   if config.stores_basis:
-    basis = jax.tree.map(lambda a: batched_zeros(a.shape, _stored_dtype(
-        a.dtype, config.basis_dtype)), config.policy.zeros(d, r))
+    basis = _stored_basis.zeros(config.policy.zeros(d, r),
+                                lambda shape: layout.batched(*shape),
+                                config.basis_dtype)
   age = MaskedNode()
   if config.moments == "reset":
     age = batched_zeros((), jnp.int32)

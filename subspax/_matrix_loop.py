@@ -20,6 +20,7 @@ from subspax import _core_config
 from subspax import _keys
 from subspax import _outputs
 from subspax import _state_types
+from subspax import _stored_basis
 from subspax import _transitions
 from subspax import ordering
 
@@ -68,17 +69,13 @@ def update_parameter(config: _core_config.Config, g: jax.Array,
     stack, fields = carry
     fields_i = _materialized(jax.tree.map(lambda a: a[i], fields), count,
                              num, always=config.quantize_moments != "off")
-    # A basis stored in a narrower dtype is used in float32 (written back
-    # in its own dtype by `_write_index`).
-    fields_i = fields_i.replace(basis=jax.tree.map(
-        lambda a: a.astype(jnp.float32) if jnp.issubdtype(
-            a.dtype, jnp.floating) else a, fields_i.basis))
+    # `fields_i.basis` stays as stored (a narrower dtype, 8 bits): a step
+    # that does not refresh writes it back untouched; it is used in float32.
 
     def refresh_matrix(fields_i):
       # Made canonical (transposed for side "right") one matrix at a time:
       # the buffers of both branches of a cond are allocated on every step.
-      canonical = stack[i].astype(jnp.float32)
-      canonical = canonical.T if right else canonical
+      canonical = (stack[i].T if right else stack[i]).astype(jnp.float32)
       return _transitions.refresh_matrix(config, canonical, fields_i, keys[i],
                                          count=count, right=right)
 
@@ -89,7 +86,7 @@ def update_parameter(config: _core_config.Config, g: jax.Array,
     if refresh_only:
       return stack, _write_index(fields, fields_i, i)
     if config.stores_basis:
-      basis = fields_i.basis
+      basis = _stored_basis.load(fields_i.basis)
     else:
       basis = config.policy.sample(config.epoch_key(keys[i], count),
                                    layout.d, layout.rank)

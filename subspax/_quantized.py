@@ -288,3 +288,63 @@ def store(value: jax.Array, like, *, cast: bool = True):
   if isinstance(like, QuantizedArray):
     return quantize(value, like.mode, like.signed)
   return value.astype(like.dtype) if cast else value
+
+
+# `by_column_blocks` splits the columns into about this many blocks.
+COLUMN_BLOCKS = 8
+
+
+def by_column_blocks(fn, *arrays):
+  """``fn(*arrays)`` for ``fn`` that treats columns independently, in blocks.
+
+  The arrays (``(..., D)``, plain or :class:`QuantizedArray`) are cut into
+  blocks of whole 8-bit blocks of columns (a multiple of ``BLOCK_SIZE``), and
+  ``fn``'s results, stored like its arguments, are written over them block
+  by block in a loop: the float32 workspace of ``fn`` is one block's, where
+  it would otherwise be several decoded copies of the whole arrays. Where no
+  array is quantized, ``D`` is not a multiple of ``BLOCK_SIZE``, or is one
+  block, ``fn`` runs once.
+
+  Args:
+    fn: Maps column blocks of ``arrays`` to as many results of the same
+      shapes and storage.
+    *arrays: Arrays of one last-axis size ``D``.
+
+  Returns:
+    ``fn``'s results over all columns.
+  """
+  width = arrays[0].shape[-1]
+  blocks = width // BLOCK_SIZE
+  if (width % BLOCK_SIZE or blocks < 2
+      or not any(isinstance(x, QuantizedArray) for x in arrays)):
+    return fn(*arrays)
+  count = next(k for k in range(min(COLUMN_BLOCKS, blocks), blocks + 1)
+               if blocks % k == 0)
+  size = width // count
+
+  def cut(x, start, scale=1):
+    return jax.lax.dynamic_slice_in_dim(x, start // scale, size // scale, -1)
+
+  def paste(x, value, start, scale=1):
+    return jax.lax.dynamic_update_slice_in_dim(x, value.astype(x.dtype),
+                                               start // scale, x.ndim - 1)
+
+  def take(x, start):
+    if isinstance(x, QuantizedArray):
+      return dataclasses.replace(x, codes=cut(x.codes, start),
+                                 scales=cut(x.scales, start, BLOCK_SIZE))
+    return cut(x, start)
+
+  def put(x, value, start):
+    if isinstance(x, QuantizedArray):
+      return dataclasses.replace(
+          x, codes=paste(x.codes, value.codes, start),
+          scales=paste(x.scales, value.scales, start, BLOCK_SIZE))
+    return paste(x, value, start)
+
+  def body(b, carry):
+    start = b * size
+    results = fn(*(take(x, start) for x in carry))
+    return tuple(put(x, v, start) for x, v in zip(carry, results))
+
+  return jax.lax.fori_loop(0, count, body, tuple(arrays))

@@ -34,6 +34,7 @@ import optax
 
 from subspax import _blocks
 from subspax import _state_types
+from subspax import _stored_basis
 
 MaskedNode = optax.MaskedNode
 
@@ -210,8 +211,7 @@ def _project(g: jax.Array, state: _state_types.ProjectedState) -> jax.Array:
   bases = jax.tree.map(lambda a: a.reshape((num,) + a.shape[nb:]), state.basis)
 
   def one(i):
-    basis = jax.tree.map(lambda a: a[i].astype(jnp.float32) if jnp.issubdtype(
-        a.dtype, jnp.floating) else a[i], bases)
+    basis = _stored_basis.load(jax.tree.map(lambda a: a[i], bases))
     return _blocks.StackedMatrix(stack, i, basis, layout.rank,
                                  layout.side == "right").project()
 

@@ -38,18 +38,14 @@ def adam_step(config: _core_config.Config, reduced: jax.Array,
   """
   if config.uses_prox:
     reduced = reduced + config.prox * state.displacement
-  mu = config.b1 * _quantized.load(state.mu) + (1 - config.b1) * reduced
-  nu = config.b2 * _quantized.load(state.nu) + (1 - config.b2) * jnp.square(
-      reduced)
+  mu, nu = moments_step(config.b1, config.b2, reduced, state.mu, state.nu)
   age = state.age
   if isinstance(age, MaskedNode):
     steps = optax.safe_int32_increment(count)
   else:
     age = optax.safe_int32_increment(age)
     steps = age[:, None] if age.ndim else age
-  mu_hat = mu / _bias_correction(config.b1, steps)
-  nu_hat = nu / _bias_correction(config.b2, steps)
-  normalized = mu_hat / (jnp.sqrt(nu_hat) + config.eps)
+  normalized = normalized_step(config.b1, config.b2, config.eps, mu, nu, steps)
   moments = (_quantized.store(mu, state.mu, cast=False),
              _quantized.store(nu, state.nu, cast=False))
   if config.quantize_moments != "off":
@@ -64,6 +60,21 @@ def adam_step(config: _core_config.Config, reduced: jax.Array,
     state = state.replace(displacement=state.displacement
                            - lr * config.scale * normalized)
   return normalized, steps, state
+
+
+def moments_step(b1, b2, g: jax.Array, mu, nu) -> tuple[jax.Array, jax.Array]:
+  """Adam's new moments, float32, from the stored ones (8-bit or plain)."""
+  mu = b1 * _quantized.load(mu) + (1 - b1) * g
+  nu = b2 * _quantized.load(nu) + (1 - b2) * jnp.square(g)
+  return mu, nu
+
+
+def normalized_step(b1, b2, eps, mu: jax.Array, nu: jax.Array,
+                    steps: jax.Array) -> jax.Array:
+  """``mu_hat / (sqrt(nu_hat) + eps)`` after ``steps`` steps (bias-corrected)."""
+  mu_hat = mu / _bias_correction(b1, steps)
+  nu_hat = nu / _bias_correction(b2, steps)
+  return mu_hat / (jnp.sqrt(nu_hat) + eps)
 
 
 def _bias_correction(decay, steps: jax.Array) -> jax.Array:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from subspax import _core_config
 from subspax import _quantized
 from subspax import _state_types
+from subspax import _stored_basis
 
 
 def refresh_matrix(config: _core_config.Config, g: jax.Array,
@@ -31,16 +32,18 @@ def refresh_matrix(config: _core_config.Config, g: jax.Array,
 
   ``right`` tells that ``g`` is the transpose of the matrix as stored (for
   policies whose result depends on it, see ``refresh_oriented``). RSO's
-  displacement restarts from zero.
+  displacement restarts from zero. ``state.basis`` is the stored basis
+  (:mod:`subspax._stored_basis`), and so is the one returned.
   """
   policy = config.policy
   r, d = state.mu.shape[0], g.shape[0]
   epoch_key = config.epoch_key(key, count)
   if config.stores_basis:
-    old = state.basis
-    new = policy.next_basis(old, g, epoch_key, r, first=count == 0,
-                            right=right)
-    stored = new
+    old = _stored_basis.load(state.basis)
+    stored = _stored_basis.store(
+        policy.next_basis(old, g, epoch_key, r, first=count == 0, right=right),
+        state.basis)
+    new = _stored_basis.load(stored)  # the basis every later step will use
   else:
     old = policy.sample(config.epoch_key(key, count, offset=-1), d, r)
     new = policy.sample(epoch_key, d, r)
@@ -86,14 +89,20 @@ def rotate(old, new, mu, nu):
     nu: Second moment, ``(r, D)`` (or its ``QuantizedArray``).
 
   Returns:
-    ``(mu', nu')``, stored as ``mu`` and ``nu`` are.
+    ``(mu', nu')``, stored as ``mu`` and ``nu`` are. Columns are independent,
+    so 8-bit moments are decoded, rotated and encoded a block of columns at
+    a time (the float32 workspace is a block's, not the ``r x D`` moments').
   """
   c = new.gram(old)  # (r, r): reduced coordinates old -> new
-  mu32, nu32 = _quantized.load(mu), _quantized.load(nu)
-  new_mu = c @ mu32
-  new_nu = jnp.abs(jnp.square(c) @ (nu32 - jnp.square(mu32))
-                   + jnp.square(new_mu))
-  return _quantized.store(new_mu, mu), _quantized.store(new_nu, nu)
+
+  def rotate_columns(mu, nu):
+    mu32, nu32 = _quantized.load(mu), _quantized.load(nu)
+    new_mu = c @ mu32
+    new_nu = jnp.abs(jnp.square(c) @ (nu32 - jnp.square(mu32))
+                     + jnp.square(new_mu))
+    return _quantized.store(new_mu, mu), _quantized.store(new_nu, nu)
+
+  return _quantized.by_column_blocks(rotate_columns, mu, nu)
 
 
 def _carry_rows(old, new, mu, nu, age):

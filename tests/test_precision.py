@@ -65,7 +65,9 @@ def test_default_moment_dtypes_leave_float32_states_unchanged():
      "opt.stochastic_rounding=True rounds updates to bfloat16 weights, but "
      "model.param_dtype='float32'"),
     (dict(opt__mu_dtype="float16"), "opt.mu_dtype must be 'float32' or 'bfloat16'"),
-    (dict(opt__nu_dtype="int8"), "opt.nu_dtype must be 'float32' or 'bfloat16'"),
+    (dict(opt__nu_dtype="int8"), "opt.nu_dtype must be 'float32' or 'bfloat16',"),
+    (dict(opt__basis_dtype="int4"),
+     "opt.basis_dtype must be 'float32' or 'bfloat16' or 'int8', got 'int4'"),
 ])
 def test_bad_precision_fields_are_user_errors(overrides, message):
   cfg = helpers.make_config({}, **overrides)
@@ -114,3 +116,12 @@ def test_bfloat16_run_trains_keeps_bfloat16_weights_and_float32_moments(
       jnp.dtype(jnp.bfloat16)}
   moments = _moments(result.state.opt_state)
   assert moments and {x.dtype for _, x in moments} == {jnp.dtype(jnp.float32)}
+
+
+def test_an_int8_basis_reaches_the_method():
+  cfg = helpers.make_config({}, opt__name="subtrack", opt__basis_dtype="int8")
+  train.validate(cfg)
+  state = optimizers.build(cfg.opt, 10, seed=0).init(
+      {"blocks": {"kernel": jnp.ones((64, 128))}})
+  stored = [x for x in jax.tree.leaves(state) if x.dtype == jnp.int8]
+  assert [x.shape for x in stored] == [(64, cfg.opt.rank)], stored

@@ -454,7 +454,7 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
       kwargs["key"] = seed
     rank = method_rank(opt_cfg.name, opt_cfg.rank)
     kwargs["projected"] = projected(opt_cfg)
-    kwargs["basis_dtype"] = jnp.dtype(opt_cfg.get("basis_dtype", "float32"))
+    kwargs["basis_dtype"] = precision.basis_dtype(opt_cfg)
     tx = factory(lr, rank=rank, update_interval=opt_cfg.update_interval,
                  weight_decay=opt_cfg.weight_decay, mask=mask, nu_dtype=nu_dtype,
                  **adam, **kwargs)

@@ -33,6 +33,7 @@ from train import errors
 from train import model as model_lib
 
 DTYPES = ("float32", "bfloat16")  # accepted opt.mu_dtype / opt.nu_dtype
+BASIS_DTYPES = (*DTYPES, "int8")  # accepted opt.basis_dtype (int8: 8-bit blocks)
 _ROUNDING_SALT = 0x5352  # separates the rounding keys from the other uses of `seed`
 
 # (params, updates, step, *, layer=None) -> params
@@ -105,17 +106,18 @@ def validate(opt_cfg: Any, param_dtype: str, kernel_format: str = "float") -> No
           f"model.param_dtype={param_dtype!r}; set --config.model.param_dtype="
           "bfloat16 or drop opt.stochastic_rounding")
 
-  def check_dtype(field):
+  def check_dtype(field, accepted=DTYPES):
     def check():
       value = opt_cfg.get(field, "float32")
-      if value not in DTYPES:
+      if value not in accepted:
+        names = " or ".join(repr(a) for a in accepted)
         raise errors.UserError(
-            f"opt.{field} must be 'float32' or 'bfloat16', got {value!r} "
+            f"opt.{field} must be {names}, got {value!r} "
             f"(e.g. --config.opt.{field}=bfloat16)")
     return check
 
   errors.gather(check_rounding, check_dtype("mu_dtype"), check_dtype("nu_dtype"),
-                check_dtype("basis_dtype"))
+                check_dtype("basis_dtype", BASIS_DTYPES))
 
 
 def moment_dtypes(opt_cfg: Any) -> tuple[jnp.dtype, jnp.dtype]:
@@ -157,3 +159,9 @@ def updater(cfg: Any | None = None) -> Updater:
                                  layer=layer)
 
   return update
+
+
+def basis_dtype(opt_cfg: Any) -> Any:
+  """`opt.basis_dtype` as subspax takes it: a float dtype, or "int8"."""
+  value = opt_cfg.get("basis_dtype", "float32")
+  return value if value == "int8" else jnp.dtype(value)
