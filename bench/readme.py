@@ -120,9 +120,10 @@ SECTIONS = (
     Section("int8_quality", "int8 kernels with stochastic rounding",
             "The blocks' kernels in int8 (`model.kernel_format=int8`, "
             "layer-wise updates) against bfloat16 weights, both with "
-            "stochastic rounding, and int8 rounded to nearest "
+            "stochastic rounding, int8 rounded to nearest, and int8 "
+            "kernels with the bases in 8 bits too (`opt.basis_dtype=int8`) "
             "(`python -m bench.precision --name int8_quality --variants "
-            "bf16_sr,int8_sr,int8_rn`)."),
+            "bf16_sr,int8_sr,int8_rn,int8_sr_int8_bases`)."),
 )
 
 
@@ -490,6 +491,9 @@ def preset_setting(name: str) -> str:
   quantized = opt.get(opt.name, {}).get("quantize_moments", "off") != "off"
   moments = "bf16" if opt.mu_dtype == "bfloat16" else "fp32"
   parts.append(f"{'8-bit' if quantized else moments} moments")
+  if opt.get("basis_dtype", "float32") != "float32" and opt.name not in (
+      "apollo", "apollo_mini", "grass"):  # those store no dense basis
+    parts.append(f"{opt.basis_dtype.replace('bfloat16', 'bf16')} bases")
   if opt.subspace_layers:
     parts.append("sparse-gradient layers")
   if opt.layerwise:

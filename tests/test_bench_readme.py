@@ -104,3 +104,10 @@ def test_docs_results_and_readme_summary_are_up_to_date():
   with open(os.path.join(readme.ROOT, "docs", "results.md")) as f:
     assert f.read() == page, "docs/results.md is stale: python -m bench.readme"
   assert readme_new == readme_text, "README.md is stale: python -m bench.readme"
+
+
+def test_a_presets_setting_names_how_it_stores_weights_moments_and_bases():
+  assert readme.preset_setting("llama_7b_16gb") == (
+      "int8 kernels, bf16 rest, 8-bit moments, int8 bases, layer-wise, "
+      "activation checkpointing")
+  assert "bases" not in readme.preset_setting("llama_7b_12gb")  # APOLLO-Mini

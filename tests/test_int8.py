@@ -242,3 +242,33 @@ def test_no_float_copy_of_the_kernels_exists():
           == records["float"]["param_bytes"] - kernels + 4 * kernels // 256)
   temps = {k: r["temp_bytes"] for k, r in records.items()}
   assert temps["int8"] < temps["float"] + 0.25 * 2 * kernels, (temps, 2 * kernels)
+
+
+def test_int8_init_makes_one_layer_at_a_time_the_values_of_all_at_once():
+  """The random init of int8 kernels quantizes each layer where it is made:
+  the codes of quantizing the vmapped float stack, from the same draws (one
+  level apart where one program rounds a draw to bfloat16 before quantizing
+  and the other quantizes the float32 draw), and an init
+  program whose temporaries stay below half a bfloat16 copy of the kernels
+  (CPU compiler; 16 layers)."""
+  cfg = _small(model__param_dtype="bfloat16")
+  model_cfg = train.build_programs(cfg, 64).model_cfg
+  params = jax.jit(lambda: model_lib.init_params(model_cfg, 0))()
+  float_cfg = dataclasses.replace(model_cfg, kernel_format="float")
+  floats = jax.jit(lambda: model_lib.init_params(float_cfg, 0))()
+  want = model_lib.quantize_like(floats, params)
+  for got, ref in zip(*(jax.tree.leaves(t, is_leaf=model_lib.is_quantized)
+                        for t in (params, want))):
+    if not model_lib.is_quantized(got):
+      np.testing.assert_array_equal(got, ref)
+      continue
+    codes = np.abs(np.asarray(got.codes, int) - np.asarray(ref.codes, int))
+    assert codes.max() <= 1 and codes.mean() < 0.1, codes.mean()
+    np.testing.assert_allclose(got.scales, ref.scales, rtol=1e-2)
+
+  big = dataclasses.replace(model_cfg, d_model=256, d_ff=768, n_layers=16,
+                            n_heads=4)
+  init = jax.jit(lambda: model_lib.init_params(big, 0)).lower().compile()
+  kernels = 16 * (4 * 256 * 256 + 3 * 256 * 768)
+  # All layers at once (nnx.vmap): 103 MB, 3.8x the bfloat16 kernels.
+  assert init.memory_analysis().temp_size_in_bytes < 0.5 * 2 * kernels

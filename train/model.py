@@ -414,6 +414,23 @@ def _block_key(key: jax.Array, layer: jax.Array) -> nnx.Rngs:
   return nnx.Rngs(params=jax.random.fold_in(key, layer))
 
 
+def _stacked_blocks(cfg: "LlamaConfig", block_key: jax.Array) -> "Block":
+  """The `cfg.n_layers` blocks stacked along a leading "layers" axis.
+
+  Float kernels are made for all layers at once (`nnx.vmap`). int8 kernels
+  are made one layer at a time (`nnx.scan` over the layers, each quantized
+  where it is made): made at once, every layer's float kernels
+  would exist before any is quantized, the model-wide float copy the int8
+  format exists to avoid (13B: 24 GiB at init on an H100). Both draw the
+  same values, each layer from its own key (`_block_key`).
+  """
+  stack = nnx.scan if cfg.kernel_format == "int8" else nnx.vmap
+  make = stack(lambda layer: Block(cfg, rngs=_block_key(block_key, layer)),
+               in_axes=0, out_axes=0,
+               transform_metadata={nnx.PARTITION_NAME: "layers"})
+  return make(jnp.arange(cfg.n_layers))
+
+
 class Llama(nnx.Module):
   """LLaMA decoder: token ids (B, L) -> float32 logits (B, L, V)."""
 
@@ -425,11 +442,7 @@ class Llama(nnx.Module):
         embedding_init=nnx.with_partitioning(init, ("vocab", "embed")), rngs=rngs)
     block_key = rngs.params()
     if cfg.scan:
-      make = nnx.vmap(
-          lambda layer: Block(cfg, rngs=_block_key(block_key, layer)),
-          in_axes=0, out_axes=0,
-          transform_metadata={nnx.PARTITION_NAME: "layers"})
-      self.blocks = make(jnp.arange(cfg.n_layers))
+      self.blocks = _stacked_blocks(cfg, block_key)
     else:
       self.blocks = nnx.List(
           [Block(cfg, rngs=_block_key(block_key, jnp.asarray(i)))
