@@ -545,7 +545,12 @@ def main(argv=None) -> None:
   call = len(payload["calls"]) - 1  # each new run names the call that made it
   os.makedirs(args.out, exist_ok=True)
   reusable = _reusable(args.reuse, args.out)
-  copied = {}  # (name, call command and date) -> index in payload["calls"]
+  def copy_key(name: str, rec: dict | None) -> tuple[str, str]:
+    rec = {k: v for k, v in (rec or {}).items() if k != "reused_from"}
+    return name, json.dumps(rec, sort_keys=True)
+  # (file, call record) -> its index in payload["calls"], also from earlier calls
+  copied = {copy_key(c["reused_from"], c): i for i, c in enumerate(payload["calls"])
+            if c.get("reused_from")}
 
   def ensure(method: str, lr: float, seed: int) -> None:
     """Runs (or takes over) `method` at `lr` and `seed` unless it is there."""
@@ -557,9 +562,9 @@ def main(argv=None) -> None:
                     if _same_setting(run, cfg, method, lr)), None)
     if earlier:
       name, run, rec = earlier
-      key = (name, json.dumps(rec, sort_keys=True))
+      key = copy_key(name, rec)
       if key not in copied:
-        payload["calls"].append({**rec, "reused_from": name})
+        payload["calls"].append({**(rec or {}), "reused_from": name})
         copied[key] = len(payload["calls"]) - 1
       runs.append({**run, "reused_from": name, "call": copied[key]})
       print(f"=== {method} lr {lr:g} seed {seed}: from {name}.json, eval loss "

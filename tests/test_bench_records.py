@@ -155,6 +155,12 @@ def test_convergence_reuse_takes_over_runs_of_the_same_setting(tmp_path):
   assert "reused_from" not in fresh and fresh["call"] == 0
   assert payload["calls"][reused["call"]]["reused_from"] == "old"
   assert payload["calls"][reused["call"]]["args"]["name"] == "old"
+  with mock.patch.object(convergence, "run_one", _fake_run):
+    convergence.main(common + ["--name", "new", "--methods", "adamw",
+                               "--lrs", "1e-3", "--reuse", "old", "--resume"])
+  again = json.loads((tmp_path / "new.json").read_text())
+  assert [c.get("reused_from") for c in again["calls"]] == [None, "old", None]
+  assert again["runs"][2]["call"] == reused["call"]  # old's call, copied once
   with pytest.raises(SystemExit, match="no .*missing.json"):
     convergence.main(common + ["--name", "x", "--reuse", "missing"])
 
