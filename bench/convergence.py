@@ -185,9 +185,9 @@ def seed_rows(payload: dict) -> list[dict]:
 
   Returns:
     One dict per method that ran at the sweep seed: `method`, `lr`, `losses`
-    (seed -> final eval loss), `mean`, `runs`, `vs_tuned` (mean over AdamW's
-    tuned mean), `per_seed` (seed -> ratio to the tuned AdamW at that seed,
-    where it ran) and `tuned` (the tuned AdamW's row name).
+    (seed -> final eval loss), `mean`, `runs`, `vs_tuned` (the mean over the
+    tuned AdamW's mean, both over the seeds both ran), `per_seed` (seed ->
+    ratio to the tuned AdamW at that seed) and `tuned` (its row name).
   """
   runs, first = payload["runs"], sweep_seed(payload)
   rows = []
@@ -205,11 +205,11 @@ def seed_rows(payload: dict) -> list[dict]:
            if VARIANTS.get(r["method"], (r["method"],))[0] == "adamw"]
   tuned = min(adamw, key=lambda r: r["mean"]) if adamw else None
   for r in rows:
+    shared = [s for s in r["losses"] if tuned and s in tuned["losses"]]
     r["tuned"] = tuned["method"] if tuned else None
-    r["vs_tuned"] = r["mean"] / tuned["mean"] if tuned else None
-    r["per_seed"] = ({seed: loss / tuned["losses"][seed]
-                      for seed, loss in r["losses"].items()
-                      if seed in tuned["losses"]} if tuned else {})
+    r["vs_tuned"] = (sum(r["losses"][s] for s in shared)
+                     / sum(tuned["losses"][s] for s in shared) if shared else None)
+    r["per_seed"] = {s: r["losses"][s] / tuned["losses"][s] for s in shared}
   return rows
 
 
@@ -254,21 +254,22 @@ def _baseline_tables(payload: dict) -> list[str]:
   reused = [r["wall_s"] for r in runs if r.get("reused_from")]
   sources = sorted({r["reused_from"] for r in runs if r.get("reused_from")})
   tuned = rows[0]["tuned"] if rows else None
+  split = _split_scale(payload)
   return [
       f"Final eval loss per learning rate at seed {first} (bold: the method's "
-      f"best); `adamw_split` is AdamW with `opt.block_lr_scale` = "
-      f"{_split_scale(payload)}: the blocks' attention and MLP kernels (the "
-      f"ones the subspax methods project) at {_split_scale(payload)} x lr, "
-      f"embedding, head and norms at lr, as the subspax methods' `scale` "
-      f"does:", "",
+      f"best)" + (f"; `adamw_split` is AdamW with `opt.block_lr_scale` = "
+                  f"{split}: the blocks' attention and MLP kernels (the ones "
+                  f"the subspax methods project) at {split} x lr, embedding, "
+                  f"head and norms at lr, as the subspax methods' `scale` does"
+                  if split else "") + ":", "",
       _common.markdown_table(["method", *(f"lr {lr:g}" for lr in lrs)], sweep),
       "",
       f"Each method at its best learning rate of that sweep, over seeds "
       f"{', '.join(map(str, seeds))} (the seed sets the init, the batch order "
-      f"and the random subspaces). vs tuned AdamW: mean over the mean of "
-      f"`{tuned}` at its best lr (the better of the AdamW rows), and in "
-      f"brackets the min-max over seeds of the ratio at the same seed. Wall: "
-      f"mean per run, train.run end to end.", "",
+      f"and the random subspaces). vs tuned AdamW: the mean over the mean "
+      f"of `{tuned}` at its best lr (the better AdamW row) over the same "
+      f"seeds; in brackets, the min-max over seeds of the ratio at the same "
+      f"seed. Wall: mean per run, train.run end to end.", "",
       _common.markdown_table(
           ["method", "lr", *(f"seed {s}" for s in seeds), "mean", "min-max",
            "vs tuned AdamW", "state MiB", "wall s"], table),
@@ -283,7 +284,7 @@ def _baseline_tables(payload: dict) -> list[str]:
 def _split_scale(payload: dict) -> str:
   scales = {r["block_lr_scale"] for r in payload["runs"]
             if r["method"] in VARIANTS and "block_lr_scale" in r}
-  return ", ".join(f"{x:g}" for x in sorted(scales)) or "-"
+  return ", ".join(f"{x:g}" for x in sorted(scales))
 
 
 def report(payload: dict, default_lr: float) -> str:
