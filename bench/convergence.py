@@ -534,7 +534,10 @@ def main(argv=None) -> None:
   json_path = os.path.join(args.out, f"{args.name}.json")
   earlier = _common.load_json(json_path) if args.resume else None
   runs = earlier["runs"] if earlier else []
-  reported = list(dict.fromkeys([r["method"] for r in runs] + methods))
+  # The order of --methods where it names every method run so far.
+  reported = list(dict.fromkeys(
+      ([] if {r["method"] for r in runs} <= set(methods) else
+       [r["method"] for r in runs]) + methods))
   preset = tiny.get_config()
   record = _common.call_record(
       args, argv, batch=args.batch_size or preset.batch_size,

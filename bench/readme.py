@@ -259,7 +259,7 @@ def summary(out: str) -> str:
       + (f"seed 0, each method at the preset learning rate against AdamW at its "
          f"best of {tuned[1]} ([convergence](docs/results.md#convergence-400-steps), "
          f"[baseline](docs/results.md#{_anchor(_title('baseline'))})).\n\n"
-         + baseline_verdict(load(out, "baseline"))
+         + baseline_verdict(load(out, "baseline"), conv)
          if tuned else
          "AdamW at its best of three learning rates "
          "([convergence](docs/results.md#convergence-400-steps))."),
@@ -292,9 +292,28 @@ def tuned_adamw(result: dict | None) -> tuple[float, str] | None:
           "per-group learning rates" if split else f"{plain} learning rates")
 
 
-def baseline_verdict(result: dict) -> str:
-  """Whether the subspax methods beat the tuned AdamW of a baseline result,
-  in words, with the numbers (mean over seeds, the per-seed ratio's range)."""
+def baseline_verdict(result: dict, long: dict | None = None) -> str:
+  """Whether the subspax methods beat the tuned AdamW of a baseline result.
+
+  Examples:
+    >>> run = lambda m, lr, seed, loss: {"method": m, "lr": lr, "seed": seed,
+    ...                                  "final_eval_loss": loss}
+    >>> result = {"args": {"seeds": "0"}, "methods": ["adamw", "subtrack"],
+    ...           "runs": [run("adamw", 1e-3, 0, 5.0), run("subtrack", 3e-3, 0, 5.5)]}
+    >>> "at this scale the tuned AdamW wins" in baseline_verdict(result)
+    True
+
+  Args:
+    result: A baseline result (`bench.convergence --name baseline`).
+    long: The 400-step run of every method (`convergence_long`), whose other
+      methods (one seed, the preset lr) are compared with the tuned AdamW
+      at the same seed; None: not mentioned.
+
+  Returns:
+    Two sentences in Markdown: the tuned AdamW, the best subspax method,
+    their mean final eval losses and ratio (with its range over seeds), and
+    which methods beat it at every seed.
+  """
   rows = convergence.seed_rows(result)
   tuned = next(r for r in rows if r["method"] == rows[0]["tuned"])
   methods = [r for r in rows if convergence.VARIANTS.get(
@@ -303,26 +322,45 @@ def baseline_verdict(result: dict) -> str:
   best = min(methods, key=lambda r: r["mean"])
   wins = [r["method"] for r in methods if max(r["per_seed"].values()) < 1]
   losses = [r["method"] for r in methods if min(r["per_seed"].values()) > 1]
-  ratio = lambda r: (f"{r['vs_tuned']:.3f}x, "
-                     f"{min(r['per_seed'].values()):.3f}-"
-                     f"{max(r['per_seed'].values()):.3f} over seeds")
-  if len(wins) == len(methods):
-    verdict = (f"at this scale every subspax method measured beats the tuned "
+  names = lambda ms: ", ".join(f"`{m}`" for m in ms)
+  spread = (f", {min(best['per_seed'].values()):.3f}-"
+            f"{max(best['per_seed'].values()):.3f} over seeds"
+            if len(best["per_seed"]) > 1 else "")
+  if not wins and len(losses) == len(methods):
+    verdict = ("the tuned AdamW wins: no subspax method measured "
+               f"({names(losses)}) beats it")
+  elif len(wins) == len(methods):
+    verdict = (f"{names(wins)} beat{'s' if len(wins) == 1 else ''} the tuned "
                f"AdamW at every seed")
-  elif not wins and len(losses) == len(methods):
-    verdict = "at this scale the tuned AdamW wins: no subspax method measured beats it"
   else:
-    verdict = (f"at this scale {', '.join(f'`{m}`' for m in wins) or 'no method'} "
-               f"beat{'s' if len(wins) == 1 else ''} the tuned AdamW at every "
-               f"seed, {', '.join(f'`{m}`' for m in losses) or 'none'} "
+    verdict = (f"{names(wins) or 'no method'} beat{'s' if len(wins) == 1 else ''} "
+               f"the tuned AdamW at every seed, {names(losses) or 'none'} "
                f"lose{'s' if len(losses) == 1 else ''} to it at every seed")
-  return (f"Against a tuned AdamW (`{tuned['method']}` at lr {tuned['lr']:g}: "
+  text = (f"Against a tuned AdamW (`{tuned['method']}` at lr {tuned['lr']:g}, "
           f"{tuned['mean']:.3f} mean final eval loss over seeds "
           f"{', '.join(map(str, seeds))}), the best subspax method, "
           f"`{best['method']}` at lr {best['lr']:g}, reaches {best['mean']:.3f} "
-          f"({ratio(best)}): {verdict}. Measured on a 2-core CPU, tiny preset, "
-          f"400 steps of 8 x 128 tokens "
-          f"([baseline](docs/results.md#{_anchor(_title('baseline'))})).")
+          f"({best['vs_tuned']:.3f}x{spread}): at this scale {verdict}.")
+  first = convergence.sweep_seed(result)
+  if long and first in tuned["losses"]:
+    lr0 = long["args"]["default_lr"]
+    ref = tuned["losses"][first]
+    others = {r["method"]: r["final_eval_loss"] / ref for r in long["runs"]
+              if r["lr"] == lr0 and r["method"] != "adamw"
+              and r["method"] not in {m["method"] for m in methods}
+              and convergence.run_seed(r, long) == first}
+    above = sorted((m for m, x in others.items() if x >= 1), key=others.get)
+    below = [x for m, x in others.items() if m not in above]
+    parts = ([f"{names(above)} end{'s' if len(above) == 1 else ''} at or above "
+              f"it ({', '.join(f'{others[m]:.3f}x' for m in above)})"]
+             if above else [])
+    parts += ([f"the other {len(below)} below it ({min(below):.3f}-"
+               f"{max(below):.3f}x)"] if below else [])
+    if parts:
+      text += (f" Of the other methods of the 400-step run (seed {first}, the "
+               f"preset lr only), {'; '.join(parts)}.")
+  return (text + " Measured on a 2-core CPU: tiny preset, 400 steps of 8 x 128 "
+          f"tokens ([baseline](docs/results.md#{_anchor(_title('baseline'))})).")
 
 
 def eval_loss_ratios(result: dict | None, name: str, sweep: bool,

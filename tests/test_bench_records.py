@@ -179,11 +179,13 @@ def test_single_matrix_json_records_its_call(tmp_path):
 
 
 def test_committed_results_record_their_calls():
-  for name in ("convergence", "convergence_long", "single_matrix", "precision"):
+  for name in ("convergence", "convergence_long", "baseline", "single_matrix",
+               "precision"):
     with open(os.path.join(_common.RESULTS, f"{name}.json")) as f:
       payload = json.load(f)
     assert payload["calls"], name
-    module = "bench." + name.removesuffix("_long")
+    module = ("bench.convergence" if name in ("convergence_long", "baseline")
+              else f"bench.{name}")
     for call in payload["calls"]:
       assert call["command"].startswith(f"python -m {module}")
       assert "batch" in call and "seq_len" in call and call["machine"]
