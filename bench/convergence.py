@@ -149,8 +149,20 @@ def run_config(cfg, workdir: str) -> dict:
 
 
 def run_seed(run: dict, payload: dict) -> int:
-  """The seed a run trained with: its own `seed`, or (runs recorded before
-  there were several) its call's `--seed`."""
+  """The seed a run trained with.
+
+  Examples:
+    >>> run_seed({"call": 0}, {"calls": [{"args": {"seed": 3}}], "args": {}})
+    3
+
+  Args:
+    run: One record of `payload["runs"]`.
+    payload: The result it belongs to.
+
+  Returns:
+    The run's own `seed`, or (runs recorded before it was stored) the
+    `--seed` of the call that made it, else of the payload.
+  """
   if "seed" in run:
     return run["seed"]
   calls = payload.get("calls") or []
@@ -159,7 +171,18 @@ def run_seed(run: dict, payload: dict) -> int:
 
 
 def sweep_seed(payload: dict) -> int:
-  """The seed of the learning-rate sweep: the first of `--seeds`, else `--seed`."""
+  """The seed of the learning-rate sweep.
+
+  Examples:
+    >>> sweep_seed({"args": {"seeds": "2,5", "seed": 0}})
+    2
+
+  Args:
+    payload: A convergence result.
+
+  Returns:
+    The first of the last call's `--seeds`, else its `--seed`.
+  """
   args = payload["args"]
   return int(str(args.get("seeds") or args.get("seed", 0)).split(",")[0])
 
@@ -214,8 +237,18 @@ def seed_rows(payload: dict) -> list[dict]:
 
 
 def is_baseline(payload: dict) -> bool:
-  """Whether a result has several seeds or a `VARIANTS` row (the baseline
-  tables), or is one sweep at one seed (the original table)."""
+  """Whether a result gets the baseline tables.
+
+  Example:
+    is_baseline(json.load(open("bench/results/convergence_long.json")))  # False
+
+  Args:
+    payload: A convergence result.
+
+  Returns:
+    True with several seeds or a `VARIANTS` row (the sweep and seeds
+    tables); False for one sweep at one seed (the original table).
+  """
   seeds = {run_seed(r, payload) for r in payload["runs"]}
   return len(seeds) > 1 or any(r["method"] in VARIANTS for r in payload["runs"])
 
