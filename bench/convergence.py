@@ -38,8 +38,8 @@ length, machine, date, versions); each run's `call` indexes it.
   python -m bench.convergence --name baseline --steps 400 --seq-len 128 \
       --eval-every 50 --methods adamw,adamw_split,subtrack,grasswalk,apollo \
       --lrs 3e-3 --sweep adamw=1e-4,3e-4,1e-3,3e-3,1e-2,3e-2 \
-      --sweep adamw_split=1e-3,3e-3,1e-2,3e-2 --seeds 0,1 \
-      --reuse convergence_long --resume       # AdamW tuned (~2 h here)
+      --sweep adamw_split=1e-3,2e-3,3e-3,5e-3,1e-2,3e-2 --seeds 0,1 \
+      --reuse convergence_long --resume       # AdamW tuned (~1.5 h here)
 """
 
 import argparse
@@ -283,6 +283,8 @@ def _baseline_tables(payload: dict) -> list[str]:
            f"{r['vs_tuned']:.3f}{spread}" if r["vs_tuned"] else "-",
            f"{r['runs'][0]['state_bytes'] / 2**20:.2f}",
            f"{sum(x['wall_s'] for x in r['runs']) / len(r['runs']):.0f}"])
+  shown = {id(x) for r in rows for x in r["runs"]}
+  extra = [r for r in runs if id(r) not in shown and run_seed(r, payload) != first]
   walls = [r["wall_s"] for r in runs]
   reused = [r["wall_s"] for r in runs if r.get("reused_from")]
   sources = sorted({r["reused_from"] for r in runs if r.get("reused_from")})
@@ -302,11 +304,17 @@ def _baseline_tables(payload: dict) -> list[str]:
       f"and the random subspaces). vs tuned AdamW: the mean over the mean "
       f"of `{tuned}` at its best lr (the better AdamW row) over the same "
       f"seeds; in brackets, the min-max over seeds of the ratio at the same "
-      f"seed. Wall: mean per run, train.run end to end.", "",
+      f"seed. Wall: mean per run, train.run end to end (a run taken over "
+      f"with `--reuse` keeps the time measured where it ran).", "",
       _common.markdown_table(
           ["method", "lr", *(f"seed {s}" for s in seeds), "mean", "min-max",
            "vs tuned AdamW", "state MiB", "wall s"], table),
       "",
+      *([("Also run, at a learning rate that is not the row's best at seed "
+          f"{first}: " + "; ".join(
+              f"`{r['method']}` lr {r['lr']:g} seed {run_seed(r, payload)}: "
+              f"{r['final_eval_loss']:.3f}" for r in extra) + "."), ""]
+        if extra else []),
       f"{len(walls)} runs, {sum(walls) / 60:.0f} min of wall time in all"
       + (f" ({len(reused)} runs, {sum(reused) / 60:.0f} min, taken over from "
          f"{', '.join(f'`{x}.json`' for x in sources)} with `--reuse`)"
@@ -451,9 +459,9 @@ def _plot_baseline(payload: dict, path: str) -> None:
   rows = seed_rows(payload)
   first = sweep_seed(payload)
   fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-  for r in rows:
+  for i, r in enumerate(rows):
     m = r["method"]
-    style = "k" if m == "adamw" else "0.45" if m in VARIANTS else None
+    style = "k" if m == "adamw" else "0.45" if m in VARIANTS else f"C{i}"
     run = next(x for x in r["runs"] if run_seed(x, payload) == first)
     x, y = zip(*run["eval"])
     axes[0].plot(x, y, color=style, marker="o", ms=3,
@@ -469,7 +477,8 @@ def _plot_baseline(payload: dict, path: str) -> None:
   axes[0].set_title(f"best learning rate per method (seed {first})")
   axes[0].set_xlabel("training tokens")
   axes[0].set_ylabel("eval loss (nats/token)")
-  axes[1].set_title(f"final eval loss vs peak lr (seed {first}; bars: other seeds)")
+  axes[1].set_title(f"final eval loss vs peak lr (seed {first}; dashes: every "
+                    "seed at the best lr)")
   axes[1].set_xscale("log")
   axes[1].set_xlabel("peak learning rate")
   for ax in axes:

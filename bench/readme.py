@@ -106,9 +106,11 @@ SECTIONS = (
             "The 400-step setting again, with AdamW given a learning-rate "
             "sweep at half-decade steps and, as a row of its own "
             "(`adamw_split`), the two learning-rate groups the subspax "
-            "methods have (`opt.block_lr_scale`); the best subspax methods of "
-            "the 400-step run at the preset learning rate; then each row at "
-            "its best learning rate with a second seed.", "baseline.png"),
+            "methods have (`opt.block_lr_scale`; swept more finely around its "
+            "best); the best subspax methods of the 400-step run at the "
+            "preset learning rate; then each row at its best learning rate "
+            "with a second seed. The summary at the top of this page says "
+            "what survives.", "baseline.png"),
     Section("precision", "bfloat16 weights with stochastic rounding",
             "float32 weights against bfloat16 weights with stochastic and "
             "with round-to-nearest updates."),
@@ -359,8 +361,9 @@ def baseline_verdict(result: dict, long: dict | None = None) -> str:
     if parts:
       text += (f" Of the other methods of the 400-step run (seed {first}, the "
                f"preset lr only), {'; '.join(parts)}.")
-  return (text + " Measured on a 2-core CPU: tiny preset, 400 steps of 8 x 128 "
-          f"tokens ([baseline](docs/results.md#{_anchor(_title('baseline'))})).")
+  return (text + " Measured on a 2-core CPU (tiny preset, 400 steps of 8 x 128 "
+          "tokens) with `python -m bench.convergence --name baseline ...` "
+          f"([the commands](docs/results.md#{_anchor(_title('baseline'))})).")
 
 
 def eval_loss_ratios(result: dict | None, name: str, sweep: bool,

@@ -60,8 +60,9 @@ def test_the_baseline_verdict_compares_with_the_best_adamw_row(subtrack, words):
   assert readme.baseline_verdict(result, long).endswith(
       "Of the other methods of the 400-step run (seed 0, the preset lr only), "
       "`grass` ends at or above it (1.020x); the other 2 below it "
-      "(0.960-0.980x). Measured on a 2-core CPU: tiny preset, 400 steps of "
-      "8 x 128 tokens ([baseline](docs/results.md#convergence-against-a-tuned-adamw)).")
+      "(0.960-0.980x). Measured on a 2-core CPU (tiny preset, 400 steps of "
+      "8 x 128 tokens) with `python -m bench.convergence --name baseline ...` "
+      "([the commands](docs/results.md#convergence-against-a-tuned-adamw)).")
   assert readme.eval_loss_ratios(long, "subtrack", sweep=False,
                                  reference=readme.tuned_adamw(result)) == [0.9]
 

@@ -91,9 +91,9 @@ def test_convergence_resume_keeps_every_call_and_names_it_in_each_run(tmp_path):
 
 def test_convergence_committed_tables_are_what_report_gives():
   """The seeds and sweeps options leave the one-seed tables as they were."""
-  for name in ("convergence", "convergence_long"):
+  for name in ("convergence", "convergence_long", "baseline"):
     payload = _common.load_json(os.path.join(_common.RESULTS, f"{name}.json"))
-    assert not convergence.is_baseline(payload)
+    assert convergence.is_baseline(payload) == (name == "baseline")
     with open(os.path.join(_common.RESULTS, f"{name}.md")) as f:
       assert convergence.report(payload, 3e-3).strip() == f.read().strip()
 
