@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 import subspax
 
 from bench import _common
+from bench import convergence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBSPAX = tuple(subspax.METHODS)
@@ -110,6 +111,15 @@ SECTIONS = (
     Section("convergence_long", "Convergence: 400 steps",
             "Every method at its paper defaults and the preset learning rate; "
             "AdamW at three learning rates.", "convergence_long.png"),
+    Section("baseline", "Convergence: against a tuned AdamW",
+            "The 400-step setting again, with AdamW given a learning-rate "
+            "sweep at half-decade steps and, as a row of its own "
+            "(`adamw_split`), the two learning-rate groups the subspax "
+            "methods have (`opt.block_lr_scale`; swept more finely around its "
+            "best); the best subspax methods of the 400-step run at the "
+            "preset learning rate; then each row at its best learning rate "
+            "with a second seed. The summary at the top of this page says "
+            "what survives.", "baseline.png"),
     Section("precision", "bfloat16 weights with stochastic rounding",
             "float32 weights against bfloat16 weights with stochastic and "
             "with round-to-nearest updates."),
@@ -219,6 +229,7 @@ def summary(out: str) -> str:
   memory = load(out, "memory_h100") or load(out, "memory")
   step = load(out, "step_time")
   conv = load(out, "convergence_long")
+  tuned = tuned_adamw(load(out, "baseline"))
   results = (memory or {}).get("results", [])
   rows = []
   for name in list(SUBSPAX) + ["optax_galore"]:
@@ -234,7 +245,7 @@ def summary(out: str) -> str:
     steps = {res["preset"]: res["vs_adamw"][name]["amortized"]["median"]
              for res in (step or {}).get("results", [])
              if name in res["vs_adamw"]}
-    loss = eval_loss_ratios(conv, name, sweep=False)
+    loss = eval_loss_ratios(conv, name, sweep=False, reference=tuned)
     rows.append([f"`{name}`", span(state, 4 if max(state, default=1) < 0.01
                                    else 2),
                  span(peak), span(list(steps.values())),
@@ -249,24 +260,130 @@ def summary(out: str) -> str:
           ["method", "projected state x AdamW",
            f"train-step peak x AdamW ({', '.join(sizes).upper()}, scanned)",
            f"train step time x AdamW ({', '.join(presets)})",
-           "final eval loss x AdamW's best (400 steps)"], rows), "",
+           "final eval loss x " + ("tuned AdamW" if tuned else "AdamW's best")
+           + " (400 steps)"], rows), "",
       "Ranges are over model sizes or presets. State: the attention and MLP "
       "kernels, exact bytes ([memory](docs/results.md#"
       f"{_anchor(memory_section(memory).title)})); "
       f"peak: the compiled train step's, as estimated by the {compiler(record)}; "
       "step time: amortized over the refresh interval, median of interleaved "
       "rounds ([step time](docs/results.md#step-time)); loss: the tiny preset, "
-      "AdamW at its best of three learning rates "
-      "([convergence](docs/results.md#convergence-400-steps)).",
+      + (f"seed 0, each method at the preset learning rate against AdamW at its "
+         f"best of {tuned[1]} ([convergence](docs/results.md#convergence-400-steps), "
+         f"[baseline](docs/results.md#{_anchor(_title('baseline'))})).\n\n"
+         + baseline_verdict(load(out, "baseline"), conv)
+         if tuned else
+         "AdamW at its best of three learning rates "
+         "([convergence](docs/results.md#convergence-400-steps))."),
   ])
 
 
-def eval_loss_ratios(result: dict | None, name: str, sweep: bool) -> list[float]:
+def _title(name: str) -> str:
+  return next(s.title for s in SECTIONS if s.name == name)
+
+
+def tuned_adamw(result: dict | None) -> tuple[float, str] | None:
+  """(final eval loss, description) of the tuned AdamW of a baseline result
+  (`bench.convergence --name baseline`) at its sweep seed, or None.
+
+  The lowest over every learning rate of `adamw` and of the `VARIANTS` rows
+  that are AdamW (`adamw_split`).
+  """
+  if not result:
+    return None
+  first = convergence.sweep_seed(result)
+  runs = [r for r in result["runs"]
+          if convergence.run_seed(r, result) == first
+          and convergence.VARIANTS.get(r["method"], (r["method"],))[0] == "adamw"]
+  if not runs:
+    return None
+  plain = len({r["lr"] for r in runs if r["method"] == "adamw"})
+  split = len({r["lr"] for r in runs if r["method"] != "adamw"})
+  return (min(r["final_eval_loss"] for r in runs),
+          f"{plain} learning rates, and {split} with the subspax methods' "
+          "per-group learning rates" if split else f"{plain} learning rates")
+
+
+def baseline_verdict(result: dict, long: dict | None = None) -> str:
+  """Whether the subspax methods beat the tuned AdamW of a baseline result.
+
+  Examples:
+    >>> run = lambda m, lr, seed, loss: {"method": m, "lr": lr, "seed": seed,
+    ...                                  "final_eval_loss": loss}
+    >>> result = {"args": {"seeds": "0"}, "methods": ["adamw", "subtrack"],
+    ...           "runs": [run("adamw", 1e-3, 0, 5.0), run("subtrack", 3e-3, 0, 5.5)]}
+    >>> "at this scale the tuned AdamW wins" in baseline_verdict(result)
+    True
+
+  Args:
+    result: A baseline result (`bench.convergence --name baseline`).
+    long: The 400-step run of every method (`convergence_long`), whose other
+      methods (one seed, the preset lr) are compared with the tuned AdamW
+      at the same seed; None: not mentioned.
+
+  Returns:
+    Two sentences in Markdown: the tuned AdamW, the best subspax method,
+    their mean final eval losses and ratio (with its range over seeds), and
+    which methods beat it at every seed.
+  """
+  rows = convergence.seed_rows(result)
+  tuned = next(r for r in rows if r["method"] == rows[0]["tuned"])
+  methods = [r for r in rows if convergence.VARIANTS.get(
+      r["method"], (r["method"],))[0] != "adamw"]
+  seeds = sorted({s for r in rows for s in r["losses"]})
+  best = min(methods, key=lambda r: r["mean"])
+  wins = [r["method"] for r in methods if max(r["per_seed"].values()) < 1]
+  losses = [r["method"] for r in methods if min(r["per_seed"].values()) > 1]
+  names = lambda ms: ", ".join(f"`{m}`" for m in ms)
+  spread = (f", {min(best['per_seed'].values()):.3f}-"
+            f"{max(best['per_seed'].values()):.3f} over seeds"
+            if len(best["per_seed"]) > 1 else "")
+  if not wins and len(losses) == len(methods):
+    verdict = ("the tuned AdamW wins: no subspax method measured "
+               f"({names(losses)}) beats it")
+  elif len(wins) == len(methods):
+    verdict = (f"{names(wins)} beat{'s' if len(wins) == 1 else ''} the tuned "
+               f"AdamW at every seed")
+  else:
+    verdict = (f"{names(wins) or 'no method'} beat{'s' if len(wins) == 1 else ''} "
+               f"the tuned AdamW at every seed, {names(losses) or 'none'} "
+               f"lose{'s' if len(losses) == 1 else ''} to it at every seed")
+  text = (f"Against a tuned AdamW (`{tuned['method']}` at lr {tuned['lr']:g}, "
+          f"{tuned['mean']:.3f} mean final eval loss over seeds "
+          f"{', '.join(map(str, seeds))}), the best subspax method, "
+          f"`{best['method']}` at lr {best['lr']:g}, reaches {best['mean']:.3f} "
+          f"({best['vs_tuned']:.3f}x{spread}): at this scale {verdict}.")
+  first = convergence.sweep_seed(result)
+  if long and first in tuned["losses"]:
+    lr0 = long["args"]["default_lr"]
+    ref = tuned["losses"][first]
+    others = {r["method"]: r["final_eval_loss"] / ref for r in long["runs"]
+              if r["lr"] == lr0 and r["method"] != "adamw"
+              and r["method"] not in {m["method"] for m in methods}
+              and convergence.run_seed(r, long) == first}
+    above = sorted((m for m, x in others.items() if x >= 1), key=others.get)
+    below = [x for m, x in others.items() if m not in above]
+    parts = ([f"{names(above)} end{'s' if len(above) == 1 else ''} at or above "
+              f"it ({', '.join(f'{others[m]:.3f}x' for m in above)})"]
+             if above else [])
+    parts += ([f"the other {len(below)} below it ({min(below):.3f}-"
+               f"{max(below):.3f}x)"] if below else [])
+    if parts:
+      text += (f" Of the other methods of the 400-step run (seed {first}, the "
+               f"preset lr only), {'; '.join(parts)}.")
+  return (text + " Measured on a 2-core CPU (tiny preset, 400 steps of 8 x 128 "
+          "tokens) with `python -m bench.convergence --name baseline ...` "
+          f"([the commands](docs/results.md#{_anchor(_title('baseline'))})).")
+
+
+def eval_loss_ratios(result: dict | None, name: str, sweep: bool,
+                     reference: tuple[float, str] | None = None) -> list[float]:
   """Final eval loss ratios to AdamW's.
 
   Sweep (the short run): at the preset lr to AdamW's at the preset lr, and
   the best of the sweep to AdamW's best. Otherwise (the long run): at the
-  preset lr to AdamW's best over the lrs it ran at.
+  preset lr to AdamW's best over the lrs it ran at, or to `reference`'s
+  loss (`tuned_adamw`) where given.
   """
   if not result:
     return []
@@ -278,7 +395,7 @@ def eval_loss_ratios(result: dict | None, name: str, sweep: bool) -> list[float]
   best = lambda m: min(r["final_eval_loss"] for r in runs if r["method"] == m)
   if sweep:
     return [at[(name, lr0)] / at[("adamw", lr0)], best(name) / best("adamw")]
-  return [at[(name, lr0)] / best("adamw")]
+  return [at[(name, lr0)] / (reference[0] if reference else best("adamw"))]
 
 
 def memory_section(record: dict | None) -> Section:

@@ -185,6 +185,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # re:regexes of parameter paths (subspax.projected_by_name), e.g. "attn,mlp" or
   # "attn.q,attn.v"; "": the blocks' attention and MLP kernels
   cfg.opt.projected = ""
+  # adamw only: the blocks' kernels (those a subspace method projects: opt.projected,
+  # or the attention and MLP kernels) step at this x opt.learning_rate, the embedding,
+  # head and norms at opt.learning_rate, as a subspace method's scale does; 1: off
+  cfg.opt.block_lr_scale = 1.0
   cfg.opt.weight_decay = 0.0  # decoupled weight decay
   cfg.opt.decay_matrices_only = False  # True: no weight decay on 1-D params (norms)
   cfg.opt.b1 = 0.9  # Adam first-moment decay

@@ -242,6 +242,18 @@ MUTANTS = [
         (OPTIONS, "-k", "weight_decay and adamw"),
         "opt.decay_matrices_only decays the norms and spares the kernels"),
     Mutant(
+        "block-lr-scale-ignored", "train/optimizers.py",
+        "  if scale == 1:\n    return optax.adamw(",
+        "  if True:\n    return optax.adamw(",
+        (OPTIONS, "-k", "block_lr_scale"),
+        "opt.block_lr_scale is accepted and ignored"),
+    Mutant(
+        "block-lr-scale-every-leaf", "train/optimizers.py",
+        "lambda path, u: u * scale if blocks(path, u) else u, updates)",
+        "lambda path, u: u * scale, updates)",
+        (OPTIONS, "-k", "block_lr_scale"),
+        "opt.block_lr_scale scales the embedding and norms too"),
+    Mutant(
         "schedule-horizon-after-warmup", "train/optimizers.py",
         "decay_steps=steps, end_value=peak * opt_cfg.min_lr_ratio)",
         "decay_steps=steps - warmup_steps(opt_cfg, steps),\n"

@@ -25,6 +25,48 @@ def test_eval_loss_ratios_of_a_sweep_and_of_a_long_run():
   assert readme.eval_loss_ratios(None, "subtrack", sweep=True) == []
 
 
+def _baseline(losses):
+  """A baseline result: (method, lr, seed) -> final eval loss."""
+  return {"args": {"seeds": "0,1", "default_lr": 3e-3},
+          "methods": list(dict.fromkeys(m for m, _, _ in losses)),
+          "runs": [{"method": m, "lr": lr, "seed": seed, "final_eval_loss": loss}
+                   for (m, lr, seed), loss in losses.items()]}
+
+
+@pytest.mark.parametrize("subtrack, words", [
+    ((4.8, 4.9), "at this scale `subtrack` beats the tuned AdamW at every seed"),
+    ((5.2, 5.3), "at this scale the tuned AdamW wins: no subspax method measured "
+     "(`subtrack`) beats it"),
+])
+def test_the_baseline_verdict_compares_with_the_best_adamw_row(subtrack, words):
+  result = _baseline({("adamw", 1e-3, 0): 5.1, ("adamw", 3e-3, 0): 5.2,
+                      ("adamw_split", 3e-3, 0): 5.0, ("adamw", 1e-3, 1): 5.2,
+                      ("adamw_split", 3e-3, 1): 5.1,
+                      ("subtrack", 3e-3, 0): subtrack[0],
+                      ("subtrack", 3e-3, 1): subtrack[1]})
+  assert readme.tuned_adamw(result) == (
+      5.0, "2 learning rates, and 1 with the subspax methods' per-group "
+      "learning rates")
+  text = readme.baseline_verdict(result)
+  assert words in text
+  assert text.startswith("Against a tuned AdamW (`adamw_split` at lr 0.003, "
+                         "5.050 mean final eval loss over seeds 0, 1), the best "
+                         f"subspax method, `subtrack` at lr 0.003, reaches "
+                         f"{sum(subtrack) / 2:.3f}")
+  # The long run's ratio is then to the tuned AdamW's loss; its other methods
+  # are compared at the sweep seed.
+  long = _runs(("adamw", 3e-3, 5.3), ("adamw", 1e-3, 5.1), ("subtrack", 3e-3, 4.5),
+               ("grass", 3e-3, 5.1), ("rso", 3e-3, 4.9), ("fira", 3e-3, 4.8))
+  assert readme.baseline_verdict(result, long).endswith(
+      "Of the other methods of the 400-step run (seed 0, the preset lr only), "
+      "`grass` ends at or above it (1.020x); the other 2 below it "
+      "(0.960-0.980x). Measured on a 2-core CPU (tiny preset, 400 steps of "
+      "8 x 128 tokens) with `python -m bench.convergence --name baseline ...` "
+      "([the commands](docs/results.md#convergence-against-a-tuned-adamw)).")
+  assert readme.eval_loss_ratios(long, "subtrack", sweep=False,
+                                 reference=readme.tuned_adamw(result)) == [0.9]
+
+
 def test_splice_replaces_only_the_text_between_each_pair_of_markers():
   text = ("a\n<!-- bench:summary -->\nold\n<!-- /bench:summary -->\n"
           "<!-- bench:gpu -->\nkept\n<!-- /bench:gpu -->\n")

@@ -14,12 +14,14 @@ import types
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
 import subspax
 from configs import base as config_base
+from train import errors
 from train import model as model_lib
 from train import optimizers
 
@@ -161,6 +163,68 @@ def test_galore_projected_step_uses_eps_after_the_bias_correction():
   want = -lr * alpha * s @ (reduced / (jnp.abs(reduced) + eps))
   np.testing.assert_allclose(updates["blocks"]["kernel"], want, rtol=1e-4,
                              atol=1e-7)
+
+
+# --- AdamW's opt.block_lr_scale ----------------------------------------------
+
+
+def _trainer_params():
+  """A projected block kernel, a 1-D norm scale and an embedding."""
+  params = _params()
+  params["embed"] = {"embedding": jax.random.normal(jax.random.key(3), (64, 32))}
+  return params
+
+
+@pytest.mark.parametrize("scale", [0.25, 4.0])
+def test_block_lr_scale_scales_adamws_step_of_the_projected_kernels_only(scale):
+  """One step from zero moments: the block kernel moves `scale` x as far as
+  without the option, the embedding and the norm exactly as far; the weight
+  decay stays at the learning rate (as in the subspax methods)."""
+  lr, wd = 1e-2, 0.1
+  params, grads = _trainer_params(), _params(1)
+  grads["embed"] = {"embedding": jnp.ones((64, 32))}
+  step = {}
+  for s in (1.0, scale):
+    tx = optimizers.build(_opt(name="adamw", learning_rate=lr, weight_decay=wd,
+                               block_lr_scale=s), steps=100, seed=0)
+    step[s] = jax.jit(tx.update)(grads, tx.init(params), params)[0]
+  decay = lambda path: -lr * wd * params[path[0]][path[1]]
+  kernel = ("blocks", "kernel")
+  np.testing.assert_allclose(
+      step[scale]["blocks"]["kernel"] - decay(kernel),
+      scale * (step[1.0]["blocks"]["kernel"] - decay(kernel)), rtol=1e-5)
+  for outer, inner in (("norm", "scale"), ("embed", "embedding")):
+    np.testing.assert_array_equal(step[scale][outer][inner], step[1.0][outer][inner])
+  assert not np.allclose(step[scale]["blocks"]["kernel"],
+                         step[1.0]["blocks"]["kernel"])
+
+
+def test_block_lr_scale_follows_opt_projected():
+  """With `opt.projected`, the factor goes to the kernels it names."""
+  params = {"blocks": {"attn": {"kernel": jnp.ones((32, 48))},
+                       "mlp": {"kernel": jnp.ones((32, 48))}}}
+  tx = optimizers.build(_opt(name="adamw", learning_rate=1.0, projected="mlp",
+                             block_lr_scale=0.5), steps=100, seed=0)
+  updates = tx.update(params, tx.init(params), params)[0]["blocks"]
+  np.testing.assert_allclose(updates["attn"]["kernel"], -1.0, rtol=1e-5)
+  np.testing.assert_allclose(updates["mlp"]["kernel"], -0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("adamw", 0.0, "opt.block_lr_scale must be a positive number, got 0.0"),
+    ("adamw", -1.0, "opt.block_lr_scale must be a positive number, got -1.0"),
+    ("adamw", True, "opt.block_lr_scale must be a positive number, got True"),
+    ("subtrack", 0.25, "opt.block_lr_scale=0.25 applies to opt.name='adamw' "
+     "only; opt.name='subtrack' scales its projected kernels by "
+     "opt.subtrack.scale"),
+])
+def test_a_bad_block_lr_scale_is_one_line(name, value, message):
+  opt = _opt(name=name).to_dict()
+  opt["block_lr_scale"] = value  # a preset may write any value
+  model_cfg = model_lib.LlamaConfig(**TINY)
+  with pytest.raises(errors.UserError, match=message) as error:
+    optimizers.validate(ml_collections.ConfigDict(opt), model_cfg, 10)
+  assert "\n" not in str(error.value)
 
 
 # --- The method sections opt.<name> ------------------------------------------

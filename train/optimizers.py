@@ -1,6 +1,7 @@
 """Optimizer registry: a config's `opt` section -> an optax GradientTransformation.
 
-Names (`NAMES`): `adamw` (optax), the nine subspax methods of
+Names (`NAMES`): `adamw` (optax; `opt.block_lr_scale` scales the step of
+the kernels the subspax methods project, `adamw`), the nine subspax methods of
 `subspax.METHODS` (`apollo_mini` is rank 1 by definition: it ignores
 opt.rank), and `optax_galore` (optax.contrib.galore, the reference GaLore, as
 a peer). Every optimizer gets the same learning-rate
@@ -75,6 +76,75 @@ def _decay_mask(opt_cfg: Any) -> Callable[[Any], Any] | None:
   if not opt_cfg.decay_matrices_only:
     return None
   return lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def scale_blocks(scale: float, blocks: Callable[[tuple, Any], bool]
+                 ) -> optax.GradientTransformation:
+  """Multiplies the updates of the parameters `blocks` selects by `scale`.
+
+  Stateless; the others pass unchanged. Placed after a rescaling and before
+  `optax.scale_by_learning_rate`, it gives those parameters `scale` x the
+  learning rate, as a subspax method's `scale` does for its projected
+  kernels (`adamw`).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> tx = scale_blocks(0.25, lambda path, p: path[0].key == "w")
+    >>> tx.update({"w": jnp.ones(2), "b": jnp.ones(2)}, tx.init(None))[0]["w"]
+    Array([0.25, 0.25], dtype=float32)
+
+  Args:
+    scale: The factor.
+    blocks: `(path, leaf) -> bool` over the updates' key paths, e.g.
+      `projected(opt_cfg)`.
+
+  Returns:
+    A stateless `optax.GradientTransformation`.
+  """
+  def update(updates, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, u: u * scale if blocks(path, u) else u, updates)
+  return optax.stateless(update)
+
+
+def adamw(opt_cfg: Any, learning_rate: optax.ScalarOrSchedule, **adam: Any
+          ) -> optax.GradientTransformation:
+  """`optax.adamw`, with the projected kernels' step scaled by
+  `opt.block_lr_scale`.
+
+  A subspax method steps its projected kernels (the blocks' attention and
+  MLP kernels, or those `opt.projected` names) at its `scale` x the learning
+  rate and everything else (embedding, head, norms) at the learning rate.
+  `opt.block_lr_scale` gives AdamW the same two groups: Adam's update of
+  exactly those kernels (`projected(opt_cfg)` at `opt.rank`) is multiplied by
+  the factor before the weight decay and the learning rate are applied, as
+  in the subspax methods. At 1 (the default) this is `optax.adamw` itself.
+
+  Example:
+    tx = adamw(cfg.opt, schedule(cfg.opt, cfg.steps))  # what `build` gives
+
+  Args:
+    opt_cfg: The `opt` ConfigDict (`block_lr_scale`, `weight_decay`,
+      `decay_matrices_only`, `projected`, `rank`).
+    learning_rate: A float or a schedule.
+    **adam: `b1`, `b2`, `eps`, `mu_dtype` of `optax.scale_by_adam`.
+
+  Returns:
+    The transformation: `optax.adamw(...)`, or with a factor other than 1,
+    `optax.chain(scale_by_adam, scale_blocks, add_decayed_weights,
+    scale_by_learning_rate)`.
+  """
+  scale = opt_cfg.get("block_lr_scale", 1.0)
+  mask = _decay_mask(opt_cfg)
+  if scale == 1:
+    return optax.adamw(learning_rate, **adam,
+                       weight_decay=opt_cfg.weight_decay, mask=mask)
+  return optax.chain(
+      optax.scale_by_adam(**adam),
+      scale_blocks(scale, projected(opt_cfg)),
+      optax.add_decayed_weights(opt_cfg.weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate))
 
 
 def is_projected(path: tuple, param: Any, rank: int) -> bool:
@@ -235,6 +305,7 @@ def validate(opt_cfg: Any, model_cfg: model_lib.LlamaConfig, steps: int,
       `opt.mu_dtype` or `opt.nu_dtype` (train/precision.py).
   """
   errors.gather(lambda: _check_name(opt_cfg), lambda: _check_schedule(opt_cfg),
+                lambda: _check_block_lr_scale(opt_cfg),
                 lambda: _check_options(opt_cfg),
                 lambda: _check_projected(opt_cfg, model_cfg),
                 lambda: precision.validate(opt_cfg, model_cfg.param_dtype,
@@ -337,8 +408,8 @@ def _check_projected(opt_cfg: Any, model_cfg: model_lib.LlamaConfig) -> None:
     rule = subspax.projected_by_name(names)
   except ValueError as e:
     raise errors.UserError(f"opt.projected={names!r}: {e}") from None
-  if opt_cfg.name == "adamw":
-    return  # AdamW projects nothing
+  if opt_cfg.name == "adamw" and opt_cfg.get("block_lr_scale", 1.0) == 1:
+    return  # AdamW projects nothing; opt.block_lr_scale scales what it selects
   if opt_cfg.get("subspace_layers"):
     raise errors.UserError(
         f"opt.projected={names!r} cannot be combined with opt.subspace_layers=True "
@@ -380,6 +451,25 @@ def _check_name(opt_cfg: Any) -> None:
   if opt_cfg.name not in NAMES:
     raise errors.UserError(
         f"unknown optimizer opt.name={opt_cfg.name!r}; choose one of {', '.join(NAMES)}")
+
+
+def _check_block_lr_scale(opt_cfg: Any) -> None:
+  """Rejects an `opt.block_lr_scale` that is not a positive number, or that
+  is set for an optimizer other than adamw (a subspax method has its own
+  `scale`)."""
+  scale = opt_cfg.get("block_lr_scale", 1.0)
+  if (isinstance(scale, bool) or not isinstance(scale, (int, float))
+      or not 0 < scale < float("inf")):
+    raise errors.UserError(
+        f"opt.block_lr_scale must be a positive number, got {scale!r}; e.g. "
+        "--config.opt.block_lr_scale=0.25 (1: the same rate for every parameter)")
+  if scale != 1 and opt_cfg.name != "adamw":
+    own = (f"opt.{opt_cfg.name}.scale" if "scale" in config_base.options(opt_cfg.name)
+           else "its own rule")
+    raise errors.UserError(
+        f"opt.block_lr_scale={scale!r} applies to opt.name='adamw' only; "
+        f"opt.name={opt_cfg.name!r} scales its projected kernels by {own} "
+        "(set opt.block_lr_scale=1)")
 
 
 def _check_schedule(opt_cfg: Any) -> None:
@@ -440,7 +530,7 @@ def build(opt_cfg: Any, steps: int, seed: int) -> optax.GradientTransformation:
   mu_dtype, nu_dtype = precision.moment_dtypes(opt_cfg)
   adam = dict(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps, mu_dtype=mu_dtype)
   if opt_cfg.name == "adamw":
-    tx = optax.adamw(lr, **adam, weight_decay=opt_cfg.weight_decay, mask=mask)
+    tx = adamw(opt_cfg, lr, **adam)
   elif opt_cfg.name == "optax_galore":  # its projector keeps the params' dtype
     return optax.contrib.galore(
         lr, rank=opt_cfg.rank, update_proj_gap=opt_cfg.update_interval,
