@@ -303,7 +303,9 @@ def by_column_blocks(fn, *arrays):
   by block in a loop: the float32 workspace of ``fn`` is one block's, where
   it would otherwise be several decoded copies of the whole arrays. Where no
   array is quantized, ``D`` is not a multiple of ``BLOCK_SIZE``, or is one
-  block, ``fn`` runs once.
+  block, ``fn`` runs once; and under a mesh of several devices, where ``D``
+  is a sharded axis (a device's share is already a part of the columns) and
+  a block at a traced offset would make XLA gather the whole arrays.
 
   Args:
     fn: Maps column blocks of ``arrays`` to as many results of the same
@@ -315,7 +317,7 @@ def by_column_blocks(fn, *arrays):
   """
   width = arrays[0].shape[-1]
   blocks = width // BLOCK_SIZE
-  if (width % BLOCK_SIZE or blocks < 2
+  if (width % BLOCK_SIZE or blocks < 2 or _on_several_devices()
       or not any(isinstance(x, QuantizedArray) for x in arrays)):
     return fn(*arrays)
   count = next(k for k in range(min(COLUMN_BLOCKS, blocks), blocks + 1)
@@ -348,3 +350,9 @@ def by_column_blocks(fn, *arrays):
     return tuple(put(x, v, start) for x, v in zip(carry, results))
 
   return jax.lax.fori_loop(0, count, body, tuple(arrays))
+
+
+def _on_several_devices() -> bool:
+  """Whether the code is traced under a mesh of more than one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return not mesh.empty and mesh.size > 1
