@@ -344,3 +344,16 @@ def test_8bit_moments_rotate_a_block_of_columns_at_a_time_as_a_whole():
     assert isinstance(q, subspax.QuantizedArray)
     chex.assert_trees_all_close(subspax.dequantize(q), subspax.dequantize(
         subspax.quantize(want, q.mode, q.signed)), rtol=1e-5, atol=1e-6)
+
+
+def test_column_blocks_loop_on_one_device_only():
+  """Under a mesh of several devices the columns are a sharded axis: no loop
+  of blocks at traced offsets (XLA would gather the whole moments)."""
+  mu = subspax.quantize(jnp.ones((8, 2048)))
+  def loops():
+    text = str(jax.make_jaxpr(lambda m: _quantized.by_column_blocks(
+        lambda a: (a,), m))(mu))
+    return text.count("while[") + text.count("scan[")
+  assert loops() == 1
+  with jax.set_mesh(jax.make_mesh((len(jax.devices()),), ("x",))):
+    assert loops() == (0 if len(jax.devices()) > 1 else 1)
