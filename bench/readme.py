@@ -410,9 +410,10 @@ VARIANT_ABOUT = {
     "layerwise+bf16": "also bfloat16 weights (stochastic rounding), moments "
                       "and bases",
     "layerwise+int8": "layer-wise in the memory-saving precision of the large "
-                      "presets (`configs.base.memory_saving`: bfloat16 weights, "
-                      "bases and unprojected moments, the method's reduced "
-                      "moments in 8 bits) with the blocks' kernels in int8 "
+                      "presets (`configs.base.memory_saving`: bfloat16 weights "
+                      "and bases, the method's reduced moments and the "
+                      "embedding's and head's in 8 bits) with the blocks' "
+                      "kernels in int8 "
                       "(`model.kernel_format=int8`, stochastic rounding)",
 }
 

@@ -288,8 +288,9 @@ def memory_saving(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`cfg` trained the memory-saving way of the large presets (in place).
 
   Layer-wise updates (only one layer's gradient exists), bfloat16 weights
-  with stochastic rounding, the method's reduced moments in 8 bits, and the
-  bases and the unprojected leaves' Adam moments in bfloat16.
+  with stochastic rounding, the Adam moments in 8 bits (the reduced ones, and
+  the embedding's and head's), and the bases and the remaining moments (norm
+  scales) in bfloat16.
   """
   cfg.opt.layerwise = True
   cfg.model.param_dtype = "bfloat16"
