@@ -214,8 +214,8 @@ def test_precision_reports_each_variant_against_float32(tmp_path):
   _assert_rerunnable(call, "python -m bench")
   assert [r["variant"] for r in payload["runs"]] == ["float32", "bf16_sr", "bf16_rn"]
   table = (tmp_path / "precision.md").read_text()
-  assert "| bf16_sr | bfloat16 | stochastic | 5.0200 | 1.0040 |" in table
-  assert "| bf16_rn | bfloat16 | to nearest | 5.3200 | 1.0640 |" in table
+  assert "| bf16_sr | bfloat16 | stochastic | float32 | 5.0200 | 1.0040 |" in table
+  assert "| bf16_rn | bfloat16 | to nearest | float32 | 5.3200 | 1.0640 |" in table
 
 
 @pytest.mark.slow
