@@ -445,9 +445,15 @@ def plot(payload: dict, path: str) -> None:
     axes[0].set_ylabel("loss (nats/token)")
   for ax in axes:
     ax.set_xlabel("training tokens")
+  _save(fig, axes, "tiny LLaMA on Shakespeare+Milton: loss vs tokens", path)
+
+
+def _save(fig, axes, title: str, path: str) -> None:
+  """Grid and legend on every panel, the title, and the figure written to `path`."""
+  for ax in axes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  fig.suptitle("tiny LLaMA on Shakespeare+Milton: loss vs tokens")
+  fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -481,13 +487,8 @@ def _plot_baseline(payload: dict, path: str) -> None:
                     "seed at the best lr)")
   axes[1].set_xscale("log")
   axes[1].set_xlabel("peak learning rate")
-  for ax in axes:
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle("tiny LLaMA on Shakespeare+Milton: subspace methods vs a tuned AdamW")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  _save(fig, axes, "tiny LLaMA on Shakespeare+Milton: subspace methods vs a "
+        "tuned AdamW", path)
 
 
 def _cases(methods: list[str], lrs: list[float], sweeps: dict[str, list[float]]
