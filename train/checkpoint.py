@@ -22,6 +22,7 @@ fresh.
 """
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -35,6 +36,24 @@ from train import model as model_lib
 from train import reparam
 
 DAMAGED = "checkpoints.damaged"  # where damaged step directories are moved
+
+
+class _UnreadArrayErrors(logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved" for orbax's reads.
+
+  orbax reads a checkpoint's arrays in concurrent tasks. When several fail
+  (a damaged checkpoint), the first failure is raised and reported (the
+  fallback's warning, or the one-line error), and asyncio later logs each
+  other failed read with its traceback, after the run has already said what
+  happened.
+  """
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ("never retrieved" in message and "deserialize" in message)
+
+
+logging.getLogger("asyncio").addFilter(_UnreadArrayErrors())
 
 
 class Checkpointer:
