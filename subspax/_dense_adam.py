@@ -8,9 +8,10 @@ at full width. This transformation stores them the same way, as 8-bit Adam
 does for its large tensors: one code per value and one float32 absmax per
 256 values of a row, ``nu`` as its rounded-up square root, for every matrix
 (or stack) whose rows hold at least 256 values. Vectors (biases, unstacked
-norm scales) and narrower matrices keep :func:`optax.scale_by_adam`. The moments are computed in float32 with the
-reduced step's formulas (``subspax._reduced_adam``), so both halves of a
-method take the same Adam step.
+norm scales) and narrower matrices keep :func:`optax.scale_by_adam`. The
+moments are computed in float32 with the reduced step's formulas
+(``subspax._reduced_adam``), so both halves of a method take the same Adam
+step.
 
 References:
   Dettmers et al., 8-bit Optimizers via Block-wise Quantization,
@@ -28,6 +29,7 @@ import optax
 from subspax import _blocks
 from subspax import _quantized
 from subspax import _reduced_adam
+
 
 def quantizes(param: Any) -> bool:
   """Whether a parameter's moments are stored in 8 bits: a matrix (or a
@@ -68,7 +70,8 @@ def _scale_by_quantized_adam(b1, b2, eps, mode) -> optax.GradientTransformation:
   def init_fn(params):
     return optax.ScaleByAdamState(
         count=jnp.zeros([], jnp.int32),
-        mu=jax.tree.map(lambda p: _quantized.zeros(p.shape, mode, True), params),
+        mu=jax.tree.map(lambda p: _quantized.zeros(p.shape, mode, True),
+                        params),
         nu=jax.tree.map(lambda p: _quantized.zeros(p.shape, mode, False),
                         params))
 
@@ -84,8 +87,8 @@ def _scale_by_quantized_adam(b1, b2, eps, mode) -> optax.GradientTransformation:
               _quantized.store(nu_new, nu))
 
     grads, treedef = jax.tree.flatten(updates)
-    out = [_in_row_blocks(one, g, mu, nu) for g, mu, nu in zip(
-        grads, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu))]
+    mus, nus = (treedef.flatten_up_to(m) for m in (state.mu, state.nu))
+    out = [_in_row_blocks(one, *leaf) for leaf in zip(grads, mus, nus)]
     steps, mus, nus = ([treedef.unflatten(column) for column in zip(*out)]
                        if out else (updates, state.mu, state.nu))
     return steps, optax.ScaleByAdamState(count=count, mu=mus, nu=nus)
@@ -115,8 +118,5 @@ def _in_row_blocks(one, g: jax.Array, mu, nu):
     new = one(*jax.tree.map(take, carry))
     return jax.tree.map(put, carry, new)
 
-  g_rows, mu_rows, nu_rows = jax.lax.fori_loop(
-      0, carry[0].shape[0] // size, body, carry)
-  shaped = lambda rows, like: jax.tree.map(lambda a, b: a.reshape(b.shape),
-                                           rows, like)
-  return g_rows.reshape(g.shape), shaped(mu_rows, mu), shaped(nu_rows, nu)
+  rows = jax.lax.fori_loop(0, carry[0].shape[0] // size, body, carry)
+  return jax.tree.map(lambda a, like: a.reshape(like.shape), rows, (g, mu, nu))
